@@ -1,0 +1,1 @@
+//! CPU twins of the kernels: the same algorithms in plain Rust.
