@@ -1,0 +1,115 @@
+//! Batch normalisation over the rows of a `[rows, channels]` matrix (NHWC activations flattened,
+//! or the features of a linear layer).
+
+use rayon::prelude::*;
+
+use super::REDUCE_GROUPS;
+
+/// Per-channel sums over rows, in fixed row groups (reproducible whatever the thread count),
+/// accumulated in f64.
+fn channel_sums(rows: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
+    let per = rows.div_ceil(REDUCE_GROUPS).max(1);
+    let parts: Vec<Vec<f64>> = (0..rows.div_ceil(per))
+        .into_par_iter()
+        .map(|gi| {
+            let mut acc = vec![0.0f64; c];
+            for r in gi * per..((gi + 1) * per).min(rows) {
+                f(r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0.0f64; c];
+    for p in parts {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
+/// Batch mean and biased variance per channel of `x` (`[rows, c]`).
+pub fn batch_stats(x: &[f32], rows: usize, c: usize) -> (Vec<f32>, Vec<f32>) {
+    let sum = channel_sums(rows, c, |r, acc| {
+        for (a, v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {
+            *a += *v as f64;
+        }
+    });
+    let mean: Vec<f64> = sum.iter().map(|s| s / rows as f64).collect();
+    // Two passes: the variance of values far from zero stays accurate.
+    let sq = channel_sums(rows, c, |r, acc| {
+        for ((a, v), m) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mean) {
+            let d = *v as f64 - m;
+            *a += d * d;
+        }
+    });
+    (
+        mean.iter().map(|&m| m as f32).collect(),
+        sq.iter().map(|s| (s / rows as f64) as f32).collect(),
+    )
+}
+
+/// `y = (x - mean) * scale + shift` per channel, where the caller folded gamma, beta and the
+/// inverse standard deviation into `scale` and `shift`.
+pub fn affine_rows(x: &[f32], c: usize, scale: &[f32], shift: &[f32], y: &mut [f32], relu: bool) {
+    y.par_chunks_mut(c * 256)
+        .zip(x.par_chunks(c * 256))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                for i in 0..c {
+                    let v = xr[i] * scale[i] + shift[i];
+                    yr[i] = if relu { v.max(0.0) } else { v };
+                }
+            }
+        });
+}
+
+/// The backward pass of training-mode batch norm. Returns (dgamma, dbeta) and writes dx.
+pub fn batchnorm_backward(
+    x: &[f32],
+    dy: &[f32],
+    rows: usize,
+    c: usize,
+    mean: &[f32],
+    invstd: &[f32],
+    gamma: &[f32],
+    dx: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let dbeta = channel_sums(rows, c, |r, acc| {
+        for (a, g) in acc.iter_mut().zip(&dy[r * c..(r + 1) * c]) {
+            *a += *g as f64;
+        }
+    });
+    let dxhat_sum = channel_sums(rows, c, |r, acc| {
+        let (xr, gr) = (&x[r * c..(r + 1) * c], &dy[r * c..(r + 1) * c]);
+        for i in 0..c {
+            acc[i] += (gr[i] as f64) * ((xr[i] - mean[i]) * invstd[i]) as f64;
+        }
+    });
+    // dx = gamma * invstd / n * (n * dy - dbeta - xhat * dgamma)
+    let k1: Vec<f32> = (0..c).map(|i| gamma[i] * invstd[i]).collect();
+    let mb: Vec<f32> = dbeta.iter().map(|&b| (b / rows as f64) as f32).collect();
+    let mg: Vec<f32> = dxhat_sum
+        .iter()
+        .map(|&g| (g / rows as f64) as f32)
+        .collect();
+    dx.par_chunks_mut(c * 256)
+        .zip(x.par_chunks(c * 256))
+        .zip(dy.par_chunks(c * 256))
+        .for_each(|((dxc, xc), dyc)| {
+            for ((dr, xr), gr) in dxc
+                .chunks_exact_mut(c)
+                .zip(xc.chunks_exact(c))
+                .zip(dyc.chunks_exact(c))
+            {
+                for i in 0..c {
+                    let xhat = (xr[i] - mean[i]) * invstd[i];
+                    dr[i] = k1[i] * (gr[i] - mb[i] - xhat * mg[i]);
+                }
+            }
+        });
+    (
+        dxhat_sum.iter().map(|&v| v as f32).collect(),
+        dbeta.iter().map(|&v| v as f32).collect(),
+    )
+}

@@ -1,0 +1,332 @@
+//! Tensor operations, dispatched on the device of their operands.
+//!
+//! Layers call these and never touch a backend directly; each operation checks shapes, then
+//! hands slices to the backend of the device (today [`crate::cpu`]).
+
+use crate::cpu;
+use crate::cpu::conv::ConvGeom;
+use crate::cpu::gemm::{matmul, Mat, Par};
+use crate::cpu::pool::PoolGeom;
+use crate::error::{NnError, Result};
+use crate::tensor::{Device, Tensor};
+
+fn same_device(op: &'static str, a: &Tensor, b: &Tensor) -> Result<Device> {
+    if a.device() != b.device() {
+        return Err(NnError::Device {
+            op,
+            expected: a.device().to_string(),
+            got: b.device().to_string(),
+        });
+    }
+    Ok(a.device())
+}
+
+fn out(shape: &[usize], device: Device, data: Vec<f32>) -> Result<Tensor> {
+    match device {
+        Device::Cpu => Tensor::from_vec(shape, data),
+    }
+}
+
+fn uninit(n: usize) -> Vec<f32> {
+    vec![0.0; n]
+}
+
+/// The geometry of a convolution of NHWC `x` with OHWI `w`, checked.
+pub fn conv_geom(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<ConvGeom> {
+    x.expect_rank("conv2d", 4)?;
+    w.expect_rank("conv2d", 4)?;
+    let (xs, ws) = (x.shape(), w.shape());
+    if xs[3] != ws[3] {
+        return Err(NnError::Shape {
+            op: "conv2d (input channels)",
+            expected: vec![ws[3]],
+            got: vec![xs[3]],
+        });
+    }
+    if stride == 0 || xs[1] + 2 * pad < ws[1] || xs[2] + 2 * pad < ws[2] {
+        return Err(NnError::Invalid {
+            op: "conv2d",
+            msg: format!("input {xs:?} too small for kernel {ws:?} (stride {stride}, pad {pad})"),
+        });
+    }
+    Ok(ConvGeom {
+        n: xs[0],
+        h: xs[1],
+        w: xs[2],
+        cin: xs[3],
+        cout: ws[0],
+        kh: ws[1],
+        kw: ws[2],
+        stride,
+        pad,
+    })
+}
+
+/// Convolution forward: NHWC `x`, OHWI `w`, returns NHWC.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    let g = conv_geom(x, w, stride, pad)?;
+    let dev = same_device("conv2d", x, w)?;
+    let mut y = uninit(g.n * g.oh() * g.ow() * g.cout);
+    cpu::conv::conv2d_forward(x.as_slice()?, w.as_slice()?, &g, &mut y);
+    out(&[g.n, g.oh(), g.ow(), g.cout], dev, y)
+}
+
+/// Convolution backward: returns dL/dw and, if `need_dx`, dL/dx.
+pub fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    stride: usize,
+    pad: usize,
+    need_dx: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let g = conv_geom(x, w, stride, pad)?;
+    let dev = same_device("conv2d_backward", x, dy)?;
+    dy.expect_shape("conv2d_backward (dy)", &[g.n, g.oh(), g.ow(), g.cout])?;
+    let mut dw = uninit(w.numel());
+    let mut dx = need_dx.then(|| uninit(x.numel()));
+    cpu::conv::conv2d_backward(
+        x.as_slice()?,
+        w.as_slice()?,
+        dy.as_slice()?,
+        &g,
+        &mut dw,
+        dx.as_deref_mut(),
+    );
+    let dx = match dx {
+        Some(d) => Some(out(x.shape(), dev, d)?),
+        None => None,
+    };
+    Ok((out(w.shape(), dev, dw)?, dx))
+}
+
+/// Rows and channels of a batch-norm input: the last axis is the channel.
+fn rows_channels(x: &Tensor) -> (usize, usize) {
+    let c = *x.shape().last().unwrap_or(&1);
+    (x.numel() / c.max(1), c)
+}
+
+/// Batch statistics of the channels (last axis): (mean, biased variance).
+pub fn channel_stats(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (rows, c) = rows_channels(x);
+    if rows == 0 {
+        return Err(NnError::Invalid {
+            op: "batch_norm",
+            msg: "empty batch".into(),
+        });
+    }
+    Ok(cpu::norm::batch_stats(x.as_slice()?, rows, c))
+}
+
+/// `y = x * scale + shift` per channel (last axis), optionally followed by ReLU.
+pub fn channel_affine(x: &Tensor, scale: &[f32], shift: &[f32], relu: bool) -> Result<Tensor> {
+    let (_, c) = rows_channels(x);
+    if scale.len() != c || shift.len() != c {
+        return Err(NnError::Shape {
+            op: "channel_affine",
+            expected: vec![c],
+            got: vec![scale.len()],
+        });
+    }
+    let mut y = uninit(x.numel());
+    cpu::norm::affine_rows(x.as_slice()?, c, scale, shift, &mut y, relu);
+    out(x.shape(), x.device(), y)
+}
+
+/// Training-mode batch-norm backward: returns (dx, dgamma, dbeta).
+pub fn batch_norm_backward(
+    x: &Tensor,
+    dy: &Tensor,
+    mean: &[f32],
+    invstd: &[f32],
+    gamma: &Tensor,
+) -> Result<(Tensor, Vec<f32>, Vec<f32>)> {
+    dy.expect_shape("batch_norm_backward (dy)", x.shape())?;
+    let (rows, c) = rows_channels(x);
+    let mut dx = uninit(x.numel());
+    let (dg, db) = cpu::norm::batchnorm_backward(
+        x.as_slice()?,
+        dy.as_slice()?,
+        rows,
+        c,
+        mean,
+        invstd,
+        gamma.as_slice()?,
+        &mut dx,
+    );
+    Ok((out(x.shape(), x.device(), dx)?, dg, db))
+}
+
+/// ReLU in place.
+pub fn relu_(x: &mut Tensor) -> Result<()> {
+    cpu::eltwise::relu_inplace(x.as_mut_slice()?);
+    Ok(())
+}
+
+/// Zeroes `dy` where the ReLU output `y` was not positive.
+pub fn relu_backward_(dy: &mut Tensor, y: &Tensor) -> Result<()> {
+    dy.expect_shape("relu_backward", y.shape())?;
+    cpu::eltwise::relu_backward_inplace(dy.as_mut_slice()?, y.as_slice()?);
+    Ok(())
+}
+
+/// `a += b`.
+pub fn add_(a: &mut Tensor, b: &Tensor) -> Result<()> {
+    a.expect_shape("add", b.shape())?;
+    same_device("add", a, b)?;
+    cpu::eltwise::add_inplace(a.as_mut_slice()?, b.as_slice()?);
+    Ok(())
+}
+
+/// Max pooling of NHWC `x`; returns the output and the argmax indices for the backward pass.
+pub fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<(Tensor, Vec<u32>)> {
+    x.expect_rank("max_pool", 4)?;
+    let s = x.shape();
+    if stride == 0 || s[1] + 2 * pad < k || s[2] + 2 * pad < k || pad * 2 > k {
+        return Err(NnError::Invalid {
+            op: "max_pool",
+            msg: format!("input {s:?} does not fit window {k} stride {stride} pad {pad}"),
+        });
+    }
+    if x.numel() > u32::MAX as usize {
+        return Err(NnError::Invalid {
+            op: "max_pool",
+            msg: "input exceeds 2^32 values".into(),
+        });
+    }
+    let g = PoolGeom {
+        n: s[0],
+        h: s[1],
+        w: s[2],
+        c: s[3],
+        k,
+        stride,
+        pad,
+    };
+    let n_out = g.n * g.oh() * g.ow() * g.c;
+    let (mut y, mut arg) = (uninit(n_out), vec![0u32; n_out]);
+    cpu::pool::maxpool_forward(x.as_slice()?, &g, &mut y, &mut arg);
+    Ok((out(&[g.n, g.oh(), g.ow(), g.c], x.device(), y)?, arg))
+}
+
+/// Max pooling backward, given the input shape and the forward's argmax indices.
+pub fn max_pool_backward(
+    dy: &Tensor,
+    arg: &[u32],
+    x_shape: &[usize],
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let g = PoolGeom {
+        n: x_shape[0],
+        h: x_shape[1],
+        w: x_shape[2],
+        c: x_shape[3],
+        k,
+        stride,
+        pad,
+    };
+    dy.expect_shape("max_pool_backward", &[g.n, g.oh(), g.ow(), g.c])?;
+    let mut dx = uninit(x_shape.iter().product());
+    cpu::pool::maxpool_backward(dy.as_slice()?, arg, &g, &mut dx);
+    out(x_shape, dy.device(), dx)
+}
+
+/// Global average pooling: NHWC to `[n, c]`.
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    x.expect_rank("global_avg_pool", 4)?;
+    let s = x.shape();
+    let mut y = uninit(s[0] * s[3]);
+    cpu::pool::gap_forward(x.as_slice()?, s[0], s[1] * s[2], s[3], &mut y);
+    out(&[s[0], s[3]], x.device(), y)
+}
+
+/// Global average pooling backward.
+pub fn global_avg_pool_backward(dy: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
+    dy.expect_shape("global_avg_pool_backward", &[x_shape[0], x_shape[3]])?;
+    let mut dx = uninit(x_shape.iter().product());
+    cpu::pool::gap_backward(dy.as_slice()?, x_shape[1] * x_shape[2], x_shape[3], &mut dx);
+    out(x_shape, dy.device(), dx)
+}
+
+/// `y = x w^T (+ b)`, `x` `[n, in]`, `w` `[out, in]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    x.expect_rank("linear", 2)?;
+    let (n, i, o) = (x.shape()[0], x.shape()[1], w.shape()[0]);
+    w.expect_shape("linear (weight)", &[o, i])?;
+    let mut y = uninit(n * o);
+    if let Some(b) = b {
+        b.expect_shape("linear (bias)", &[o])?;
+        let bs = b.as_slice()?;
+        y.chunks_exact_mut(o).for_each(|r| r.copy_from_slice(bs));
+    }
+    matmul(
+        Mat::row_major(x.as_slice()?, n, i),
+        Mat::row_major(w.as_slice()?, o, i).t(),
+        &mut y,
+        b.is_some(),
+        Par::Pool,
+    );
+    out(&[n, o], x.device(), y)
+}
+
+/// Linear backward: returns (dx if asked, dw, db).
+pub fn linear_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    need_dx: bool,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let (n, i, o) = (x.shape()[0], x.shape()[1], w.shape()[0]);
+    dy.expect_shape("linear_backward (dy)", &[n, o])?;
+    let dys = dy.as_slice()?;
+    let mut dw = uninit(o * i);
+    matmul(
+        Mat::row_major(dys, n, o).t(),
+        Mat::row_major(x.as_slice()?, n, i),
+        &mut dw,
+        false,
+        Par::Pool,
+    );
+    let mut db = vec![0.0f32; o];
+    for r in dys.chunks_exact(o) {
+        db.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+    }
+    let dx = if need_dx {
+        let mut dx = uninit(n * i);
+        matmul(
+            Mat::row_major(dys, n, o),
+            Mat::row_major(w.as_slice()?, o, i),
+            &mut dx,
+            false,
+            Par::Pool,
+        );
+        Some(out(&[n, i], x.device(), dx)?)
+    } else {
+        None
+    };
+    Ok((
+        dx,
+        out(&[o, i], x.device(), dw)?,
+        out(&[o], x.device(), db)?,
+    ))
+}
+
+/// NCHW to NHWC.
+pub fn nchw_to_nhwc(x: &Tensor) -> Result<Tensor> {
+    x.expect_rank("nchw_to_nhwc", 4)?;
+    let s = x.shape();
+    let mut y = uninit(x.numel());
+    cpu::eltwise::nchw_to_nhwc(x.as_slice()?, s[0], s[1], s[2], s[3], &mut y);
+    out(&[s[0], s[2], s[3], s[1]], x.device(), y)
+}
+
+/// NHWC to NCHW.
+pub fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
+    x.expect_rank("nhwc_to_nchw", 4)?;
+    let s = x.shape();
+    let mut y = uninit(x.numel());
+    cpu::eltwise::nhwc_to_nchw(x.as_slice()?, s[0], s[1], s[2], s[3], &mut y);
+    out(&[s[0], s[3], s[1], s[2]], x.device(), y)
+}

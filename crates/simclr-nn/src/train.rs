@@ -1,0 +1,46 @@
+//! One SimCLR training step.
+
+use crate::error::{NnError, Result};
+use crate::loss::nt_xent;
+use crate::model::SimClr;
+use crate::optim::Optimizer;
+use crate::param::Module;
+use crate::tensor::Tensor;
+
+/// What one step measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// The NT-Xent loss before the update.
+    pub loss: f32,
+    /// The learning rate used.
+    pub lr: f32,
+}
+
+/// Forward both views (`views` is `[2N, c, h, w]`, first views then second views, as one batch,
+/// so batch norm sees all 2N), NT-Xent, backward, and one optimiser step. A non-finite loss or
+/// gradient stops before the update, leaving the weights as they were.
+pub fn train_step(
+    model: &mut SimClr,
+    views: &Tensor,
+    optimizer: &mut dyn Optimizer,
+    lr: f32,
+    temperature: f32,
+) -> Result<StepStats> {
+    model.zero_grad();
+    let (_, z) = model.forward(views, true)?;
+    let (loss, dz) = nt_xent(&z, temperature)?;
+    model.backward(&dz)?;
+    let mut bad = None;
+    model.for_each_param(&mut |name, p| {
+        if bad.is_none() && !p.grad.all_finite() {
+            bad = Some(name.to_string());
+        }
+    });
+    if let Some(name) = bad {
+        return Err(NnError::NonFinite {
+            what: format!("gradient of {name}"),
+        });
+    }
+    optimizer.step(model, lr)?;
+    Ok(StepStats { loss, lr })
+}

@@ -1,0 +1,230 @@
+//! Parity with PyTorch (llm.c style): tensors that tests/reference/make_fixtures.py computed with
+//! PyTorch (in float64) for the same tiny models, matched by the Rust CPU path within 1e-4.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{assert_allclose, repo_root};
+use simclr::nn::checkpoint::{param_to_torch, Checkpoint, NamedTensor, TensorData};
+use simclr::nn::{
+    nt_xent, BlockKind, Device, HeadConfig, Lars, Module, Optimizer, Param, ResNet, ResNetConfig,
+    Sgd, SimClr, SimClrConfig, StateVisitor, Stem, Tensor,
+};
+
+const RTOL: f64 = 1e-4;
+
+fn fixture(name: &str) -> Checkpoint {
+    let path = repo_root().join("tests/reference/fixtures").join(name);
+    Checkpoint::load(&path)
+        .unwrap_or_else(|e| panic!("{e}: regenerate with tests/reference/README.md"))
+}
+
+fn f32s<'a>(ck: &'a Checkpoint, key: &str) -> &'a [f32] {
+    match &ck
+        .tensors
+        .get(key)
+        .unwrap_or_else(|| panic!("fixture lacks {key}"))
+        .data
+    {
+        TensorData::F32(v) => v,
+        TensorData::I64(_) => panic!("{key} is not f32"),
+    }
+}
+
+fn tensor(ck: &Checkpoint, key: &str) -> Tensor {
+    let t = &ck.tensors[key];
+    Tensor::from_slice(&t.shape, f32s(ck, key)).unwrap()
+}
+
+/// Every parameter's gradient in PyTorch's layout, by name.
+fn grads(m: &mut dyn Module) -> BTreeMap<String, NamedTensor> {
+    let mut out = BTreeMap::new();
+    m.for_each_param(&mut |name, p| {
+        let as_value = Param::new(p.grad.clone(), p.kind);
+        out.insert(name.to_string(), param_to_torch(&as_value));
+    });
+    out
+}
+
+fn values(m: &mut dyn Module) -> BTreeMap<String, NamedTensor> {
+    let mut out = BTreeMap::new();
+    m.for_each_param(&mut |name, p| {
+        out.insert(name.to_string(), param_to_torch(p));
+    });
+    out
+}
+
+fn data(t: &NamedTensor) -> &[f32] {
+    match &t.data {
+        TensorData::F32(v) => v,
+        TensorData::I64(_) => unreachable!("parameters are f32"),
+    }
+}
+
+/// Running statistics after the forward pass.
+fn check_running_stats(m: &mut dyn Module, ck: &Checkpoint) -> usize {
+    struct V<'a>(&'a Checkpoint, usize);
+    impl StateVisitor for V<'_> {
+        fn param(&mut self, _: &str, _: &mut Param) {}
+        fn buffer(&mut self, name: &str, t: &mut Tensor) {
+            assert_allclose(
+                name,
+                &t.to_vec(),
+                f32s(self.0, &format!("after_forward.{name}")),
+                RTOL,
+            );
+            self.1 += 1;
+        }
+        fn counter(&mut self, name: &str, v: &mut i64) {
+            assert_eq!(*v, 1, "{name}");
+        }
+    }
+    let mut v = V(ck, 0);
+    m.visit("", &mut v);
+    v.1
+}
+
+fn basic_config(ck: &Checkpoint) -> SimClrConfig {
+    let z_dim = ck.tensors["z"].shape[1];
+    let h_dim = ck.tensors["h"].shape[1];
+    SimClrConfig {
+        encoder: ResNetConfig {
+            block: BlockKind::Basic,
+            layers: [1, 1, 1, 1],
+            base_width: h_dim / 8,
+            stem: Stem::Cifar,
+            in_channels: 3,
+        },
+        head: HeadConfig::Mlp {
+            hidden_layers: 1,
+            hidden_dim: h_dim,
+            output_dim: z_dim,
+        },
+    }
+}
+
+#[test]
+fn basic_resnet_simclr_step_matches_pytorch() {
+    let ck = fixture("basic_simclr.safetensors");
+    let mut model = SimClr::new(&basic_config(&ck), Device::Cpu, 0).unwrap();
+    let unused = ck.apply(&mut model, "param.").unwrap();
+    assert!(
+        unused.iter().all(|k| !k.starts_with("param.")),
+        "model ignores {unused:?}"
+    );
+
+    let (h, z) = model.forward(&tensor(&ck, "input"), true).unwrap();
+    assert_allclose("h", &h.to_vec(), f32s(&ck, "h"), RTOL);
+    assert_allclose("z", &z.to_vec(), f32s(&ck, "z"), RTOL);
+    let tau = f32s(&ck, "meta.temperature")[0];
+    let (loss, dz) = nt_xent(&z, tau).unwrap();
+    assert_allclose("loss", &[loss], f32s(&ck, "loss"), RTOL);
+    model.backward(&dz).unwrap();
+
+    let g = grads(&mut model);
+    assert!(g.len() >= 20);
+    for (name, t) in &g {
+        assert_allclose(
+            &format!("grad.{name}"),
+            data(t),
+            f32s(&ck, &format!("grad.{name}")),
+            RTOL,
+        );
+    }
+    assert!(check_running_stats(&mut model, &ck) >= 10);
+
+    // One SGD step (Nesterov, weight decay on everything, as torch.optim.SGD).
+    let before = values(&mut model);
+    let mut sgd_model = model.clone();
+    Sgd::new(0.9, true, 1e-4).step(&mut sgd_model, 0.1).unwrap();
+    let after = values(&mut sgd_model);
+    for (name, t) in &after {
+        let want = f32s(&ck, &format!("sgd.{name}"));
+        assert_allclose(&format!("sgd.{name}"), data(t), want, RTOL);
+        check_update(&format!("sgd.{name}"), data(&before[name]), data(t), want);
+    }
+
+    // Two LARS steps with the same gradients: the second exercises the momentum buffer.
+    let mut lars = Lars::default();
+    let mut lars_model = model.clone();
+    for step in ["lars", "lars2"] {
+        lars.step(&mut lars_model, 0.5).unwrap();
+        let after = values(&mut lars_model);
+        for (name, t) in &after {
+            let want = f32s(&ck, &format!("{step}.{name}"));
+            assert_allclose(&format!("{step}.{name}"), data(t), want, RTOL);
+            check_update(
+                &format!("{step}.{name}"),
+                data(&before[name]),
+                data(t),
+                want,
+            );
+        }
+    }
+}
+
+/// The update itself (after - before), which is small beside the weights for LARS, must match
+/// too; its tolerance allows for the f32 rounding of the stored weights.
+fn check_update(what: &str, before: &[f32], ours: &[f32], want: &[f32]) {
+    let d_ours: Vec<f32> = ours.iter().zip(before).map(|(a, b)| a - b).collect();
+    let d_want: Vec<f32> = want.iter().zip(before).map(|(a, b)| a - b).collect();
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (a, b) in d_ours.iter().zip(&d_want) {
+        num += ((a - b) as f64).powi(2);
+        den += (*b as f64).powi(2);
+    }
+    let rel = (num / den.max(1e-300)).sqrt();
+    assert!(
+        rel < 2e-3,
+        "{what}: update differs by {rel:.3e} (relative L2)"
+    );
+}
+
+#[test]
+fn bottleneck_resnet_forward_backward_matches_pytorch() {
+    let ck = fixture("bottleneck_resnet.safetensors");
+    let h_dim = ck.tensors["h"].shape[1];
+    let config = ResNetConfig {
+        block: BlockKind::Bottleneck,
+        layers: [1, 1, 1, 1],
+        base_width: h_dim / 32,
+        stem: Stem::ImageNet,
+        in_channels: 3,
+    };
+    let mut model = ResNet::new(config, Device::Cpu, &mut rand_seeded()).unwrap();
+    ck.apply(&mut model, "param.").unwrap();
+    let h = model.forward(&tensor(&ck, "input"), true).unwrap();
+    assert_allclose("h", &h.to_vec(), f32s(&ck, "h"), RTOL);
+    model.backward(&tensor(&ck, "r")).unwrap();
+    let g = grads(&mut model);
+    for (name, t) in &g {
+        assert_allclose(
+            &format!("grad.{name}"),
+            data(t),
+            f32s(&ck, &format!("grad.{name}")),
+            RTOL,
+        );
+    }
+    assert!(check_running_stats(&mut model, &ck) >= 10);
+}
+
+#[test]
+fn eval_mode_uses_running_statistics_like_pytorch() {
+    let path = repo_root().join("tests/reference/fixtures/basic_eval.safetensors");
+    if !path.exists() {
+        eprintln!("skipped: {} is absent", path.display());
+        return;
+    }
+    let ck = fixture("basic_eval.safetensors");
+    let train = fixture("basic_simclr.safetensors");
+    let mut model = SimClr::new(&basic_config(&train), Device::Cpu, 0).unwrap();
+    train.apply(&mut model, "param.").unwrap();
+    let h = model.encoder.forward(&tensor(&ck, "input"), false).unwrap();
+    assert_allclose("h (eval)", &h.to_vec(), f32s(&ck, "h"), RTOL);
+}
+
+fn rand_seeded() -> rand_chacha::ChaCha8Rng {
+    use rand::SeedableRng;
+    rand_chacha::ChaCha8Rng::seed_from_u64(0)
+}
