@@ -1,1 +1,191 @@
-fn main() {}
+//! `cargo xtask`: project automation that needs more than one cargo command.
+//!
+//! - `ci`: what CI runs after installing its packages: fmt, clippy, the README's test command.
+//! - `fixtures [--python PY]`: regenerate the PyTorch parity fixtures of tests/reference.
+//! - `bench-cpu [--python PY] [--quick]`: PyTorch's CPU baseline and our criterion benchmarks in
+//!   one run on this machine, and the ratio of their medians.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("fixtures") => fixtures(&args[1..]),
+        Some("bench-cpu") => bench_cpu(&args[1..]),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 commands:\n  \
+                 ci                               fmt --check, clippy -D warnings, the test suite\n  \
+                 fixtures [--python PY]           regenerate tests/reference/fixtures with PyTorch\n  \
+                 bench-cpu [--python PY] [--quick] PyTorch CPU baseline beside our benchmarks"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed with {status}"))
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn ci() -> Result<(), String> {
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args(["test", "--workspace", "--release"]))
+}
+
+fn fixtures(args: &[String]) -> Result<(), String> {
+    let python = flag(args, "--python").unwrap_or_else(|| "python3".into());
+    run(Command::new(python).args([
+        "tests/reference/make_fixtures.py",
+        "--out",
+        "tests/reference/fixtures",
+    ]))
+}
+
+/// The shared folder beside the checkout holds the PyTorch baselines.
+fn baseline_script() -> Result<PathBuf, String> {
+    let candidates = [
+        std::env::var("SIMCLR_SHARED").ok().map(PathBuf::from),
+        Some(root().join("../shared")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("baselines/torch_cpu_baseline.py"))
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            "torch_cpu_baseline.py not found: set SIMCLR_SHARED to the shared folder".into()
+        })
+}
+
+/// Median of a criterion benchmark in seconds, from target/criterion/<group>/<id>/new.
+fn criterion_median(group: &str, id: &str) -> Option<f64> {
+    let path = root()
+        .join("target/criterion")
+        .join(group)
+        .join(id)
+        .join("new/estimates.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    Some(v["median"]["point_estimate"].as_f64()? * 1e-9)
+}
+
+fn bench_cpu(args: &[String]) -> Result<(), String> {
+    let python = flag(args, "--python").unwrap_or_else(|| "python3".into());
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = root().join("target/bench");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let json = out.join("torch-cpu.json");
+    let script = baseline_script()?;
+    let mut torch = Command::new(&python);
+    torch
+        .arg(&script)
+        .args(["--only", "ntxent", "step", "--channels-last", "--json"])
+        .arg(&json);
+    if quick {
+        torch.arg("--quick");
+    }
+    run(&mut torch)?;
+    let mut bench = cargo();
+    bench.args([
+        "bench",
+        "-p",
+        "simclr",
+        "--bench",
+        "ntxent",
+        "--bench",
+        "train_step",
+    ]);
+    if quick {
+        bench.env("SIMCLR_BENCH_BATCH", "32");
+    }
+    run(&mut bench)?;
+
+    let torch: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&json).map_err(|e| format!("{}: {e}", json.display()))?,
+    )
+    .map_err(|e| format!("{}: {e}", json.display()))?;
+    println!(
+        "\n{:<44} {:>12} {:>12} {:>8}",
+        "benchmark (median)", "ours", "PyTorch", "speed-up"
+    );
+    let row = |name: String, ours: Option<f64>, theirs: Option<f64>| match (ours, theirs) {
+        (Some(o), Some(t)) => println!(
+            "{name:<44} {:>10.2}ms {:>10.2}ms {:>7.2}x",
+            o * 1e3,
+            t * 1e3,
+            t / o
+        ),
+        _ => println!("{name:<44} (missing: ours {ours:?}, PyTorch {theirs:?})"),
+    };
+    for r in torch["ntxent"]["ntxent"].as_array().into_iter().flatten() {
+        let n = r["N"].as_u64().unwrap_or(0);
+        row(
+            format!("NT-Xent fwd+bwd N={n} d=128"),
+            criterion_median("ntxent_fwd_bwd", &format!("N={n}")),
+            r["fwd_bwd_ms"].as_f64().map(|v| v * 1e-3),
+        );
+        row(
+            format!("NT-Xent fwd N={n} d=128"),
+            criterion_median("ntxent_fwd", &format!("N={n}")),
+            r["fwd_ms"].as_f64().map(|v| v * 1e-3),
+        );
+    }
+    for r in torch["step"]["step"].as_array().into_iter().flatten() {
+        let batch = r["batch"].as_u64().unwrap_or(0);
+        let layout = if r["channels_last"].as_bool() == Some(true) {
+            "channels_last"
+        } else {
+            "NCHW"
+        };
+        row(
+            format!("train step b{batch} vs PyTorch {layout}"),
+            criterion_median("train_step", &format!("resnet18_cifar_b{batch}_32x32_sgd")),
+            r["step_s"].as_f64(),
+        );
+    }
+    Ok(())
+}

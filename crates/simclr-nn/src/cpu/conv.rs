@@ -164,6 +164,24 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], g: &ConvGeom, y: &mut [f32]) {
         );
 }
 
+/// The kernel of the transposed convolution: `w'[ci, ky, kx, co] = w[co, kh-1-ky, kw-1-kx, ci]`.
+fn flipped_transposed(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let mut t = vec![0.0f32; w.len()];
+    for co in 0..g.cout {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                for ci in 0..g.cin {
+                    let src = ((co * g.kh + ky) * g.kw + kx) * g.cin + ci;
+                    let dst =
+                        ((ci * g.kh + (g.kh - 1 - ky)) * g.kw + (g.kw - 1 - kx)) * g.cout + co;
+                    t[dst] = w[src];
+                }
+            }
+        }
+    }
+    t
+}
+
 /// Gradients of a convolution: `dw` (`[cout, kh, kw, cin]`) is overwritten with dL/dw, and `dx`,
 /// when given, with dL/dx.
 pub fn conv2d_backward(
@@ -174,6 +192,26 @@ pub fn conv2d_backward(
     dw: &mut [f32],
     mut dx: Option<&mut [f32]>,
 ) {
+    // With stride 1, dL/dx is a plain convolution of dy with the flipped, transposed kernel:
+    // one GEMM as efficient as the forward pass's (inner dimension kh*kw*cout rather than cout)
+    // and no scatter-add.
+    if g.stride == 1 && g.pad < g.kh && g.pad < g.kw && g.kh == g.kw {
+        if let Some(dx) = dx.take() {
+            let gt = ConvGeom {
+                n: g.n,
+                h: g.oh(),
+                w: g.ow(),
+                cin: g.cout,
+                cout: g.cin,
+                kh: g.kh,
+                kw: g.kw,
+                stride: 1,
+                pad: g.kh - 1 - g.pad,
+            };
+            debug_assert_eq!((gt.oh(), gt.ow()), (g.h, g.w));
+            conv2d_forward(dy, &flipped_transposed(w, g), &gt, dx);
+        }
+    }
     let (k, rows_per_image) = (g.k(), g.oh() * g.ow());
     let ci = g.chunk_images();
     let in_img = g.h * g.w * g.cin;
