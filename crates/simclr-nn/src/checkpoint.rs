@@ -167,7 +167,6 @@ impl Checkpoint {
 
     /// Writes the checkpoint to `path` atomically (see the module docs).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let views: Vec<(String, TensorView<'_>)> = Vec::new();
         let bytes_store: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = self
             .tensors
             .iter()
@@ -186,7 +185,7 @@ impl Checkpoint {
                 ),
             })
             .collect();
-        let mut views = views;
+        let mut views = Vec::with_capacity(bytes_store.len());
         for (name, dtype, shape, bytes) in &bytes_store {
             let view =
                 TensorView::new(*dtype, shape.clone(), bytes).map_err(|e| NnError::Checkpoint {
