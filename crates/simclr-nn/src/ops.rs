@@ -133,10 +133,12 @@ pub fn channel_affine(x: &Tensor, scale: &[f32], shift: &[f32], relu: bool) -> R
     out(x.shape(), x.device(), y)
 }
 
-/// Training-mode batch-norm backward: returns (dx, dgamma, dbeta).
+/// Training-mode batch-norm backward: returns (dx, dgamma, dbeta). `relu_out` is the output of a
+/// ReLU fused after the normalisation, if any.
 pub fn batch_norm_backward(
     x: &Tensor,
     dy: &Tensor,
+    relu_out: Option<&Tensor>,
     mean: &[f32],
     invstd: &[f32],
     gamma: &Tensor,
@@ -144,9 +146,17 @@ pub fn batch_norm_backward(
     dy.expect_shape("batch_norm_backward (dy)", x.shape())?;
     let (rows, c) = rows_channels(x);
     let mut dx = uninit(x.numel());
+    let relu_out = match relu_out {
+        Some(y) => {
+            y.expect_shape("batch_norm_backward (relu output)", x.shape())?;
+            Some(y.as_slice()?)
+        }
+        None => None,
+    };
     let (dg, db) = cpu::norm::batchnorm_backward(
         x.as_slice()?,
         dy.as_slice()?,
+        relu_out,
         rows,
         c,
         mean,

@@ -64,10 +64,13 @@ pub fn affine_rows(x: &[f32], c: usize, scale: &[f32], shift: &[f32], y: &mut [f
         });
 }
 
-/// The backward pass of training-mode batch norm. Returns (dgamma, dbeta) and writes dx.
+/// The backward pass of training-mode batch norm. Returns (dgamma, dbeta) and writes dx. With
+/// `relu_out` (the output of a fused ReLU), `dy` is masked where that output is not positive, on
+/// the fly rather than in a separate pass over the tensor.
 pub fn batchnorm_backward(
     x: &[f32],
     dy: &[f32],
+    relu_out: Option<&[f32]>,
     rows: usize,
     c: usize,
     mean: &[f32],
@@ -75,41 +78,41 @@ pub fn batchnorm_backward(
     gamma: &[f32],
     dx: &mut [f32],
 ) -> (Vec<f32>, Vec<f32>) {
-    let dbeta = channel_sums(rows, c, |r, acc| {
-        for (a, g) in acc.iter_mut().zip(&dy[r * c..(r + 1) * c]) {
-            *a += *g as f64;
+    let grad = |i: usize| -> f32 {
+        match relu_out {
+            Some(y) if y[i] <= 0.0 => 0.0,
+            _ => dy[i],
         }
-    });
-    let dxhat_sum = channel_sums(rows, c, |r, acc| {
-        let (xr, gr) = (&x[r * c..(r + 1) * c], &dy[r * c..(r + 1) * c]);
+    };
+    // One pass for both sums: dbeta = sum dy, dgamma = sum dy * xhat.
+    let sums = channel_sums(rows, 2 * c, |r, acc| {
+        let (db, dg) = acc.split_at_mut(c);
         for i in 0..c {
-            acc[i] += (gr[i] as f64) * ((xr[i] - mean[i]) * invstd[i]) as f64;
+            let g = grad(r * c + i) as f64;
+            db[i] += g;
+            dg[i] += g * ((x[r * c + i] - mean[i]) * invstd[i]) as f64;
         }
     });
+    let (dbeta, dgamma) = sums.split_at(c);
     // dx = gamma * invstd / n * (n * dy - dbeta - xhat * dgamma)
     let k1: Vec<f32> = (0..c).map(|i| gamma[i] * invstd[i]).collect();
     let mb: Vec<f32> = dbeta.iter().map(|&b| (b / rows as f64) as f32).collect();
-    let mg: Vec<f32> = dxhat_sum
-        .iter()
-        .map(|&g| (g / rows as f64) as f32)
-        .collect();
-    dx.par_chunks_mut(c * 256)
-        .zip(x.par_chunks(c * 256))
-        .zip(dy.par_chunks(c * 256))
-        .for_each(|((dxc, xc), dyc)| {
-            for ((dr, xr), gr) in dxc
-                .chunks_exact_mut(c)
-                .zip(xc.chunks_exact(c))
-                .zip(dyc.chunks_exact(c))
-            {
+    let mg: Vec<f32> = dgamma.iter().map(|&g| (g / rows as f64) as f32).collect();
+    const BLOCK: usize = 256;
+    dx.par_chunks_mut(c * BLOCK)
+        .enumerate()
+        .for_each(|(bi, dxc)| {
+            let base = bi * BLOCK * c;
+            for (r, dr) in dxc.chunks_exact_mut(c).enumerate() {
+                let o = base + r * c;
                 for i in 0..c {
-                    let xhat = (xr[i] - mean[i]) * invstd[i];
-                    dr[i] = k1[i] * (gr[i] - mb[i] - xhat * mg[i]);
+                    let xhat = (x[o + i] - mean[i]) * invstd[i];
+                    dr[i] = k1[i] * (grad(o + i) - mb[i] - xhat * mg[i]);
                 }
             }
         });
     (
-        dxhat_sum.iter().map(|&v| v as f32).collect(),
+        dgamma.iter().map(|&v| v as f32).collect(),
         dbeta.iter().map(|&v| v as f32).collect(),
     )
 }

@@ -125,16 +125,14 @@ impl BatchNorm {
     /// Adds dL/dgamma and dL/dbeta to the gradients and returns dL/dx.
     pub fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
         let s = self.saved.take().ok_or(NnError::NoForward("BatchNorm"))?;
-        let dy = match &s.y {
-            Some(y) => {
-                let mut d = dy.clone();
-                ops::relu_backward_(&mut d, y)?;
-                d
-            }
-            None => dy.clone(),
-        };
-        let (dx, dg, db) =
-            ops::batch_norm_backward(&s.x, &dy, &s.mean, &s.invstd, &self.weight.value)?;
+        let (dx, dg, db) = ops::batch_norm_backward(
+            &s.x,
+            dy,
+            s.y.as_ref(),
+            &s.mean,
+            &s.invstd,
+            &self.weight.value,
+        )?;
         for (g, d) in self.weight.grad.as_mut_slice()?.iter_mut().zip(&dg) {
             *g += d;
         }
