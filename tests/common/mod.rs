@@ -29,7 +29,9 @@ pub fn assert_allclose(what: &str, got: &[f32], want: &[f32], rtol: f64) {
     let mut bad = vec![];
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let tol = rtol * ((w as f64).abs() + mean_abs) + 1e-30;
-        if !((g as f64 - w as f64).abs() <= tol) {
+        // Written so that a NaN on either side counts as a mismatch.
+        let close = (g as f64 - w as f64).abs() <= tol;
+        if !close {
             bad.push(format!("[{i}] got {g:e} want {w:e}"));
         }
     }

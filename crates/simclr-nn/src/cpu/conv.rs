@@ -7,6 +7,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat, Par};
+use super::winograd;
 use super::REDUCE_GROUPS;
 
 /// The sizes of one convolution.
@@ -132,6 +133,10 @@ fn col2im_add(col: &[f32], g: &ConvGeom, images: usize, dx: &mut [f32]) {
 
 /// `y = conv(x, w)`; `x` is `[n, h, w, cin]`, `w` `[cout, kh, kw, cin]`, `y` `[n, oh, ow, cout]`.
 pub fn conv2d_forward(x: &[f32], w: &[f32], g: &ConvGeom, y: &mut [f32]) {
+    if winograd::applies(g) {
+        winograd::conv3x3_forward(x, w, g, y);
+        return;
+    }
     let (k, rows_per_image) = (g.k(), g.oh() * g.ow());
     let ci = g.chunk_images();
     let wt = Mat::row_major(w, g.cout, k).t();
@@ -211,6 +216,12 @@ pub fn conv2d_backward(
             debug_assert_eq!((gt.oh(), gt.ow()), (g.h, g.w));
             conv2d_forward(dy, &flipped_transposed(w, g), &gt, dx);
         }
+    }
+    if winograd::applies(g) {
+        // dx, when asked for, was computed above (pad 1 stays pad 1, so it ran Winograd too).
+        debug_assert!(dx.is_none());
+        winograd::conv3x3_weight_grad(x, dy, g, dw);
+        return;
     }
     let (k, rows_per_image) = (g.k(), g.oh() * g.ow());
     let ci = g.chunk_images();

@@ -9,6 +9,7 @@ pub(crate) mod gemm;
 pub mod norm;
 pub mod optim;
 pub mod pool;
+pub mod winograd;
 
 /// Number of fixed partial sums in batch reductions.
 pub(crate) const REDUCE_GROUPS: usize = 16;
