@@ -102,7 +102,7 @@ fn baseline_script() -> Result<PathBuf, String> {
         })
 }
 
-/// Median of a criterion benchmark in seconds, from target/criterion/<group>/<id>/new.
+/// Median of a criterion benchmark in seconds, from `target/criterion/<group>/<id>/new`.
 fn criterion_median(group: &str, id: &str) -> Option<f64> {
     let path = root()
         .join("target/criterion")
@@ -165,12 +165,12 @@ fn bench_cpu(args: &[String]) -> Result<(), String> {
         let n = r["N"].as_u64().unwrap_or(0);
         row(
             format!("NT-Xent fwd+bwd N={n} d=128"),
-            criterion_median("ntxent_fwd_bwd", &format!("N={n}")),
+            criterion_median("ntxent/fwd_bwd", &n.to_string()),
             r["fwd_bwd_ms"].as_f64().map(|v| v * 1e-3),
         );
         row(
             format!("NT-Xent fwd N={n} d=128"),
-            criterion_median("ntxent_fwd", &format!("N={n}")),
+            criterion_median("ntxent/fwd", &n.to_string()),
             r["fwd_ms"].as_f64().map(|v| v * 1e-3),
         );
     }
