@@ -15,6 +15,25 @@
 //!
 //! Bad input is an error naming the file (or, with [`ErrorPolicy::Skip`], skipped and
 //! counted), never a panic.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use simclr_data::{Augmentation, AugmentConfig, Dataset, Loader, LoaderConfig, SyntheticShapes};
+//!
+//! let ds: Arc<dyn Dataset> = Arc::new(SyntheticShapes::new(64, 32, 0)?);
+//! let aug = Augmentation::new(AugmentConfig::cifar10())?;
+//! let cfg = LoaderConfig { batch_size: 16, threads: 2, ..LoaderConfig::default() };
+//! let loader = Loader::new(ds, aug, cfg)?;
+//! let mut batches = 0;
+//! for batch in loader.epoch(0) {
+//!     let batch = batch?;
+//!     // Both views of 16 images: rows 0..16 are the first views, 16..32 the second.
+//!     assert_eq!(batch.shape(), [32, 3, 32, 32]);
+//!     batches += 1;
+//! }
+//! assert_eq!(batches, 4);
+//! # Ok::<(), simclr_data::DataError>(())
+//! ```
 #![deny(missing_docs)]
 
 pub mod augment;
