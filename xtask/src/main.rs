@@ -1,8 +1,11 @@
 //! `cargo xtask`: project automation that needs more than one cargo command.
 //!
+//! - `train [ARGS]`: `simclr train ARGS` in release mode: with no arguments, the quick start
+//!   (pre-train and linear-evaluate on the built-in data set, then the comparison table);
+//!   `--preset NAME`, `--config FILE` and `--set KEY=VALUE` run a real configuration.
 //! - `ci`: what CI runs after installing its packages: fmt, clippy, the README's test command.
 //! - `fixtures [--python PY]`: regenerate the PyTorch parity fixtures of tests/reference.
-//! - `bench-cpu [--python PY] [--quick]`: PyTorch's CPU baseline and our criterion benchmarks in
+//! - `bench-cpu [--python PY] [--quick] [--report-only]`: PyTorch's CPU baseline and our criterion benchmarks in
 //!   one run on this machine, and the ratio of their medians.
 
 use std::path::{Path, PathBuf};
@@ -11,6 +14,7 @@ use std::process::{Command, ExitCode};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("train") => train(&args[1..]),
         Some("ci") => ci(),
         Some("fixtures") => fixtures(&args[1..]),
         Some("bench-cpu") => bench_cpu(&args[1..]),
@@ -18,9 +22,10 @@ fn main() -> ExitCode {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
+                 train [ARGS]                     pre-train + linear-evaluate (simclr train ARGS)\n  \
                  ci                               fmt --check, clippy -D warnings, the test suite\n  \
                  fixtures [--python PY]           regenerate tests/reference/fixtures with PyTorch\n  \
-                 bench-cpu [--python PY] [--quick] PyTorch CPU baseline beside our benchmarks"
+                 bench-cpu [--python PY] [--quick] [--report-only]\n                                   PyTorch CPU baseline beside our benchmarks"
             );
             return ExitCode::from(2);
         }
@@ -31,6 +36,24 @@ fn main() -> ExitCode {
             eprintln!("xtask: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `simclr train` built in release mode, run from the caller's folder so that relative paths in
+/// its arguments mean what the caller meant.
+fn train(args: &[String]) -> Result<(), String> {
+    let manifest = root().join("Cargo.toml");
+    let mut cmd = cargo();
+    cmd.args(["run", "--release", "--quiet", "--manifest-path"])
+        .arg(&manifest)
+        .args(["-p", "simclr-cli", "--bin", "simclr", "--", "train"])
+        .args(args);
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("simclr train failed with {status}"))
     }
 }
 
@@ -119,12 +142,20 @@ fn bench_cpu(args: &[String]) -> Result<(), String> {
     let out = root().join("target/bench");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let json = out.join("torch-cpu.json");
+    if !args.iter().any(|a| a == "--report-only") {
+        measure(&python, quick, &json)?;
+    }
+    report(&json)
+}
+
+/// Runs PyTorch's baseline into `json`, then our criterion benches.
+fn measure(python: &str, quick: bool, json: &Path) -> Result<(), String> {
     let script = baseline_script()?;
-    let mut torch = Command::new(&python);
+    let mut torch = Command::new(python);
     torch
         .arg(&script)
         .args(["--only", "ntxent", "step", "--channels-last", "--json"])
-        .arg(&json);
+        .arg(json);
     if quick {
         torch.arg("--quick");
     }
@@ -142,8 +173,11 @@ fn bench_cpu(args: &[String]) -> Result<(), String> {
     if quick {
         bench.env("SIMCLR_BENCH_BATCH", "32");
     }
-    run(&mut bench)?;
+    run(&mut bench)
+}
 
+/// The table of our medians beside PyTorch's.
+fn report(json: &Path) -> Result<(), String> {
     let torch: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&json).map_err(|e| format!("{}: {e}", json.display()))?,
     )
@@ -161,7 +195,7 @@ fn bench_cpu(args: &[String]) -> Result<(), String> {
         ),
         _ => println!("{name:<44} (missing: ours {ours:?}, PyTorch {theirs:?})"),
     };
-    for r in torch["ntxent"]["ntxent"].as_array().into_iter().flatten() {
+    for r in torch["ntxent"].as_array().into_iter().flatten() {
         let n = r["N"].as_u64().unwrap_or(0);
         row(
             format!("NT-Xent fwd+bwd N={n} d=128"),
@@ -174,7 +208,7 @@ fn bench_cpu(args: &[String]) -> Result<(), String> {
             r["fwd_ms"].as_f64().map(|v| v * 1e-3),
         );
     }
-    for r in torch["step"]["step"].as_array().into_iter().flatten() {
+    for r in torch["step"].as_array().into_iter().flatten() {
         let batch = r["batch"].as_u64().unwrap_or(0);
         let layout = if r["channels_last"].as_bool() == Some(true) {
             "channels_last"

@@ -372,6 +372,13 @@ impl Loader {
     /// The batches of `epoch`, made ahead on the worker threads (at most `prefetch` waiting).
     /// Dropping the iterator stops the work.
     pub fn epoch(&self, epoch: u64) -> EpochIter {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch number `first` on, without making the ones before:
+    /// the same batches as [`Loader::epoch`] gives from that point, so a resumed run sees
+    /// exactly the data it would have seen.
+    pub fn epoch_from(&self, epoch: u64, first: usize) -> EpochIter {
         let shared = self.shared.clone();
         let cfg = &shared.cfg;
         let indices = self.epoch_indices(epoch);
@@ -386,7 +393,7 @@ impl Loader {
         let spawned = std::thread::Builder::new()
             .name("simclr-data-producer".into())
             .spawn(move || {
-                for (number, idx) in batches.into_iter().enumerate() {
+                for (number, idx) in batches.into_iter().enumerate().skip(first) {
                     if stop2.load(Ordering::Relaxed) {
                         return;
                     }

@@ -49,4 +49,4 @@ pub use optim::{Lars, LrScaling, Optimizer, Sgd, WarmupCosine};
 pub use param::{Module, Param, ParamKind, StateVisitor};
 pub use resnet::{Block, BlockKind, ResNet, ResNetConfig, Stem};
 pub use tensor::{Device, Storage, Tensor};
-pub use train::{train_step, StepStats};
+pub use train::{train_step, train_step_with_h, StepStats};

@@ -26,8 +26,20 @@ pub fn train_step(
     lr: f32,
     temperature: f32,
 ) -> Result<StepStats> {
+    train_step_with_h(model, views, optimizer, lr, temperature).map(|(stats, _)| stats)
+}
+
+/// [`train_step`], also returning the representations h of the views (`[2N, features]`, from
+/// before the update), for an online linear probe trained on them with stop-gradient.
+pub fn train_step_with_h(
+    model: &mut SimClr,
+    views: &Tensor,
+    optimizer: &mut dyn Optimizer,
+    lr: f32,
+    temperature: f32,
+) -> Result<(StepStats, Tensor)> {
     model.zero_grad();
-    let (_, z) = model.forward(views, true)?;
+    let (h, z) = model.forward(views, true)?;
     let (loss, dz) = nt_xent(&z, temperature)?;
     model.backward(&dz)?;
     let mut bad = None;
@@ -42,5 +54,5 @@ pub fn train_step(
         });
     }
     optimizer.step(model, lr)?;
-    Ok(StepStats { loss, lr })
+    Ok((StepStats { loss, lr }, h))
 }

@@ -1,0 +1,751 @@
+//! The run configuration: every setting of the paper (DESIGN.md section 1) as TOML, built up
+//! from the defaults, a preset, a file and `--set key=value` overrides, in that order.
+//!
+//! Unknown keys and ill-typed values are errors that name the key and where it came from.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use simclr_data::{AugmentConfig, Crop, Normalize};
+use simclr_nn::{BlockKind, HeadConfig, LrScaling, ResNetConfig, SimClrConfig, Stem};
+
+use crate::error::{CliError, Result};
+
+/// A whole run: data, augmentation, model, optimisation, evaluation and output.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The preset this configuration starts from (read from a file before the file's own keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// The data set.
+    pub data: DataConfig,
+    /// The augmentation of the pre-training views.
+    pub augment: AugmentSettings,
+    /// Encoder and projection head.
+    pub model: ModelConfig,
+    /// Pre-training.
+    pub train: TrainConfig,
+    /// Evaluation: k-NN monitor and linear evaluation.
+    pub eval: EvalConfig,
+    /// Where results go.
+    pub output: OutputConfig,
+}
+
+/// Which data set.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// The built-in synthetic shapes (no download).
+    #[default]
+    Synthetic,
+    /// CIFAR-10: the binary batches, or a folder with `train/<class>` and `test/<class>`.
+    Cifar10,
+    /// STL-10 binary (its unlabelled split is used for pre-training with `data.unlabelled`).
+    Stl10,
+    /// MNIST IDX files.
+    Mnist,
+    /// Fashion-MNIST IDX files.
+    FashionMnist,
+    /// An image folder: `path/train/<class>/*` and `path/test/<class>/*`, or `path/<class>/*`
+    /// with a held-out split of `test_fraction`.
+    Folder,
+}
+
+/// The data set and how it is read.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Which data set.
+    pub dataset: DatasetKind,
+    /// Where it is (not used by `synthetic`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Side of the views (and of evaluation images).
+    pub image_size: u32,
+    /// For evaluation, the shorter side is resized to this before the centre crop (ImageNet's
+    /// 256 for 224); 0: to `image_size`.
+    pub eval_resize: u32,
+    /// Training images of the synthetic set.
+    pub synthetic_train: usize,
+    /// Test images of the synthetic set.
+    pub synthetic_test: usize,
+    /// Side of the synthetic images.
+    pub synthetic_side: u32,
+    /// Held-out fraction for data sets without a test split.
+    pub test_fraction: f64,
+    /// Use at most this many training images (0: all), a class-balanced reproducible subset.
+    pub max_train_images: usize,
+    /// STL-10: pre-train on the 100,000 unlabelled images instead of the training split.
+    pub unlabelled: bool,
+    /// Decode and augmentation threads (0: one per core).
+    pub threads: usize,
+    /// Batches prepared ahead of the trainer.
+    pub prefetch: usize,
+    /// Skip unreadable images (counted in the log) instead of stopping.
+    pub skip_bad_images: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dataset: DatasetKind::Synthetic,
+            path: None,
+            image_size: 32,
+            eval_resize: 0,
+            synthetic_train: 5000,
+            synthetic_test: 1000,
+            synthetic_side: 32,
+            test_fraction: 0.1,
+            max_train_images: 0,
+            unlabelled: false,
+            threads: 0,
+            prefetch: 4,
+            skip_bad_images: false,
+        }
+    }
+}
+
+/// Normalisation constants.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum NormalizeKind {
+    /// CIFAR-10's statistics.
+    Cifar10,
+    /// ImageNet's statistics.
+    #[default]
+    Imagenet,
+    /// None (values in \[0, 1\]).
+    None,
+}
+
+impl NormalizeKind {
+    /// The constants.
+    pub fn constants(self) -> Normalize {
+        match self {
+            NormalizeKind::Cifar10 => Normalize::CIFAR10,
+            NormalizeKind::Imagenet => Normalize::IMAGENET,
+            NormalizeKind::None => Normalize::NONE,
+        }
+    }
+}
+
+/// The pre-training augmentation; the defaults are the paper's CIFAR-10 setting.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentSettings {
+    /// Random resized crop (false: the whole image, resized).
+    pub crop: bool,
+    /// Area fraction range of the crop.
+    pub crop_scale: [f32; 2],
+    /// Aspect-ratio range of the crop.
+    pub crop_ratio: [f32; 2],
+    /// Probability of a horizontal flip.
+    pub flip: f32,
+    /// Colour distortion strength s: jitter (0.8s, 0.8s, 0.8s, 0.2s).
+    pub strength: f32,
+    /// Probability of the colour jitter.
+    pub jitter: f32,
+    /// Probability of grayscale (colour drop).
+    pub grayscale: f32,
+    /// Probability of Gaussian blur (the paper: 0.5 on ImageNet, 0 on CIFAR-10).
+    pub blur: f32,
+    /// Range of the blur's sigma.
+    pub blur_sigma: [f32; 2],
+    /// Probability of a rotation by 90, 180 or 270 degrees (ablation).
+    pub rotation: f32,
+    /// Probability of cutout (ablation).
+    pub cutout: f32,
+    /// Probability of Sobel filtering (ablation).
+    pub sobel: f32,
+    /// Probability of Gaussian noise (ablation).
+    pub noise: f32,
+    /// Normalisation after augmentation.
+    pub normalize: NormalizeKind,
+}
+
+impl Default for AugmentSettings {
+    fn default() -> Self {
+        AugmentSettings {
+            crop: true,
+            crop_scale: [0.08, 1.0],
+            crop_ratio: [3.0 / 4.0, 4.0 / 3.0],
+            flip: 0.5,
+            strength: 0.5,
+            jitter: 0.8,
+            grayscale: 0.2,
+            blur: 0.0,
+            blur_sigma: [0.1, 2.0],
+            rotation: 0.0,
+            cutout: 0.0,
+            sobel: 0.0,
+            noise: 0.0,
+            normalize: NormalizeKind::Cifar10,
+        }
+    }
+}
+
+impl AugmentSettings {
+    /// The data layer's configuration for views of `size x size`.
+    pub fn to_augment(&self, size: u32) -> AugmentConfig {
+        let mut a = AugmentConfig::simclr(size, self.strength, self.blur > 0.0);
+        a.crop = if self.crop {
+            Crop::RandomResized {
+                scale: (self.crop_scale[0], self.crop_scale[1]),
+                ratio: (self.crop_ratio[0], self.crop_ratio[1]),
+            }
+        } else {
+            Crop::Full
+        };
+        a.flip_p = self.flip;
+        a.jitter_p = self.jitter;
+        a.grayscale_p = self.grayscale;
+        a.blur_p = self.blur;
+        a.blur_sigma = (self.blur_sigma[0], self.blur_sigma[1]);
+        a.rotation_p = self.rotation;
+        a.cutout_p = self.cutout;
+        a.sobel_p = self.sobel;
+        a.noise_p = self.noise;
+        a.normalize = self.normalize.constants();
+        a
+    }
+}
+
+/// Encoder stem.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum StemKind {
+    /// 3x3 stride-1 convolution, no max-pool.
+    #[default]
+    Cifar,
+    /// 7x7 stride-2 convolution and max-pool.
+    Imagenet,
+}
+
+/// Projection head type.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadKind {
+    /// z = h.
+    None,
+    /// One linear layer.
+    Linear,
+    /// Linear -> BN -> ReLU (repeated) -> Linear.
+    #[default]
+    Mlp,
+}
+
+/// Encoder and projection head.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// ResNet depth: 18, 34 or 50 (also 101, 152).
+    pub depth: usize,
+    /// Width multiplier (1, 2, 4).
+    pub width: usize,
+    /// Stem.
+    pub stem: StemKind,
+    /// Channels of the first stage, overriding 64 x width (small models for tests and demos).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_width: Option<usize>,
+    /// Blocks per stage, overriding the depth's (small models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<[usize; 4]>,
+    /// Projection head.
+    pub head: HeadKind,
+    /// Hidden layers of the MLP head.
+    pub head_hidden_layers: usize,
+    /// Width of the MLP's hidden layers (0: the width of h).
+    pub head_hidden_dim: usize,
+    /// Size of z (ignored by `none`).
+    pub projection_dim: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            depth: 18,
+            width: 1,
+            stem: StemKind::Cifar,
+            base_width: None,
+            layers: None,
+            head: HeadKind::Mlp,
+            head_hidden_layers: 1,
+            head_hidden_dim: 0,
+            projection_dim: 128,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The encoder's configuration.
+    pub fn encoder(&self) -> Result<ResNetConfig> {
+        let stem = match self.stem {
+            StemKind::Cifar => Stem::Cifar,
+            StemKind::Imagenet => Stem::ImageNet,
+        };
+        let mut c = ResNetConfig::resnet(self.depth, self.width, stem)
+            .map_err(|e| key_err("model.depth", e))?;
+        if let Some(w) = self.base_width {
+            if w == 0 {
+                return Err(key_err("model.base_width", "must be at least 1"));
+            }
+            c.base_width = w;
+        }
+        if let Some(l) = self.layers {
+            if l.contains(&0) {
+                return Err(key_err("model.layers", "every stage needs a block"));
+            }
+            c.layers = l;
+        }
+        Ok(c)
+    }
+
+    /// The whole model's configuration.
+    pub fn simclr(&self) -> Result<SimClrConfig> {
+        let encoder = self.encoder()?;
+        let h = encoder.feature_dim();
+        let head = match self.head {
+            HeadKind::None => HeadConfig::Identity,
+            HeadKind::Linear => HeadConfig::Linear {
+                output_dim: self.projection_dim,
+            },
+            HeadKind::Mlp => HeadConfig::Mlp {
+                hidden_layers: self.head_hidden_layers,
+                hidden_dim: if self.head_hidden_dim == 0 {
+                    h
+                } else {
+                    self.head_hidden_dim
+                },
+                output_dim: self.projection_dim,
+            },
+        };
+        Ok(SimClrConfig { encoder, head })
+    }
+
+    /// A one-line description, e.g. `ResNet-18 (cifar stem, width 16, 1-1-1-1) + mlp head`.
+    pub fn describe(&self) -> String {
+        match self.encoder() {
+            Ok(e) => {
+                let kind = match e.block {
+                    BlockKind::Basic => "basic",
+                    BlockKind::Bottleneck => "bottleneck",
+                };
+                format!(
+                    "ResNet-{} ({:?} stem, {kind} blocks {}-{}-{}-{}, width {}, h = {}) + {:?} head",
+                    self.depth,
+                    self.stem,
+                    e.layers[0],
+                    e.layers[1],
+                    e.layers[2],
+                    e.layers[3],
+                    e.base_width,
+                    e.feature_dim(),
+                    self.head
+                )
+            }
+            Err(e) => format!("invalid model: {e}"),
+        }
+    }
+}
+
+/// The optimiser.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    /// LARS (the paper's).
+    #[default]
+    Lars,
+    /// SGD with momentum.
+    Sgd,
+}
+
+/// Learning-rate scaling with the batch size.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScalingKind {
+    /// lr x B / 256.
+    #[default]
+    Linear,
+    /// lr x sqrt(B).
+    Sqrt,
+    /// lr as given.
+    None,
+}
+
+impl From<ScalingKind> for LrScaling {
+    fn from(s: ScalingKind) -> LrScaling {
+        match s {
+            ScalingKind::Linear => LrScaling::Linear,
+            ScalingKind::Sqrt => LrScaling::Sqrt,
+            ScalingKind::None => LrScaling::None,
+        }
+    }
+}
+
+/// Pre-training.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Images per step (each gives two views).
+    pub batch_size: usize,
+    /// Epochs.
+    pub epochs: u64,
+    /// Stop after this many steps (0: no limit).
+    pub max_steps: u64,
+    /// Optimiser.
+    pub optimizer: OptimizerKind,
+    /// Base learning rate, scaled by `lr_scaling`.
+    pub lr: f32,
+    /// How the learning rate scales with the batch.
+    pub lr_scaling: ScalingKind,
+    /// Linear warm-up, in epochs.
+    pub warmup_epochs: f64,
+    /// Momentum.
+    pub momentum: f32,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Weight decay.
+    pub weight_decay: f32,
+    /// LARS trust coefficient.
+    pub trust_coefficient: f32,
+    /// Exclude batch-norm parameters and biases from weight decay and LARS adaptation.
+    pub exclude_bn_and_bias: bool,
+    /// NT-Xent temperature.
+    pub temperature: f32,
+    /// Seed of the weights, the shuffling and the augmentation.
+    pub seed: u64,
+    /// Write a checkpoint every this many steps (0: only at the end of each epoch).
+    pub checkpoint_every: u64,
+    /// Print and record metrics every this many steps.
+    pub log_every: u64,
+    /// Train a linear probe on h (stop-gradient) alongside, as the paper monitors.
+    pub online_probe: bool,
+    /// The probe's learning rate (SGD, momentum 0.9).
+    pub probe_lr: f32,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_size: 256,
+            epochs: 100,
+            max_steps: 0,
+            optimizer: OptimizerKind::Lars,
+            lr: 0.3,
+            lr_scaling: ScalingKind::Linear,
+            warmup_epochs: 10.0,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 1e-6,
+            trust_coefficient: 0.001,
+            exclude_bn_and_bias: true,
+            temperature: 0.5,
+            seed: 0,
+            checkpoint_every: 0,
+            log_every: 10,
+            online_probe: true,
+            probe_lr: 0.1,
+        }
+    }
+}
+
+/// Evaluation settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Run the k-NN monitor every this many epochs (0: never).
+    pub knn_every: u64,
+    /// Neighbours of the k-NN classifier.
+    pub knn_k: usize,
+    /// Temperature of the k-NN vote weights exp(sim / t).
+    pub knn_temperature: f32,
+    /// Epochs of the linear classifier.
+    pub linear_epochs: usize,
+    /// Its batch size.
+    pub linear_batch_size: usize,
+    /// Its learning rate (scaled linearly with the batch, per 256), Nesterov momentum 0.9.
+    pub linear_lr: f32,
+    /// Its weight decay.
+    pub linear_weight_decay: f32,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            knn_every: 1,
+            knn_k: 200,
+            knn_temperature: 0.1,
+            linear_epochs: 100,
+            linear_batch_size: 256,
+            linear_lr: 0.1,
+            linear_weight_decay: 0.0,
+        }
+    }
+}
+
+/// Output.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// The run's folder: config.toml, metrics.jsonl, checkpoints/.
+    pub dir: PathBuf,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            dir: PathBuf::from("runs/simclr"),
+        }
+    }
+}
+
+/// The built-in presets: (name, TOML).
+pub const PRESETS: &[(&str, &str)] = &[
+    ("quickstart", include_str!("presets/quickstart.toml")),
+    ("cifar10-resnet18", include_str!("presets/cifar10-resnet18.toml")),
+    ("cifar10-resnet50", include_str!("presets/cifar10-resnet50.toml")),
+    ("stl10", include_str!("presets/stl10.toml")),
+    ("imagenet-resnet50-1x", include_str!("presets/imagenet-resnet50-1x.toml")),
+    ("imagenet-resnet50-2x", include_str!("presets/imagenet-resnet50-2x.toml")),
+    ("imagenet-resnet50-4x", include_str!("presets/imagenet-resnet50-4x.toml")),
+];
+
+fn key_err(key: &str, e: impl std::fmt::Display) -> CliError {
+    CliError::Config {
+        source_name: "settings".into(),
+        msg: format!("{key}: {e}"),
+    }
+}
+
+/// Parses TOML text into a table; `name` names it in errors.
+fn parse_table(text: &str, name: &str) -> Result<toml::Table> {
+    text.parse::<toml::Table>().map_err(|e| CliError::Config {
+        source_name: name.to_string(),
+        msg: e.to_string(),
+    })
+}
+
+/// Merges `over` into `base`, tables key by key, other values replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// The preset called `name`, as a table (with its own `preset` key removed).
+fn preset_table(name: &str) -> Result<toml::Table> {
+    let text = PRESETS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| CliError::Config {
+            source_name: "preset".into(),
+            msg: format!(
+                "unknown preset `{name}`; the presets are {}",
+                PRESETS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+    parse_table(text, &format!("preset {name}"))
+}
+
+/// One `--set key.path=value` override as a table. The value is TOML (`0.5`, `true`,
+/// `[0.08, 1.0]`, `"text"`); anything that is not TOML is taken as a string.
+pub fn override_table(spec: &str) -> Result<toml::Table> {
+    let (key, value) = spec.split_once('=').ok_or_else(|| CliError::Config {
+        source_name: format!("--set {spec}"),
+        msg: "expected key=value, e.g. train.epochs=10".into(),
+    })?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
+        return Err(CliError::Config {
+            source_name: format!("--set {spec}"),
+            msg: format!("`{key}` is not a key path like train.epochs"),
+        });
+    }
+    let value = value.trim();
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let mut table = toml::Table::new();
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut cur = &mut table;
+    for p in &parts[..parts.len() - 1] {
+        cur = match cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(t) => t,
+            _ => unreachable!("just inserted a table"),
+        };
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), parsed);
+    Ok(table)
+}
+
+impl Config {
+    /// Builds a configuration: the defaults, then `preset` (or the file's own `preset` key),
+    /// then the file, then the overrides.
+    pub fn build(preset: Option<&str>, file: Option<&Path>, overrides: &[String]) -> Result<Config> {
+        let mut table = toml::Table::new();
+        let mut origin = String::from("defaults");
+        let file_table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| CliError::Config {
+                    source_name: path.display().to_string(),
+                    msg: format!("cannot read: {e}"),
+                })?;
+                Some(parse_table(&text, &path.display().to_string())?)
+            }
+            None => None,
+        };
+        let file_preset = match file_table.as_ref().and_then(|t| t.get("preset")) {
+            Some(toml::Value::String(s)) => Some(s.clone()),
+            Some(other) => {
+                return Err(CliError::Config {
+                    source_name: file.map(|p| p.display().to_string()).unwrap_or_default(),
+                    msg: format!("preset: expected a preset name, got {other}"),
+                })
+            }
+            None => None,
+        };
+        if let Some(name) = preset.map(str::to_string).or(file_preset) {
+            merge(&mut table, preset_table(&name)?);
+            table.insert("preset".into(), toml::Value::String(name.clone()));
+            origin = format!("preset {name}");
+        }
+        if let (Some(t), Some(path)) = (file_table, file) {
+            merge(&mut table, t);
+            origin = path.display().to_string();
+        }
+        for o in overrides {
+            merge(&mut table, override_table(o)?);
+            origin = format!("{origin} with --set overrides");
+        }
+        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(
+            |e| CliError::Config {
+                source_name: origin.clone(),
+                msg: format!("{}: {}", e.path(), e.inner()),
+            },
+        )?;
+        cfg.validate().map_err(|msg| CliError::Config {
+            source_name: origin,
+            msg,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Reads a configuration written by [`Config::to_toml`] (a run's config.toml).
+    pub fn load(path: &Path) -> Result<Config> {
+        Config::build(None, Some(path), &[])
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a Config always serialises")
+    }
+
+    /// Checks the values that deserialisation cannot; the message names the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let t = &self.train;
+        let check = |ok: bool, key: &str, what: String| if ok { Ok(()) } else { Err(format!("{key}: {what}")) };
+        check(t.batch_size >= 2, "train.batch_size", format!("{} is below 2 (NT-Xent needs negatives)", t.batch_size))?;
+        check(t.epochs >= 1 || t.max_steps >= 1, "train.epochs", "0 epochs and no max_steps".into())?;
+        check(t.lr.is_finite() && t.lr > 0.0, "train.lr", format!("{} is not a positive number", t.lr))?;
+        check(t.temperature.is_finite() && t.temperature > 0.0, "train.temperature", format!("{} is not a positive number", t.temperature))?;
+        check(t.warmup_epochs >= 0.0, "train.warmup_epochs", format!("{} is negative", t.warmup_epochs))?;
+        check((0.0..1.0).contains(&t.momentum), "train.momentum", format!("{} is not in [0, 1)", t.momentum))?;
+        check(t.weight_decay >= 0.0, "train.weight_decay", format!("{} is negative", t.weight_decay))?;
+        let d = &self.data;
+        check(d.image_size >= 8, "data.image_size", format!("{} is below 8", d.image_size))?;
+        check(d.synthetic_side >= 8, "data.synthetic_side", format!("{} is below 8", d.synthetic_side))?;
+        check(d.test_fraction > 0.0 && d.test_fraction < 1.0, "data.test_fraction", format!("{} is not in (0, 1)", d.test_fraction))?;
+        check(d.dataset == DatasetKind::Synthetic || d.path.is_some(), "data.path", format!("the {:?} data set needs a path", d.dataset))?;
+        let a = &self.augment;
+        for (key, p) in [("augment.flip", a.flip), ("augment.jitter", a.jitter), ("augment.grayscale", a.grayscale), ("augment.blur", a.blur), ("augment.rotation", a.rotation), ("augment.cutout", a.cutout), ("augment.sobel", a.sobel), ("augment.noise", a.noise)] {
+            check((0.0..=1.0).contains(&p), key, format!("probability {p} is not in [0, 1]"))?;
+        }
+        check(a.strength >= 0.0, "augment.strength", format!("{} is negative", a.strength))?;
+        check(0.0 < a.crop_scale[0] && a.crop_scale[0] <= a.crop_scale[1] && a.crop_scale[1] <= 1.0, "augment.crop_scale", format!("{:?} is not a range within (0, 1]", a.crop_scale))?;
+        check(0.0 < a.crop_ratio[0] && a.crop_ratio[0] <= a.crop_ratio[1], "augment.crop_ratio", format!("{:?} is not a positive range", a.crop_ratio))?;
+        check(self.model.projection_dim >= 1, "model.projection_dim", "must be at least 1".into())?;
+        let e = &self.eval;
+        check(e.knn_k >= 1, "eval.knn_k", "must be at least 1".into())?;
+        check(e.linear_batch_size >= 1, "eval.linear_batch_size", "must be at least 1".into())?;
+        self.model.encoder().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// The peak learning rate after batch scaling.
+    pub fn peak_lr(&self) -> f32 {
+        LrScaling::from(self.train.lr_scaling).scale(self.train.lr, self.train.batch_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_parses_and_validates() {
+        for (name, _) in PRESETS {
+            let c = Config::build(Some(name), None, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(c.preset.as_deref(), Some(*name));
+        }
+    }
+
+    #[test]
+    fn overrides_apply_in_order_and_are_typed() {
+        let c = Config::build(
+            Some("cifar10-resnet18"),
+            None,
+            &["train.epochs=3".into(), "augment.crop_scale=[0.2, 1.0]".into(), "output.dir=out/x".into()],
+        )
+        .unwrap();
+        assert_eq!(c.train.epochs, 3);
+        assert_eq!(c.augment.crop_scale, [0.2, 1.0]);
+        assert_eq!(c.output.dir, PathBuf::from("out/x"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, "[train]\nbach_size = 64\n").unwrap();
+        let e = Config::build(None, Some(&path), &[]).unwrap_err().to_string();
+        assert!(e.contains("bach_size") && e.contains("run.toml"), "{e}");
+        std::fs::write(&path, "[trian]\nbatch_size = 64\n").unwrap();
+        let e = Config::build(None, Some(&path), &[]).unwrap_err().to_string();
+        assert!(e.contains("trian") && e.contains("run.toml"), "{e}");
+    }
+
+    #[test]
+    fn ill_typed_values_name_the_key_path() {
+        let e = Config::build(None, None, &["train.batch_size=\"many\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.batch_size"), "{e}");
+        let e = Config::build(None, None, &["train.temperature=-1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.temperature"), "{e}");
+        let e = Config::build(Some("nope"), None, &[]).unwrap_err().to_string();
+        assert!(e.contains("nope") && e.contains("cifar10-resnet18"), "{e}");
+    }
+
+    #[test]
+    fn a_written_config_reads_back_the_same() {
+        let c = Config::build(Some("stl10"), None, &["train.seed=7".into()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, c.to_toml()).unwrap();
+        assert_eq!(Config::load(&path).unwrap(), c);
+    }
+}

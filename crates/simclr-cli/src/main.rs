@@ -1,0 +1,325 @@
+//! `simclr`: pre-train, evaluate and export SimCLR models. `simclr --help` lists the commands.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use simclr_cli::features::{extract, Representation};
+use simclr_cli::{evaluate, CliError, Config, Control, Result, StepRecord, Trainer, PRESETS};
+use simclr_data::Augmentation;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+#[derive(Parser)]
+#[command(name = "simclr", version, about = "SimCLR: contrastive self-supervised learning of visual representations")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// A built-in preset (see `simclr presets`).
+    #[arg(long)]
+    preset: Option<String>,
+    /// A TOML configuration file (it may name a preset to start from).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a setting: `--set train.epochs=10` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn build(&self, default_preset: Option<&str>) -> Result<Config> {
+        let preset = self
+            .preset
+            .as_deref()
+            .or(if self.config.is_none() { default_preset } else { None });
+        Config::build(preset, self.config.as_deref(), &self.set)
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The run folder (its config.toml and checkpoints/last.safetensors).
+    #[arg(long)]
+    run: PathBuf,
+    /// Weights to use instead of the run's last checkpoint: a run checkpoint, an exported
+    /// encoder, or a torchvision ResNet state dict as safetensors.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Override a setting of the run's configuration (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pre-train: SimCLR on the configured data set, with checkpoints and metrics.
+    Pretrain {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Resume the run in this folder from its last checkpoint.
+        #[arg(long, conflicts_with_all = ["preset", "config"])]
+        resume: Option<PathBuf>,
+    },
+    /// Pre-train, then linear-evaluate beside the untrained encoder and raw pixels (the quick
+    /// start: `cargo xtask train`). Resumes the run if its folder holds one.
+    Train {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Linear evaluation of a run's frozen encoder: top-1 and top-5 on the test split.
+    LinearEval {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Evaluate this representation.
+        #[arg(long, value_enum, default_value = "h")]
+        rep: Representation,
+        /// Also evaluate the untrained encoder and the raw pixels.
+        #[arg(long)]
+        baselines: bool,
+    },
+    /// k-NN accuracy of a run's encoder (training split as the memory bank).
+    Knn {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Neighbours (default: the run's eval.knn_k).
+        #[arg(long)]
+        k: Option<usize>,
+        /// Representation.
+        #[arg(long, value_enum, default_value = "h")]
+        rep: Representation,
+    },
+    /// Write the representations of a data split to .npy (labels beside) or .safetensors.
+    Embed {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Which split.
+        #[arg(long, value_parser = ["train", "test"], default_value = "test")]
+        split: String,
+        /// Representation.
+        #[arg(long, value_enum, default_value = "h")]
+        rep: Representation,
+        /// Output file (.npy or .safetensors).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a run's encoder as safetensors with torchvision's parameter names.
+    Export {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A PNG grid of images and their augmented views.
+    AugmentPreview {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Images (rows).
+        #[arg(long, default_value_t = 8)]
+        images: usize,
+        /// Views per image.
+        #[arg(long, default_value_t = 6)]
+        views: usize,
+        /// Output PNG.
+        #[arg(long, default_value = "augment-preview.png")]
+        out: PathBuf,
+    },
+    /// List the presets, or print one as TOML.
+    Presets {
+        /// The preset to print, with every setting.
+        show: Option<String>,
+    },
+}
+
+fn progress_observer(total: u64, done: u64) -> (ProgressBar, impl FnMut(&StepRecord) -> Control) {
+    let bar = ProgressBar::new(total).with_position(done);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps, {msg}, {eta} left",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    let hidden = bar.is_hidden();
+    let b = bar.clone();
+    let mut last_print = std::time::Instant::now();
+    let observer = move |r: &StepRecord| {
+        let probe = r.probe_top1.map(|a| format!(", probe {a:.0}%")).unwrap_or_default();
+        let msg = format!("loss {:.4}, lr {:.3}{probe}, {:.0} img/s", r.loss, r.lr, r.images_per_s);
+        b.set_position(r.step);
+        if hidden && (last_print.elapsed().as_secs() >= 10 || r.step == r.total_steps) {
+            // No terminal: a plain line now and then instead of the bar.
+            eprintln!("step {}/{} epoch {}: {msg}", r.step, r.total_steps, r.epoch);
+            last_print = std::time::Instant::now();
+        }
+        b.set_message(msg);
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    };
+    (bar, observer)
+}
+
+fn train_loop(trainer: &mut Trainer) -> Result<simclr_cli::Summary> {
+    let cfg = trainer.config();
+    let total = if cfg.train.max_steps > 0 {
+        cfg.train.max_steps.min(trainer.total_steps())
+    } else {
+        trainer.total_steps()
+    };
+    eprintln!(
+        "pre-training {} on {} images ({} steps of {} images, {} epochs) into {}",
+        cfg.model.describe(),
+        trainer.splits().pretrain.len(),
+        total,
+        cfg.train.batch_size,
+        cfg.train.epochs,
+        cfg.output.dir.display()
+    );
+    let (bar, mut observe) = progress_observer(total, trainer.progress().step);
+    let out = trainer.run(&mut observe);
+    bar.finish_and_clear();
+    let s = out?;
+    eprintln!(
+        "done: {} steps, last loss {:.4}{}; checkpoint {}",
+        s.steps,
+        s.last_loss,
+        s.knn_top1.map(|a| format!(", k-NN top-1 {a:.1}%")).unwrap_or_default(),
+        s.checkpoint.display()
+    );
+    Ok(s)
+}
+
+fn print_json(v: serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| CliError::Io {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pretrain { config, resume } => {
+            let mut trainer = match resume {
+                Some(dir) => Trainer::resume(&dir, &config.set)?,
+                None => Trainer::new(config.build(Some("quickstart"))?)?,
+            };
+            train_loop(&mut trainer)?;
+        }
+        Command::Train { config } => {
+            let cfg = config.build(Some("quickstart"))?;
+            let dir = cfg.output.dir.clone();
+            let mut trainer = if simclr_cli::state::checkpoint_path(&dir).exists() {
+                eprintln!("{} holds a run: resuming it", dir.display());
+                Trainer::resume(&dir, &config.set)?
+            } else {
+                Trainer::new(cfg)?
+            };
+            let started = std::time::Instant::now();
+            train_loop(&mut trainer)?;
+            let pretrain_s = started.elapsed().as_secs_f64();
+            eprintln!("linear evaluation (frozen features) of the encoder and the baselines...");
+            let cfg = trainer.config().clone();
+            let splits = trainer.splits().clone();
+            let rows = evaluate::compare(trainer.model(), &splits, &cfg)?;
+            let title = format!(
+                "{} on {:?} ({} training / {} test images), {} pre-training steps in {:.0} s",
+                cfg.model.describe(),
+                cfg.data.dataset,
+                splits.train.len(),
+                splits.test.len(),
+                trainer.progress().step,
+                pretrain_s
+            );
+            let table = evaluate::table(&rows, &title);
+            write_file(&dir.join("results.md"), &table)?;
+            write_file(
+                &dir.join("results.json"),
+                &serde_json::to_string_pretty(&rows).expect("json"),
+            )?;
+            println!("\n{table}");
+        }
+        Command::LinearEval { run, rep, baselines } => {
+            let (cfg, mut model) = evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
+            let splits = simclr_cli::data::open(&cfg.data, cfg.train.seed)?;
+            if baselines {
+                let rows = evaluate::compare(&mut model, &splits, &cfg)?;
+                println!("{}", evaluate::table(&rows, &format!("linear evaluation of {}", run.run.display())));
+            } else {
+                let acc = evaluate::linear_eval(&mut model, &splits, &cfg, rep)?;
+                print_json(serde_json::json!({"rep": format!("{rep:?}"), "top1": acc.top1, "top5": acc.top5}));
+            }
+        }
+        Command::Knn { run, k, rep } => {
+            let (cfg, mut model) = evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
+            let splits = simclr_cli::data::open(&cfg.data, cfg.train.seed)?;
+            let k = k.unwrap_or(cfg.eval.knn_k);
+            let acc = evaluate::knn_eval(&mut model, &splits, &cfg, rep, k)?;
+            print_json(serde_json::json!({"k": k, "rep": format!("{rep:?}"), "top1": acc.top1, "top5": acc.top5}));
+        }
+        Command::Embed { run, split, rep, out } => {
+            let (cfg, mut model) = evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
+            let splits = simclr_cli::data::open(&cfg.data, cfg.train.seed)?;
+            let ds = if split == "train" { splits.train } else { splits.test };
+            let f = extract(&mut model, ds, &cfg, rep, cfg.eval.linear_batch_size.max(64))?;
+            simclr_cli::export::save_features(&f, &out)?;
+            eprintln!("wrote {} x {} to {}", f.len(), f.dim, out.display());
+        }
+        Command::Export { run, out } => {
+            let (cfg, mut model) = evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
+            simclr_cli::export::save_encoder(&mut model, &out, &cfg)?;
+            eprintln!("wrote the encoder ({}) to {}", cfg.model.describe(), out.display());
+        }
+        Command::AugmentPreview { config, images, views, out } => {
+            let cfg = config.build(Some("quickstart"))?;
+            let splits = simclr_cli::data::open(&cfg.data, cfg.train.seed)?;
+            let aug = Augmentation::new(cfg.augment.to_augment(cfg.data.image_size))?;
+            simclr_cli::preview::augment_preview(splits.pretrain.as_ref(), &aug, images, views, cfg.train.seed, &out)?;
+            eprintln!("wrote {}", out.display());
+        }
+        Command::Presets { show } => match show {
+            Some(name) => print!("{}", Config::build(Some(&name), None, &[])?.to_toml()),
+            None => {
+                for (name, text) in PRESETS {
+                    let about = text.lines().next().unwrap_or("").trim_start_matches("# ");
+                    println!("{name:<22} {about}");
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The first Ctrl-C asks the trainer to write a checkpoint and stop; a second one ends the
+    // program at once.
+    let _ = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: writing a checkpoint after this step (Ctrl-C again to quit now)");
+    });
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(match e {
+                CliError::Interrupted { .. } => 130,
+                _ => 1,
+            })
+        }
+    }
+}

@@ -1,0 +1,442 @@
+//! Pre-training: the SimCLR loop with checkpoints, exact resume, metrics, the online linear
+//! probe and the k-NN monitor.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use simclr_data::{Augmentation, Loader, LoaderConfig};
+use simclr_nn::layers::Linear;
+use simclr_nn::{
+    Checkpoint, Device, Lars, Module, NnError, Optimizer, Sgd, SimClr, Tensor, WarmupCosine,
+};
+
+use crate::classifier::softmax_cross_entropy;
+use crate::config::{Config, OptimizerKind};
+use crate::data::{self, DataSplits};
+use crate::error::{io_err, CliError, Result};
+use crate::features::{extract, Representation};
+use crate::knn::knn_accuracy;
+use crate::state::{self, Progress};
+
+/// What one step did, passed to the observer.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct StepRecord {
+    /// Steps done (this one included).
+    pub step: u64,
+    /// Steps of the whole run.
+    pub total_steps: u64,
+    /// The epoch.
+    pub epoch: u64,
+    /// NT-Xent loss.
+    pub loss: f32,
+    /// Learning rate.
+    pub lr: f32,
+    /// The online probe's top-1 on this batch (percent), if there is a probe.
+    pub probe_top1: Option<f64>,
+    /// Images per second over the recent steps.
+    pub images_per_s: f64,
+}
+
+/// What the observer tells the loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Go on.
+    Continue,
+    /// Write a checkpoint and stop as if interrupted.
+    Stop,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// Steps done in all.
+    pub steps: u64,
+    /// The last step's loss.
+    pub last_loss: f32,
+    /// The last k-NN top-1, if measured.
+    pub knn_top1: Option<f64>,
+    /// The final checkpoint.
+    pub checkpoint: PathBuf,
+}
+
+/// The optimiser `cfg` asks for.
+pub fn optimizer(cfg: &Config) -> Box<dyn Optimizer> {
+    let t = &cfg.train;
+    match t.optimizer {
+        OptimizerKind::Lars => {
+            let mut lars = Lars::default();
+            lars.momentum = t.momentum;
+            lars.trust_coefficient = t.trust_coefficient;
+            lars.weight_decay = t.weight_decay;
+            lars.exclude_bn_and_bias = t.exclude_bn_and_bias;
+            lars.nesterov = t.nesterov;
+            Box::new(lars)
+        }
+        OptimizerKind::Sgd => Box::new(Sgd::new(t.momentum, t.nesterov, t.weight_decay)),
+    }
+}
+
+/// A pre-training run in its folder.
+pub struct Trainer {
+    cfg: Config,
+    run_dir: PathBuf,
+    splits: DataSplits,
+    loader: Loader,
+    model: SimClr,
+    opt: Box<dyn Optimizer>,
+    probe: Option<(Linear, Sgd)>,
+    progress: Progress,
+    metrics: std::fs::File,
+    last_knn: Option<f64>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("run_dir", &self.run_dir)
+            .field("progress", &self.progress)
+            .finish()
+    }
+}
+
+fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| io_err(dir, format!("cannot create the output folder: {e}")))?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"ok")
+        .map_err(|e| io_err(dir, format!("the output folder is not writable: {e}")))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+impl Trainer {
+    /// A new run of `cfg` in `cfg.output.dir`, which must not hold a checkpoint already.
+    pub fn new(cfg: Config) -> Result<Trainer> {
+        let run_dir = cfg.output.dir.clone();
+        if state::checkpoint_path(&run_dir).exists() {
+            return Err(CliError::Usage(format!(
+                "{} already holds a run; resume it with `simclr pretrain --resume {}`, or choose \
+                 another output.dir",
+                run_dir.display(),
+                run_dir.display()
+            )));
+        }
+        check_writable(&run_dir)?;
+        let path = run_dir.join("config.toml");
+        std::fs::write(&path, cfg.to_toml()).map_err(|e| io_err(&path, e))?;
+        Self::build(cfg, run_dir, None)
+    }
+
+    /// Resumes the run in `run_dir` from its checkpoint, with its saved configuration
+    /// (`overrides` may change, say, `train.epochs`).
+    pub fn resume(run_dir: &Path, overrides: &[String]) -> Result<Trainer> {
+        let cfg_path = run_dir.join("config.toml");
+        if !cfg_path.exists() {
+            return Err(io_err(&cfg_path, "no config.toml: not a run folder"));
+        }
+        let mut cfg = Config::build(None, Some(&cfg_path), overrides)?;
+        cfg.output.dir = run_dir.to_path_buf();
+        check_writable(run_dir)?;
+        let ck_path = state::checkpoint_path(run_dir);
+        let ck = Checkpoint::load(&ck_path).map_err(|e| CliError::Checkpoint {
+            path: ck_path.clone(),
+            msg: e.to_string(),
+        })?;
+        if !overrides.is_empty() {
+            std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| io_err(&cfg_path, e))?;
+        }
+        Self::build(cfg, run_dir.to_path_buf(), Some(ck))
+    }
+
+    fn build(cfg: Config, run_dir: PathBuf, ck: Option<Checkpoint>) -> Result<Trainer> {
+        let splits = data::open(&cfg.data, cfg.train.seed)?;
+        let aug = Augmentation::new(cfg.augment.to_augment(cfg.data.image_size))?;
+        let loader = Loader::new(
+            splits.pretrain.clone(),
+            aug,
+            LoaderConfig {
+                batch_size: cfg.train.batch_size,
+                seed: cfg.train.seed,
+                threads: cfg.data.threads,
+                prefetch: cfg.data.prefetch.max(1),
+                errors: if cfg.data.skip_bad_images {
+                    simclr_data::ErrorPolicy::Skip
+                } else {
+                    simclr_data::ErrorPolicy::Fail
+                },
+                ..LoaderConfig::default()
+            },
+        )?;
+        if loader.batches_per_epoch() == 0 {
+            return Err(CliError::Config {
+                source_name: "settings".into(),
+                msg: format!(
+                    "train.batch_size: {} is more than the {} pre-training images",
+                    cfg.train.batch_size,
+                    splits.pretrain.len()
+                ),
+            });
+        }
+        let mut model = SimClr::new(&cfg.model.simclr()?, Device::Cpu, cfg.train.seed)?;
+        let mut opt = optimizer(&cfg);
+        let classes = splits.train.num_classes();
+        let mut probe = (cfg.train.online_probe && splits.pretrain.num_classes() > 0).then(|| {
+            let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed ^ 0x9e0be);
+            (
+                Linear::new(model.encoder.feature_dim(), classes, true, &mut rng),
+                Sgd::new(0.9, false, 0.0),
+            )
+        });
+        let progress = match &ck {
+            Some(ck) => state::load(
+                ck,
+                &mut model,
+                opt.as_mut(),
+                probe.as_mut().map(|(l, o)| (l, o as &mut dyn Optimizer)),
+            )?,
+            None => Progress::default(),
+        };
+        let metrics_path = run_dir.join("metrics.jsonl");
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| io_err(&metrics_path, e))?;
+        Ok(Trainer {
+            cfg,
+            run_dir,
+            splits,
+            loader,
+            model,
+            opt,
+            probe,
+            progress,
+            metrics,
+            last_knn: None,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The model.
+    pub fn model(&mut self) -> &mut SimClr {
+        &mut self.model
+    }
+
+    /// Where the run stands.
+    pub fn progress(&self) -> Progress {
+        self.progress
+    }
+
+    /// The data splits.
+    pub fn splits(&self) -> &DataSplits {
+        &self.splits
+    }
+
+    /// Steps per epoch.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.loader.batches_per_epoch() as u64
+    }
+
+    /// Steps of the whole run (`max_steps` aside).
+    pub fn total_steps(&self) -> u64 {
+        self.cfg.train.epochs * self.steps_per_epoch()
+    }
+
+    fn schedule(&self) -> WarmupCosine {
+        WarmupCosine {
+            peak: self.cfg.peak_lr(),
+            warmup_steps: (self.cfg.train.warmup_epochs * self.steps_per_epoch() as f64).round()
+                as u64,
+            total_steps: self.total_steps(),
+        }
+    }
+
+    fn checkpoint(&mut self) -> Result<PathBuf> {
+        let path = state::checkpoint_path(&self.run_dir);
+        let toml = self.cfg.to_toml();
+        state::save(
+            &path,
+            &mut self.model,
+            self.opt.as_mut(),
+            self.probe.as_mut().map(|(l, o)| (l, o as &mut dyn Optimizer)),
+            self.progress,
+            &toml,
+        )?;
+        Ok(path)
+    }
+
+    fn record(&mut self, value: serde_json::Value) -> Result<()> {
+        let path = self.run_dir.join("metrics.jsonl");
+        writeln!(self.metrics, "{value}").map_err(|e| io_err(&path, e))
+    }
+
+    /// The k-NN top-1 of the current encoder: the labelled training split as the memory bank,
+    /// the test split as queries.
+    pub fn knn(&mut self) -> Result<f64> {
+        let b = self.cfg.eval.linear_batch_size.max(64);
+        let train = extract(&mut self.model, self.splits.train.clone(), &self.cfg, Representation::H, b)?;
+        let test = extract(&mut self.model, self.splits.test.clone(), &self.cfg, Representation::H, b)?;
+        let acc = knn_accuracy(
+            &train,
+            &test,
+            self.splits.train.num_classes(),
+            self.cfg.eval.knn_k,
+            self.cfg.eval.knn_temperature,
+        )?;
+        Ok(acc.top1)
+    }
+
+    fn probe_step(&mut self, h: &Tensor, labels: &[u32], lr: f32) -> Result<Option<f64>> {
+        let Some((layer, opt)) = self.probe.as_mut() else {
+            return Ok(None);
+        };
+        let n = h.shape()[0];
+        // Both views of image i carry its label; h is detached (a copy), so no gradient
+        // reaches the encoder.
+        let y: Vec<u32> = (0..n).map(|r| labels[r % labels.len()]).collect();
+        layer.zero_grad();
+        let logits = layer.forward(h, true)?;
+        let classes = layer.outputs();
+        let (_, g, correct) = softmax_cross_entropy(logits.as_slice()?, classes, &y);
+        layer.backward(&Tensor::from_vec(&[n, classes], g)?, false)?;
+        // The probe follows the encoder's schedule shape at its own scale.
+        let peak = self.cfg.peak_lr().max(f32::MIN_POSITIVE);
+        opt.step(layer, self.cfg.train.probe_lr * lr / peak)?;
+        Ok(Some(100.0 * correct as f64 / n as f64))
+    }
+
+    /// Runs to the end (or `max_steps`), calling `observe` after every step. Writes a
+    /// checkpoint every `checkpoint_every` steps, at the end of every epoch and at the end.
+    pub fn run(&mut self, observe: &mut dyn FnMut(&StepRecord) -> Control) -> Result<Summary> {
+        let schedule = self.schedule();
+        let total = self.total_steps();
+        let max_steps = if self.cfg.train.max_steps > 0 {
+            self.cfg.train.max_steps.min(total)
+        } else {
+            total
+        };
+        let tau = self.cfg.train.temperature;
+        let mut last_loss = f32::NAN;
+        let mut window = (Instant::now(), 0usize);
+        let mut ips = 0.0;
+        let mut ckpt = state::checkpoint_path(&self.run_dir);
+        'epochs: while self.progress.epoch < self.cfg.train.epochs && self.progress.step < max_steps {
+            let epoch = self.progress.epoch;
+            let batches = self.loader.epoch_from(epoch, self.progress.batch);
+            for batch in batches {
+                let batch = batch?;
+                let [n, c, hh, ww] = batch.shape();
+                let pixels = match &batch.data {
+                    simclr_data::BatchData::F32(d) => d,
+                    simclr_data::BatchData::U8(_) => {
+                        return Err(CliError::Usage("the loader gave 8-bit pixels".into()))
+                    }
+                };
+                let views = Tensor::from_slice(&[n, c, hh, ww], pixels)?;
+                let lr = schedule.lr(self.progress.step);
+                let step = self.progress.step;
+                let (stats, h) = match simclr_nn::train_step_with_h(
+                    &mut self.model,
+                    &views,
+                    self.opt.as_mut(),
+                    lr,
+                    tau,
+                ) {
+                    Ok(r) => r,
+                    Err(NnError::NonFinite { what }) => {
+                        return Err(self.diverged(step, what));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if !stats.loss.is_finite() {
+                    return Err(self.diverged(step, format!("loss {}", stats.loss)));
+                }
+                let probe_top1 = match &batch.labels {
+                    Some(labels) => self.probe_step(&h, labels, lr)?,
+                    None => None,
+                };
+                last_loss = stats.loss;
+                self.progress.step += 1;
+                self.progress.batch += 1;
+                window.1 += batch.len();
+                let secs = window.0.elapsed().as_secs_f64();
+                if secs >= 2.0 || ips == 0.0 {
+                    ips = window.1 as f64 / secs.max(1e-9);
+                    window = (Instant::now(), 0);
+                }
+                let rec = StepRecord {
+                    step: self.progress.step,
+                    total_steps: max_steps,
+                    epoch,
+                    loss: stats.loss,
+                    lr,
+                    probe_top1,
+                    images_per_s: ips,
+                };
+                let log_every = self.cfg.train.log_every.max(1);
+                if self.progress.step % log_every == 0 || self.progress.step == max_steps {
+                    let mut v = serde_json::to_value(rec).expect("a record serialises");
+                    v["kind"] = "step".into();
+                    self.record(v)?;
+                }
+                let every = self.cfg.train.checkpoint_every;
+                if every > 0 && self.progress.step % every == 0 {
+                    ckpt = self.checkpoint()?;
+                }
+                if observe(&rec) == Control::Stop {
+                    ckpt = self.checkpoint()?;
+                    return Err(CliError::Interrupted {
+                        step: self.progress.step,
+                        checkpoint: ckpt.display().to_string(),
+                        run_dir: self.run_dir.display().to_string(),
+                    });
+                }
+                if self.progress.step >= max_steps {
+                    break 'epochs;
+                }
+            }
+            self.progress.epoch += 1;
+            self.progress.batch = 0;
+            let knn_every = self.cfg.eval.knn_every;
+            let mut line = serde_json::json!({"kind": "epoch", "epoch": epoch, "step": self.progress.step, "loss": last_loss});
+            if knn_every > 0 && (epoch + 1) % knn_every == 0 {
+                let top1 = self.knn()?;
+                self.last_knn = Some(top1);
+                line["knn_top1"] = top1.into();
+            }
+            self.record(line)?;
+            ckpt = self.checkpoint()?;
+        }
+        if self.progress.step >= max_steps {
+            ckpt = self.checkpoint()?;
+        }
+        let export = self.run_dir.join("encoder.safetensors");
+        crate::export::save_encoder(&mut self.model, &export, &self.cfg)?;
+        Ok(Summary {
+            steps: self.progress.step,
+            last_loss,
+            knn_top1: self.last_knn,
+            checkpoint: ckpt,
+        })
+    }
+
+    fn diverged(&self, step: u64, what: String) -> CliError {
+        let ck = state::checkpoint_path(&self.run_dir);
+        CliError::Diverged {
+            step,
+            what,
+            checkpoint: if ck.exists() {
+                ck.display().to_string()
+            } else {
+                "none written yet".into()
+            },
+        }
+    }
+}
