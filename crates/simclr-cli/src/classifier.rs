@@ -21,7 +21,11 @@ pub struct Accuracy {
 
 /// Mean softmax cross-entropy of `logits` (`[n, classes]`) at `labels`, its gradient with
 /// respect to the logits, and how many rows are right at top-1.
-pub fn softmax_cross_entropy(logits: &[f32], classes: usize, labels: &[u32]) -> (f32, Vec<f32>, usize) {
+pub fn softmax_cross_entropy(
+    logits: &[f32],
+    classes: usize,
+    labels: &[u32],
+) -> (f32, Vec<f32>, usize) {
     let n = labels.len();
     let mut grad = vec![0.0; logits.len()];
     let mut loss = 0.0f64;
@@ -38,7 +42,10 @@ pub fn softmax_cross_entropy(logits: &[f32], classes: usize, labels: &[u32]) -> 
         let argmax = row
             .iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |b, (j, &v)| if v > b.1 { (j, v) } else { b })
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (j, &v)| if v > b.1 { (j, v) } else { b },
+            )
             .0;
         correct += usize::from(argmax == y as usize);
         loss += (sum.ln() - (row[y as usize] - max)) as f64;
@@ -104,10 +111,16 @@ fn labelled(f: &Features, what: &str) -> Result<()> {
 
 impl LinearClassifier {
     /// Trains on `train` (`classes` classes).
-    pub fn train(train: &Features, classes: usize, cfg: &LinearEvalConfig) -> Result<LinearClassifier> {
+    pub fn train(
+        train: &Features,
+        classes: usize,
+        cfg: &LinearEvalConfig,
+    ) -> Result<LinearClassifier> {
         labelled(train, "training")?;
         if let Some(&bad) = train.labels.iter().find(|&&l| l as usize >= classes) {
-            return Err(CliError::Usage(format!("label {bad} is not below the {classes} classes")));
+            return Err(CliError::Usage(format!(
+                "label {bad} is not below the {classes} classes"
+            )));
         }
         let (n, d) = (train.len(), train.dim);
         // Standardised features make one learning rate fit every encoder (and raw pixels).
@@ -153,7 +166,8 @@ impl LinearClassifier {
                 me.layer.zero_grad();
                 let logits = me.layer.forward(&x, true)?;
                 let (_, g, _) = softmax_cross_entropy(logits.as_slice()?, classes, &y);
-                me.layer.backward(&Tensor::from_vec(&[chunk.len(), classes], g)?, false)?;
+                me.layer
+                    .backward(&Tensor::from_vec(&[chunk.len(), classes], g)?, false)?;
                 opt.step(&mut me.layer, schedule.lr(step))?;
                 step += 1;
             }
@@ -165,7 +179,12 @@ impl LinearClassifier {
         let d = self.mean.len();
         let mut x = Vec::with_capacity(n * d);
         for r in rows {
-            x.extend(r.iter().zip(&self.mean).zip(&self.inv_std).map(|((v, m), s)| (v - m) * s));
+            x.extend(
+                r.iter()
+                    .zip(&self.mean)
+                    .zip(&self.inv_std)
+                    .map(|((v, m), s)| (v - m) * s),
+            );
         }
         Ok(Tensor::from_vec(&[n, d], x)?)
     }
@@ -225,7 +244,13 @@ mod tests {
         let logits: Vec<f32> = (0..7).map(|v| v as f32).collect();
         // Class 6 is top-1; class 2 has four above it (top-5); class 1 has five above it.
         assert_eq!(accuracy(&logits, 7, &[6]).top1, 100.0);
-        assert_eq!(accuracy(&logits, 7, &[2]), Accuracy { top1: 0.0, top5: 100.0 });
+        assert_eq!(
+            accuracy(&logits, 7, &[2]),
+            Accuracy {
+                top1: 0.0,
+                top5: 100.0
+            }
+        );
         assert_eq!(accuracy(&logits, 7, &[1]).top5, 0.0);
     }
 
@@ -243,8 +268,18 @@ mod tests {
             }
             labels.push(y);
         }
-        let f = Features { data, dim: 3, labels };
-        let cfg = LinearEvalConfig { epochs: 20, batch_size: 32, lr: 0.5, weight_decay: 0.0, seed: 0 };
+        let f = Features {
+            data,
+            dim: 3,
+            labels,
+        };
+        let cfg = LinearEvalConfig {
+            epochs: 20,
+            batch_size: 32,
+            lr: 0.5,
+            weight_decay: 0.0,
+            seed: 0,
+        };
         let mut clf = LinearClassifier::train(&f, 2, &cfg).unwrap();
         assert!(clf.evaluate(&f).unwrap().top1 > 95.0);
     }

@@ -76,6 +76,8 @@ pub struct DataConfig {
     pub test_fraction: f64,
     /// Use at most this many training images (0: all), a class-balanced reproducible subset.
     pub max_train_images: usize,
+    /// Use at most this many test images (0: all), a class-balanced reproducible subset.
+    pub max_test_images: usize,
     /// STL-10: pre-train on the 100,000 unlabelled images instead of the training split.
     pub unlabelled: bool,
     /// Decode and augmentation threads (0: one per core).
@@ -98,6 +100,7 @@ impl Default for DataConfig {
             synthetic_side: 32,
             test_fraction: 0.1,
             max_train_images: 0,
+            max_test_images: 0,
             unlabelled: false,
             threads: 0,
             prefetch: 4,
@@ -503,12 +506,27 @@ impl Default for OutputConfig {
 /// The built-in presets: (name, TOML).
 pub const PRESETS: &[(&str, &str)] = &[
     ("quickstart", include_str!("presets/quickstart.toml")),
-    ("cifar10-resnet18", include_str!("presets/cifar10-resnet18.toml")),
-    ("cifar10-resnet50", include_str!("presets/cifar10-resnet50.toml")),
+    (
+        "cifar10-resnet18",
+        include_str!("presets/cifar10-resnet18.toml"),
+    ),
+    (
+        "cifar10-resnet50",
+        include_str!("presets/cifar10-resnet50.toml"),
+    ),
     ("stl10", include_str!("presets/stl10.toml")),
-    ("imagenet-resnet50-1x", include_str!("presets/imagenet-resnet50-1x.toml")),
-    ("imagenet-resnet50-2x", include_str!("presets/imagenet-resnet50-2x.toml")),
-    ("imagenet-resnet50-4x", include_str!("presets/imagenet-resnet50-4x.toml")),
+    (
+        "imagenet-resnet50-1x",
+        include_str!("presets/imagenet-resnet50-1x.toml"),
+    ),
+    (
+        "imagenet-resnet50-2x",
+        include_str!("presets/imagenet-resnet50-2x.toml"),
+    ),
+    (
+        "imagenet-resnet50-4x",
+        include_str!("presets/imagenet-resnet50-4x.toml"),
+    ),
 ];
 
 fn key_err(key: &str, e: impl std::fmt::Display) -> CliError {
@@ -548,7 +566,11 @@ fn preset_table(name: &str) -> Result<toml::Table> {
             source_name: "preset".into(),
             msg: format!(
                 "unknown preset `{name}`; the presets are {}",
-                PRESETS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                PRESETS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         })?;
     parse_table(text, &format!("preset {name}"))
@@ -593,7 +615,11 @@ pub fn override_table(spec: &str) -> Result<toml::Table> {
 impl Config {
     /// Builds a configuration: the defaults, then `preset` (or the file's own `preset` key),
     /// then the file, then the overrides.
-    pub fn build(preset: Option<&str>, file: Option<&Path>, overrides: &[String]) -> Result<Config> {
+    pub fn build(
+        preset: Option<&str>,
+        file: Option<&Path>,
+        overrides: &[String],
+    ) -> Result<Config> {
         let mut table = toml::Table::new();
         let mut origin = String::from("defaults");
         let file_table = match file {
@@ -629,12 +655,13 @@ impl Config {
             merge(&mut table, override_table(o)?);
             origin = format!("{origin} with --set overrides");
         }
-        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(
-            |e| CliError::Config {
-                source_name: origin.clone(),
-                msg: format!("{}: {}", e.path(), e.inner()),
-            },
-        )?;
+        let cfg: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                CliError::Config {
+                    source_name: origin.clone(),
+                    msg: format!("{}: {}", e.path(), e.inner()),
+                }
+            })?;
         cfg.validate().map_err(|msg| CliError::Config {
             source_name: origin,
             msg,
@@ -655,30 +682,113 @@ impl Config {
     /// Checks the values that deserialisation cannot; the message names the key.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let t = &self.train;
-        let check = |ok: bool, key: &str, what: String| if ok { Ok(()) } else { Err(format!("{key}: {what}")) };
-        check(t.batch_size >= 2, "train.batch_size", format!("{} is below 2 (NT-Xent needs negatives)", t.batch_size))?;
-        check(t.epochs >= 1 || t.max_steps >= 1, "train.epochs", "0 epochs and no max_steps".into())?;
-        check(t.lr.is_finite() && t.lr > 0.0, "train.lr", format!("{} is not a positive number", t.lr))?;
-        check(t.temperature.is_finite() && t.temperature > 0.0, "train.temperature", format!("{} is not a positive number", t.temperature))?;
-        check(t.warmup_epochs >= 0.0, "train.warmup_epochs", format!("{} is negative", t.warmup_epochs))?;
-        check((0.0..1.0).contains(&t.momentum), "train.momentum", format!("{} is not in [0, 1)", t.momentum))?;
-        check(t.weight_decay >= 0.0, "train.weight_decay", format!("{} is negative", t.weight_decay))?;
+        let check = |ok: bool, key: &str, what: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("{key}: {what}"))
+            }
+        };
+        check(
+            t.batch_size >= 2,
+            "train.batch_size",
+            format!("{} is below 2 (NT-Xent needs negatives)", t.batch_size),
+        )?;
+        check(
+            t.epochs >= 1 || t.max_steps >= 1,
+            "train.epochs",
+            "0 epochs and no max_steps".into(),
+        )?;
+        check(
+            t.lr.is_finite() && t.lr > 0.0,
+            "train.lr",
+            format!("{} is not a positive number", t.lr),
+        )?;
+        check(
+            t.temperature.is_finite() && t.temperature > 0.0,
+            "train.temperature",
+            format!("{} is not a positive number", t.temperature),
+        )?;
+        check(
+            t.warmup_epochs >= 0.0,
+            "train.warmup_epochs",
+            format!("{} is negative", t.warmup_epochs),
+        )?;
+        check(
+            (0.0..1.0).contains(&t.momentum),
+            "train.momentum",
+            format!("{} is not in [0, 1)", t.momentum),
+        )?;
+        check(
+            t.weight_decay >= 0.0,
+            "train.weight_decay",
+            format!("{} is negative", t.weight_decay),
+        )?;
         let d = &self.data;
-        check(d.image_size >= 8, "data.image_size", format!("{} is below 8", d.image_size))?;
-        check(d.synthetic_side >= 8, "data.synthetic_side", format!("{} is below 8", d.synthetic_side))?;
-        check(d.test_fraction > 0.0 && d.test_fraction < 1.0, "data.test_fraction", format!("{} is not in (0, 1)", d.test_fraction))?;
-        check(d.dataset == DatasetKind::Synthetic || d.path.is_some(), "data.path", format!("the {:?} data set needs a path", d.dataset))?;
+        check(
+            d.image_size >= 8,
+            "data.image_size",
+            format!("{} is below 8", d.image_size),
+        )?;
+        check(
+            d.synthetic_side >= 8,
+            "data.synthetic_side",
+            format!("{} is below 8", d.synthetic_side),
+        )?;
+        check(
+            d.test_fraction > 0.0 && d.test_fraction < 1.0,
+            "data.test_fraction",
+            format!("{} is not in (0, 1)", d.test_fraction),
+        )?;
+        check(
+            d.dataset == DatasetKind::Synthetic || d.path.is_some(),
+            "data.path",
+            format!("the {:?} data set needs a path", d.dataset),
+        )?;
         let a = &self.augment;
-        for (key, p) in [("augment.flip", a.flip), ("augment.jitter", a.jitter), ("augment.grayscale", a.grayscale), ("augment.blur", a.blur), ("augment.rotation", a.rotation), ("augment.cutout", a.cutout), ("augment.sobel", a.sobel), ("augment.noise", a.noise)] {
-            check((0.0..=1.0).contains(&p), key, format!("probability {p} is not in [0, 1]"))?;
+        for (key, p) in [
+            ("augment.flip", a.flip),
+            ("augment.jitter", a.jitter),
+            ("augment.grayscale", a.grayscale),
+            ("augment.blur", a.blur),
+            ("augment.rotation", a.rotation),
+            ("augment.cutout", a.cutout),
+            ("augment.sobel", a.sobel),
+            ("augment.noise", a.noise),
+        ] {
+            check(
+                (0.0..=1.0).contains(&p),
+                key,
+                format!("probability {p} is not in [0, 1]"),
+            )?;
         }
-        check(a.strength >= 0.0, "augment.strength", format!("{} is negative", a.strength))?;
-        check(0.0 < a.crop_scale[0] && a.crop_scale[0] <= a.crop_scale[1] && a.crop_scale[1] <= 1.0, "augment.crop_scale", format!("{:?} is not a range within (0, 1]", a.crop_scale))?;
-        check(0.0 < a.crop_ratio[0] && a.crop_ratio[0] <= a.crop_ratio[1], "augment.crop_ratio", format!("{:?} is not a positive range", a.crop_ratio))?;
-        check(self.model.projection_dim >= 1, "model.projection_dim", "must be at least 1".into())?;
+        check(
+            a.strength >= 0.0,
+            "augment.strength",
+            format!("{} is negative", a.strength),
+        )?;
+        check(
+            0.0 < a.crop_scale[0] && a.crop_scale[0] <= a.crop_scale[1] && a.crop_scale[1] <= 1.0,
+            "augment.crop_scale",
+            format!("{:?} is not a range within (0, 1]", a.crop_scale),
+        )?;
+        check(
+            0.0 < a.crop_ratio[0] && a.crop_ratio[0] <= a.crop_ratio[1],
+            "augment.crop_ratio",
+            format!("{:?} is not a positive range", a.crop_ratio),
+        )?;
+        check(
+            self.model.projection_dim >= 1,
+            "model.projection_dim",
+            "must be at least 1".into(),
+        )?;
         let e = &self.eval;
         check(e.knn_k >= 1, "eval.knn_k", "must be at least 1".into())?;
-        check(e.linear_batch_size >= 1, "eval.linear_batch_size", "must be at least 1".into())?;
+        check(
+            e.linear_batch_size >= 1,
+            "eval.linear_batch_size",
+            "must be at least 1".into(),
+        )?;
         self.model.encoder().map_err(|e| e.to_string())?;
         Ok(())
     }
@@ -706,7 +816,11 @@ mod tests {
         let c = Config::build(
             Some("cifar10-resnet18"),
             None,
-            &["train.epochs=3".into(), "augment.crop_scale=[0.2, 1.0]".into(), "output.dir=out/x".into()],
+            &[
+                "train.epochs=3".into(),
+                "augment.crop_scale=[0.2, 1.0]".into(),
+                "output.dir=out/x".into(),
+            ],
         )
         .unwrap();
         assert_eq!(c.train.epochs, 3);
@@ -719,10 +833,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run.toml");
         std::fs::write(&path, "[train]\nbach_size = 64\n").unwrap();
-        let e = Config::build(None, Some(&path), &[]).unwrap_err().to_string();
+        let e = Config::build(None, Some(&path), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bach_size") && e.contains("run.toml"), "{e}");
         std::fs::write(&path, "[trian]\nbatch_size = 64\n").unwrap();
-        let e = Config::build(None, Some(&path), &[]).unwrap_err().to_string();
+        let e = Config::build(None, Some(&path), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("trian") && e.contains("run.toml"), "{e}");
     }
 
@@ -736,7 +854,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("train.temperature"), "{e}");
-        let e = Config::build(Some("nope"), None, &[]).unwrap_err().to_string();
+        let e = Config::build(Some("nope"), None, &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nope") && e.contains("cifar10-resnet18"), "{e}");
     }
 

@@ -54,6 +54,16 @@ fn folder(root: &Path, policy: ErrorPolicy) -> Result<Arc<dyn Dataset>> {
     Ok(Arc::new(ImageFolder::labelled(root, &opts)?))
 }
 
+/// At most `max` images of `ds` (0: all), class-balanced and reproducible from `seed`.
+fn cap(ds: Arc<dyn Dataset>, max: usize, seed: u64) -> Result<Arc<dyn Dataset>> {
+    if max == 0 || max >= ds.len() {
+        return Ok(ds);
+    }
+    let fraction = max as f64 / ds.len() as f64;
+    let idx = label_subset_indices(ds.as_ref(), fraction, seed)?;
+    Ok(Arc::new(Subset::new(ds, idx)?))
+}
+
 /// Opens the splits of `cfg`; `seed` chooses the held-out split where the data set has none.
 pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSplits> {
     let policy = if cfg.skip_bad_images {
@@ -63,14 +73,25 @@ pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSplits> {
     };
     let (train, test): (Arc<dyn Dataset>, Arc<dyn Dataset>) = match cfg.dataset {
         DatasetKind::Synthetic => (
-            Arc::new(SyntheticShapes::new(cfg.synthetic_train, cfg.synthetic_side, 0)?),
+            Arc::new(SyntheticShapes::new(
+                cfg.synthetic_train,
+                cfg.synthetic_side,
+                0,
+            )?),
             // Another seed gives other images: the test set shares no image with training.
-            Arc::new(SyntheticShapes::new(cfg.synthetic_test, cfg.synthetic_side, 1)?),
+            Arc::new(SyntheticShapes::new(
+                cfg.synthetic_test,
+                cfg.synthetic_side,
+                1,
+            )?),
         ),
         DatasetKind::Cifar10 => {
             let p = need_path(cfg)?;
             if p.join("train").is_dir() && p.join("test").is_dir() {
-                (folder(&p.join("train"), policy)?, folder(&p.join("test"), policy)?)
+                (
+                    folder(&p.join("train"), policy)?,
+                    folder(&p.join("test"), policy)?,
+                )
             } else {
                 (
                     Arc::new(Cifar10::open(p, Split::Train)?),
@@ -100,7 +121,10 @@ pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSplits> {
         DatasetKind::Folder => {
             let p = need_path(cfg)?;
             if p.join("train").is_dir() && p.join("test").is_dir() {
-                (folder(&p.join("train"), policy)?, folder(&p.join("test"), policy)?)
+                (
+                    folder(&p.join("train"), policy)?,
+                    folder(&p.join("test"), policy)?,
+                )
             } else {
                 let all = folder(p, policy)?;
                 let (tr, te) = train_test_split(all, cfg.test_fraction, seed)?;
@@ -108,14 +132,8 @@ pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSplits> {
             }
         }
     };
-    let train: Arc<dyn Dataset> = if cfg.max_train_images > 0 && cfg.max_train_images < train.len()
-    {
-        let fraction = cfg.max_train_images as f64 / train.len() as f64;
-        let idx = label_subset_indices(train.as_ref(), fraction, seed)?;
-        Arc::new(Subset::new(train, idx)?)
-    } else {
-        train
-    };
+    let train = cap(train, cfg.max_train_images, seed)?;
+    let test = cap(test, cfg.max_test_images, seed)?;
     let pretrain: Arc<dyn Dataset> = if cfg.dataset == DatasetKind::Stl10 && cfg.unlabelled {
         Arc::new(Stl10::open(need_path(cfg)?, Split::Unlabelled)?)
     } else {

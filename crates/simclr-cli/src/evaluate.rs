@@ -8,27 +8,32 @@ use simclr_nn::{Checkpoint, Device, SimClr};
 use crate::classifier::{Accuracy, LinearClassifier, LinearEvalConfig};
 use crate::config::Config;
 use crate::data::DataSplits;
-use crate::error::{CliError, Result};
+use crate::error::Result;
 use crate::features::{extract, Representation};
 use crate::knn::knn_accuracy;
 use crate::state::{self, ApplyCheckpoint};
 
 /// A run folder's configuration and model: `config.toml` and `checkpoints/last.safetensors`,
 /// or `checkpoint` when given (a run checkpoint, an exported encoder or a torchvision file).
-pub fn load_run(run_dir: &Path, checkpoint: Option<&Path>, overrides: &[String]) -> Result<(Config, SimClr)> {
+pub fn load_run(
+    run_dir: &Path,
+    checkpoint: Option<&Path>,
+    overrides: &[String],
+) -> Result<(Config, SimClr)> {
     let cfg_path = run_dir.join("config.toml");
     if !cfg_path.exists() {
-        return Err(crate::error::io_err(&cfg_path, "no config.toml: not a run folder"));
+        return Err(crate::error::io_err(
+            &cfg_path,
+            "no config.toml: not a run folder",
+        ));
     }
     let mut cfg = Config::build(None, Some(&cfg_path), overrides)?;
     cfg.output.dir = run_dir.to_path_buf();
     let ck_path: PathBuf = checkpoint
         .map(Path::to_path_buf)
         .unwrap_or_else(|| state::checkpoint_path(run_dir));
-    let ck = Checkpoint::load(&ck_path).map_err(|e| CliError::Checkpoint {
-        path: ck_path.clone(),
-        msg: e.to_string(),
-    })?;
+    // The data layer's errors already name the file.
+    let ck = Checkpoint::load(&ck_path)?;
     let mut model = SimClr::new(&cfg.model.simclr()?, Device::Cpu, cfg.train.seed)?;
     model.apply_checkpoint(&ck)?;
     Ok((cfg, model))
@@ -48,7 +53,12 @@ pub fn linear_config(cfg: &Config) -> LinearEvalConfig {
 /// Linear evaluation of `rep` (h, z, or raw pixels): features of the training and test splits
 /// computed once, a linear classifier trained on the training features, accuracy on the test
 /// features.
-pub fn linear_eval(model: &mut SimClr, splits: &DataSplits, cfg: &Config, rep: Representation) -> Result<Accuracy> {
+pub fn linear_eval(
+    model: &mut SimClr,
+    splits: &DataSplits,
+    cfg: &Config,
+    rep: Representation,
+) -> Result<Accuracy> {
     let b = cfg.eval.linear_batch_size.max(64);
     let train = extract(model, splits.train.clone(), cfg, rep, b)?;
     let test = extract(model, splits.test.clone(), cfg, rep, b)?;
@@ -58,11 +68,23 @@ pub fn linear_eval(model: &mut SimClr, splits: &DataSplits, cfg: &Config, rep: R
 }
 
 /// k-NN accuracy of `rep`.
-pub fn knn_eval(model: &mut SimClr, splits: &DataSplits, cfg: &Config, rep: Representation, k: usize) -> Result<Accuracy> {
+pub fn knn_eval(
+    model: &mut SimClr,
+    splits: &DataSplits,
+    cfg: &Config,
+    rep: Representation,
+    k: usize,
+) -> Result<Accuracy> {
     let b = cfg.eval.linear_batch_size.max(64);
     let train = extract(model, splits.train.clone(), cfg, rep, b)?;
     let test = extract(model, splits.test.clone(), cfg, rep, b)?;
-    knn_accuracy(&train, &test, splits.train.num_classes(), k, cfg.eval.knn_temperature)
+    knn_accuracy(
+        &train,
+        &test,
+        splits.train.num_classes(),
+        k,
+        cfg.eval.knn_temperature,
+    )
 }
 
 /// One row of a comparison table.
@@ -96,9 +118,14 @@ pub fn compare(trained: &mut SimClr, splits: &DataSplits, cfg: &Config) -> Resul
 
 /// The table as Markdown.
 pub fn table(rows: &[Row], title: &str) -> String {
-    let mut s = format!("{title}\n\n| representation | linear eval top-1 | top-5 |\n| --- | ---: | ---: |\n");
+    let mut s = format!(
+        "{title}\n\n| representation | linear eval top-1 | top-5 |\n| --- | ---: | ---: |\n"
+    );
     for r in rows {
-        s.push_str(&format!("| {} | {:.1}% | {:.1}% |\n", r.name, r.linear.top1, r.linear.top5));
+        s.push_str(&format!(
+            "| {} | {:.1}% | {:.1}% |\n",
+            r.name, r.linear.top1, r.linear.top5
+        ));
     }
     s
 }

@@ -20,7 +20,10 @@ pub fn save_encoder(model: &mut SimClr, path: &Path, cfg: &Config) -> Result<()>
     let metadata = BTreeMap::from([
         ("format".to_string(), "simclr-encoder-1".to_string()),
         ("architecture".to_string(), cfg.model.describe()),
-        ("model".to_string(), toml::to_string(&cfg.model).unwrap_or_default()),
+        (
+            "model".to_string(),
+            toml::to_string(&cfg.model).unwrap_or_default(),
+        ),
     ]);
     Checkpoint {
         tensors,
@@ -36,7 +39,11 @@ fn npy_bytes(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
         [n] => format!("({n},)"),
         _ => format!(
             "({})",
-            shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+            shape
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     let mut header =
@@ -117,6 +124,8 @@ mod tests {
         assert_eq!(b.len(), 10 + hlen + 24);
         let one = npy_bytes("<i8", &[4], &[0u8; 32]);
         let hlen = u16::from_le_bytes([one[8], one[9]]) as usize;
-        assert!(std::str::from_utf8(&one[10..10 + hlen]).unwrap().contains("'shape': (4,)"));
+        assert!(std::str::from_utf8(&one[10..10 + hlen])
+            .unwrap()
+            .contains("'shape': (4,)"));
     }
 }

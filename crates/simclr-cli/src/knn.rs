@@ -26,7 +26,9 @@ pub fn knn_accuracy(
     temperature: f32,
 ) -> Result<Accuracy> {
     if train.is_empty() || test.is_empty() {
-        return Err(CliError::Usage("k-NN needs training and test images".into()));
+        return Err(CliError::Usage(
+            "k-NN needs training and test images".into(),
+        ));
     }
     if train.dim != test.dim {
         return Err(CliError::Usage(format!(
@@ -34,7 +36,12 @@ pub fn knn_accuracy(
             test.dim, train.dim
         )));
     }
-    if train.labels.iter().chain(&test.labels).any(|&l| l as usize >= classes) {
+    if train
+        .labels
+        .iter()
+        .chain(&test.labels)
+        .any(|&l| l as usize >= classes)
+    {
         return Err(CliError::Usage("k-NN needs a label on every image".into()));
     }
     let bank = normalised(train);
@@ -73,11 +80,18 @@ mod tests {
             dim: 2,
             labels: vec![0, 0, 1, 1],
         };
-        let test = Features { data: vec![2.0, 0.3, 0.2, 3.0], dim: 2, labels: vec![0, 1] };
+        let test = Features {
+            data: vec![2.0, 0.3, 0.2, 3.0],
+            dim: 2,
+            labels: vec![0, 1],
+        };
         let acc = knn_accuracy(&train, &test, 2, 2, 0.1).unwrap();
         assert_eq!(acc.top1, 100.0);
         // Wrong labels on the test points: 0%.
-        let wrong = Features { labels: vec![1, 0], ..test };
+        let wrong = Features {
+            labels: vec![1, 0],
+            ..test
+        };
         assert_eq!(knn_accuracy(&train, &wrong, 2, 2, 0.1).unwrap().top1, 0.0);
     }
 }

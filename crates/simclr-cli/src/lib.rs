@@ -47,8 +47,8 @@ pub mod evaluate;
 pub mod export;
 pub mod features;
 pub mod knn;
-pub mod preview;
 pub mod pretrain;
+pub mod preview;
 pub mod state;
 
 pub use config::{Config, PRESETS};

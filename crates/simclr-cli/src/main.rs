@@ -13,7 +13,11 @@ use simclr_data::Augmentation;
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 #[derive(Parser)]
-#[command(name = "simclr", version, about = "SimCLR: contrastive self-supervised learning of visual representations")]
+#[command(
+    name = "simclr",
+    version,
+    about = "SimCLR: contrastive self-supervised learning of visual representations"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,10 +38,11 @@ struct ConfigArgs {
 
 impl ConfigArgs {
     fn build(&self, default_preset: Option<&str>) -> Result<Config> {
-        let preset = self
-            .preset
-            .as_deref()
-            .or(if self.config.is_none() { default_preset } else { None });
+        let preset = self.preset.as_deref().or(if self.config.is_none() {
+            default_preset
+        } else {
+            None
+        });
         Config::build(preset, self.config.as_deref(), &self.set)
     }
 }
@@ -150,8 +155,14 @@ fn progress_observer(total: u64, done: u64) -> (ProgressBar, impl FnMut(&StepRec
     let b = bar.clone();
     let mut last_print = std::time::Instant::now();
     let observer = move |r: &StepRecord| {
-        let probe = r.probe_top1.map(|a| format!(", probe {a:.0}%")).unwrap_or_default();
-        let msg = format!("loss {:.4}, lr {:.3}{probe}, {:.0} img/s", r.loss, r.lr, r.images_per_s);
+        let probe = r
+            .probe_top1
+            .map(|a| format!(", probe {a:.0}%"))
+            .unwrap_or_default();
+        let msg = format!(
+            "loss {:.4}, lr {:.3}{probe}, {:.0} img/s",
+            r.loss, r.lr, r.images_per_s
+        );
         b.set_position(r.step);
         if hidden && (last_print.elapsed().as_secs() >= 10 || r.step == r.total_steps) {
             // No terminal: a plain line now and then instead of the bar.
@@ -192,7 +203,9 @@ fn train_loop(trainer: &mut Trainer) -> Result<simclr_cli::Summary> {
         "done: {} steps, last loss {:.4}{}; checkpoint {}",
         s.steps,
         s.last_loss,
-        s.knn_top1.map(|a| format!(", k-NN top-1 {a:.1}%")).unwrap_or_default(),
+        s.knn_top1
+            .map(|a| format!(", k-NN top-1 {a:.1}%"))
+            .unwrap_or_default(),
         s.checkpoint.display()
     );
     Ok(s)
@@ -251,42 +264,91 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             println!("\n{table}");
         }
-        Command::LinearEval { run, rep, baselines } => {
-            let (cfg, mut model) = evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
+        Command::LinearEval {
+            run,
+            rep,
+            baselines,
+        } => {
+            let (cfg, mut model) =
+                evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
             let splits = simclr_cli::data::open(&cfg.data, cfg.train.seed)?;
             if baselines {
                 let rows = evaluate::compare(&mut model, &splits, &cfg)?;
-                println!("{}", evaluate::table(&rows, &format!("linear evaluation of {}", run.run.display())));
+                println!(
+                    "{}",
+                    evaluate::table(
+                        &rows,
+                        &format!("linear evaluation of {}", run.run.display())
+                    )
+                );
             } else {
                 let acc = evaluate::linear_eval(&mut model, &splits, &cfg, rep)?;
-                print_json(serde_json::json!({"rep": format!("{rep:?}"), "top1": acc.top1, "top5": acc.top5}));
+                print_json(
+                    serde_json::json!({"rep": format!("{rep:?}"), "top1": acc.top1, "top5": acc.top5}),
+                );
             }
         }
         Command::Knn { run, k, rep } => {
-            let (cfg, mut model) = evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
+            let (cfg, mut model) =
+                evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
             let splits = simclr_cli::data::open(&cfg.data, cfg.train.seed)?;
             let k = k.unwrap_or(cfg.eval.knn_k);
             let acc = evaluate::knn_eval(&mut model, &splits, &cfg, rep, k)?;
-            print_json(serde_json::json!({"k": k, "rep": format!("{rep:?}"), "top1": acc.top1, "top5": acc.top5}));
+            print_json(
+                serde_json::json!({"k": k, "rep": format!("{rep:?}"), "top1": acc.top1, "top5": acc.top5}),
+            );
         }
-        Command::Embed { run, split, rep, out } => {
-            let (cfg, mut model) = evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
+        Command::Embed {
+            run,
+            split,
+            rep,
+            out,
+        } => {
+            let (cfg, mut model) =
+                evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
             let splits = simclr_cli::data::open(&cfg.data, cfg.train.seed)?;
-            let ds = if split == "train" { splits.train } else { splits.test };
-            let f = extract(&mut model, ds, &cfg, rep, cfg.eval.linear_batch_size.max(64))?;
+            let ds = if split == "train" {
+                splits.train
+            } else {
+                splits.test
+            };
+            let f = extract(
+                &mut model,
+                ds,
+                &cfg,
+                rep,
+                cfg.eval.linear_batch_size.max(64),
+            )?;
             simclr_cli::export::save_features(&f, &out)?;
             eprintln!("wrote {} x {} to {}", f.len(), f.dim, out.display());
         }
         Command::Export { run, out } => {
-            let (cfg, mut model) = evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
+            let (cfg, mut model) =
+                evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
             simclr_cli::export::save_encoder(&mut model, &out, &cfg)?;
-            eprintln!("wrote the encoder ({}) to {}", cfg.model.describe(), out.display());
+            eprintln!(
+                "wrote the encoder ({}) to {}",
+                cfg.model.describe(),
+                out.display()
+            );
         }
-        Command::AugmentPreview { config, images, views, out } => {
+        Command::AugmentPreview {
+            config,
+            images,
+            views,
+            out,
+        } => {
             let cfg = config.build(Some("quickstart"))?;
             let splits = simclr_cli::data::open(&cfg.data, cfg.train.seed)?;
             let aug = Augmentation::new(cfg.augment.to_augment(cfg.data.image_size))?;
-            simclr_cli::preview::augment_preview(splits.pretrain.as_ref(), &aug, images, views, cfg.train.seed, &out)?;
+            simclr_cli::preview::augment_preview(
+                splits.pretrain.as_ref(),
+                &aug,
+                images,
+                views,
+                cfg.train.seed,
+                &out,
+            )?;
             eprintln!("wrote {}", out.display());
         }
         Command::Presets { show } => match show {

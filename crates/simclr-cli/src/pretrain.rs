@@ -141,10 +141,7 @@ impl Trainer {
         cfg.output.dir = run_dir.to_path_buf();
         check_writable(run_dir)?;
         let ck_path = state::checkpoint_path(run_dir);
-        let ck = Checkpoint::load(&ck_path).map_err(|e| CliError::Checkpoint {
-            path: ck_path.clone(),
-            msg: e.to_string(),
-        })?;
+        let ck = Checkpoint::load(&ck_path)?;
         if !overrides.is_empty() {
             std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| io_err(&cfg_path, e))?;
         }
@@ -265,7 +262,9 @@ impl Trainer {
             &path,
             &mut self.model,
             self.opt.as_mut(),
-            self.probe.as_mut().map(|(l, o)| (l, o as &mut dyn Optimizer)),
+            self.probe
+                .as_mut()
+                .map(|(l, o)| (l, o as &mut dyn Optimizer)),
             self.progress,
             &toml,
         )?;
@@ -281,8 +280,20 @@ impl Trainer {
     /// the test split as queries.
     pub fn knn(&mut self) -> Result<f64> {
         let b = self.cfg.eval.linear_batch_size.max(64);
-        let train = extract(&mut self.model, self.splits.train.clone(), &self.cfg, Representation::H, b)?;
-        let test = extract(&mut self.model, self.splits.test.clone(), &self.cfg, Representation::H, b)?;
+        let train = extract(
+            &mut self.model,
+            self.splits.train.clone(),
+            &self.cfg,
+            Representation::H,
+            b,
+        )?;
+        let test = extract(
+            &mut self.model,
+            self.splits.test.clone(),
+            &self.cfg,
+            Representation::H,
+            b,
+        )?;
         let acc = knn_accuracy(
             &train,
             &test,
@@ -327,7 +338,8 @@ impl Trainer {
         let mut window = (Instant::now(), 0usize);
         let mut ips = 0.0;
         let mut ckpt = state::checkpoint_path(&self.run_dir);
-        'epochs: while self.progress.epoch < self.cfg.train.epochs && self.progress.step < max_steps {
+        'epochs: while self.progress.epoch < self.cfg.train.epochs && self.progress.step < max_steps
+        {
             let epoch = self.progress.epoch;
             let batches = self.loader.epoch_from(epoch, self.progress.batch);
             for batch in batches {

@@ -127,10 +127,11 @@ pub fn load(
     restore_state(ck, "optimizer.", optimizer.state_mut())?;
     if let Some((layer, opt)) = probe {
         if ck.tensors.contains_key("probe.weight") {
-            ck.apply(layer, "probe.").map_err(|e| CliError::Checkpoint {
-                path: ck.path.clone(),
-                msg: format!("the online probe does not fit: {e}"),
-            })?;
+            ck.apply(layer, "probe.")
+                .map_err(|e| CliError::Checkpoint {
+                    path: ck.path.clone(),
+                    msg: format!("the online probe does not fit: {e}"),
+                })?;
             restore_state(ck, "probe_optimizer.", opt.state_mut())?;
         }
     }

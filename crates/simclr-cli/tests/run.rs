@@ -31,7 +31,10 @@ fn tiny(dir: &Path, extra: &[&str]) -> Config {
     Config::build(Some("quickstart"), None, &sets).unwrap()
 }
 
-fn losses(trainer: &mut Trainer, stop_at: Option<u64>) -> (Vec<f32>, Result<simclr_cli::Summary, CliError>) {
+fn losses(
+    trainer: &mut Trainer,
+    stop_at: Option<u64>,
+) -> (Vec<f32>, Result<simclr_cli::Summary, CliError>) {
     let mut seen = Vec::new();
     let r = trainer.run(&mut |rec| {
         seen.push(rec.loss);
@@ -59,7 +62,10 @@ fn an_interrupted_run_resumes_exactly() {
     // Interrupted after step 3 (mid-epoch), then resumed from the checkpoint.
     let mut first = Trainer::new(tiny(&b, &[])).unwrap();
     let (head, r) = losses(&mut first, Some(3));
-    assert!(matches!(r, Err(CliError::Interrupted { step: 3, .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(CliError::Interrupted { step: 3, .. })),
+        "{r:?}"
+    );
     drop(first);
     let mut resumed = Trainer::resume(&b, &[]).unwrap();
     assert_eq!(resumed.progress().step, 3);
@@ -68,7 +74,11 @@ fn an_interrupted_run_resumes_exactly() {
     let joined: Vec<f32> = head.into_iter().chain(tail).collect();
     assert_eq!(joined.len(), reference.len());
     for (i, (x, y)) in joined.iter().zip(&reference).enumerate() {
-        assert!((x - y).abs() <= 1e-6, "step {}: resumed {x} vs uninterrupted {y}", i + 1);
+        assert!(
+            (x - y).abs() <= 1e-6,
+            "step {}: resumed {x} vs uninterrupted {y}",
+            i + 1
+        );
     }
     // The final weights agree too.
     let ca = Checkpoint::load(&a.join("checkpoints/last.safetensors")).unwrap();
@@ -78,7 +88,10 @@ fn an_interrupted_run_resumes_exactly() {
     }
     // Metrics were recorded as JSON lines, one per step and per epoch.
     let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.iter().filter(|v| v["kind"] == "step").count(), 8);
     assert_eq!(lines.iter().filter(|v| v["kind"] == "epoch").count(), 2);
     assert!(lines.iter().any(|v| v["knn_top1"].is_number()));
@@ -100,12 +113,20 @@ fn divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
     let dir = tmp.path().join("nan");
     let cfg = tiny(
         &dir,
-        &["train.optimizer=\"sgd\"", "train.lr=1e30", "train.lr_scaling=\"none\"", "train.warmup_epochs=0", "train.checkpoint_every=1"],
+        &[
+            "train.optimizer=\"sgd\"",
+            "train.lr=1e30",
+            "train.lr_scaling=\"none\"",
+            "train.warmup_epochs=0",
+            "train.checkpoint_every=1",
+        ],
     );
     let mut t = Trainer::new(cfg).unwrap();
     let (seen, r) = losses(&mut t, None);
     match r {
-        Err(CliError::Diverged { step, checkpoint, .. }) => {
+        Err(CliError::Diverged {
+            step, checkpoint, ..
+        }) => {
             assert_eq!(step as usize, seen.len(), "stopped at the first bad step");
             if step > 0 {
                 assert!(checkpoint.ends_with("last.safetensors"), "{checkpoint}");
@@ -127,12 +148,17 @@ fn bad_settings_name_what_is_wrong() {
     // An output folder below a file cannot be created.
     let file = tmp.path().join("file");
     std::fs::write(&file, b"x").unwrap();
-    let e = Trainer::new(tiny(&file.join("run"), &[])).unwrap_err().to_string();
+    let e = Trainer::new(tiny(&file.join("run"), &[]))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("output folder") && e.contains("file"), "{e}");
     // A data set path that does not exist.
     let e = Trainer::new(tiny(
         &tmp.path().join("r"),
-        &["data.dataset=\"cifar10\"", "data.path=\"/nonexistent/cifar\""],
+        &[
+            "data.dataset=\"cifar10\"",
+            "data.path=\"/nonexistent/cifar\"",
+        ],
     ))
     .unwrap_err()
     .to_string();
@@ -150,8 +176,13 @@ fn a_checkpoint_of_another_architecture_is_refused_by_name() {
     let dir = tmp.path().join("r");
     let mut t = Trainer::new(tiny(&dir, &["train.max_steps=1"])).unwrap();
     losses(&mut t, None).1.unwrap();
-    let e = evaluate::load_run(&dir, None, &["model.base_width=8".into()]).unwrap_err().to_string();
-    assert!(e.contains("last.safetensors") && e.contains("another architecture"), "{e}");
+    let e = evaluate::load_run(&dir, None, &["model.base_width=8".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("last.safetensors") && e.contains("another architecture"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -164,13 +195,31 @@ fn exported_encoders_and_embeddings_round_trip() {
     let enc = Checkpoint::load(&dir.join("encoder.safetensors")).unwrap();
     assert!(enc.tensors.contains_key("conv1.weight"));
     assert!(enc.tensors.contains_key("layer1.0.bn1.running_mean"));
-    assert!(!enc.tensors.keys().any(|k| k.starts_with("head.") || k.starts_with("encoder.")));
+    assert!(!enc
+        .tensors
+        .keys()
+        .any(|k| k.starts_with("head.") || k.starts_with("encoder.")));
     // Loading it gives the same h as the run's checkpoint.
     let (cfg, mut from_run) = evaluate::load_run(&dir, None, &[]).unwrap();
-    let (_, mut from_export) = evaluate::load_run(&dir, Some(&dir.join("encoder.safetensors")), &[]).unwrap();
+    let (_, mut from_export) =
+        evaluate::load_run(&dir, Some(&dir.join("encoder.safetensors")), &[]).unwrap();
     let splits = simclr_cli::data::open(&cfg.data, 0).unwrap();
-    let a = simclr_cli::features::extract(&mut from_run, splits.test.clone(), &cfg, Representation::H, 16).unwrap();
-    let b = simclr_cli::features::extract(&mut from_export, splits.test.clone(), &cfg, Representation::H, 16).unwrap();
+    let a = simclr_cli::features::extract(
+        &mut from_run,
+        splits.test.clone(),
+        &cfg,
+        Representation::H,
+        16,
+    )
+    .unwrap();
+    let b = simclr_cli::features::extract(
+        &mut from_export,
+        splits.test.clone(),
+        &cfg,
+        Representation::H,
+        16,
+    )
+    .unwrap();
     assert_eq!(a, b);
     assert_eq!(a.len(), 40);
     // Embeddings as safetensors.

@@ -25,6 +25,18 @@ pub const SHAPE_CLASSES: [&str; 10] = [
     "diamond",
 ];
 
+/// Object and background colours.
+const PALETTE: [[f32; 3]; 8] = [
+    [0.85, 0.15, 0.15],
+    [0.15, 0.7, 0.2],
+    [0.2, 0.3, 0.9],
+    [0.9, 0.85, 0.2],
+    [0.8, 0.25, 0.8],
+    [0.2, 0.8, 0.85],
+    [0.95, 0.55, 0.1],
+    [0.5, 0.5, 0.5],
+];
+
 /// The synthetic shapes data set: `len` images of `side` x `side` pixels, image `i` of class
 /// `i % 10` (so every class has the same count, give or take one).
 #[derive(Clone, Debug)]
@@ -127,23 +139,25 @@ impl SyntheticShapes {
         let mut d = Draw::new(key(self.seed, &[0x5ba9e5, index as u64]));
         let s = self.side as f32;
         // Object: colour, centre, radius.
-        let bg = [d.range(0.0, 1.0), d.range(0.0, 1.0), d.range(0.0, 1.0)];
-        let mut fg = [0.0f32; 3];
-        for _ in 0..16 {
-            fg = [d.range(0.0, 1.0), d.range(0.0, 1.0), d.range(0.0, 1.0)];
-            let dist: f32 = (0..3).map(|c| (fg[c] - bg[c]).abs()).sum();
-            if dist >= 0.8 {
-                break;
-            }
-        }
-        let radius = s * d.range(0.2, 0.36);
-        let cx = s * d.range(0.32, 0.68);
-        let cy = s * d.range(0.32, 0.68);
+        // Colours come from a small palette, so every pairing of object and background colour
+        // recurs many times in a batch: colour alone cannot tell two images apart, and a
+        // contrastive learner has to use the shape (with free colours, the pair of colours is
+        // an identity that survives colour jitter, and it learns nothing else).
+        let bi = (d.u64() % PALETTE.len() as u64) as usize;
+        let fi = (bi + 1 + (d.u64() % (PALETTE.len() as u64 - 1)) as usize) % PALETTE.len();
+        let (shade_bg, shade_fg) = (d.range(0.8, 1.0), d.range(0.8, 1.0));
+        let bg = PALETTE[bi].map(|c| c * shade_bg);
+        let fg = PALETTE[fi].map(|c| c * shade_fg);
+        let radius = s * d.range(0.28, 0.42);
+        let cx = s * d.range(0.38, 0.62);
+        let cy = s * d.range(0.38, 0.62);
         // Background texture: a 5x5 grid of random offsets, bilinearly interpolated, a linear
         // gradient, and speckle.
-        let grid: Vec<f32> = (0..25).map(|_| d.range(-0.18, 0.18)).collect();
+        let grid: Vec<f32> = (0..25).map(|_| d.range(-0.12, 0.12)).collect();
         let (gx, gy) = (d.range(-0.15, 0.15), d.range(-0.15, 0.15));
-        let speckle = d.range(0.0, 0.08);
+        // One speckle strength for all: a per-image noise level would be an identity that no
+        // augmentation removes.
+        let speckle = 0.04;
         let pixel_key = d.u64();
         let mut data = Vec::with_capacity(3 * (self.side * self.side) as usize);
         for y in 0..self.side {
