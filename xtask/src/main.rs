@@ -179,7 +179,7 @@ fn measure(python: &str, quick: bool, json: &Path) -> Result<(), String> {
 /// The table of our medians beside PyTorch's.
 fn report(json: &Path) -> Result<(), String> {
     let torch: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&json).map_err(|e| format!("{}: {e}", json.display()))?,
+        &std::fs::read_to_string(json).map_err(|e| format!("{}: {e}", json.display()))?,
     )
     .map_err(|e| format!("{}: {e}", json.display()))?;
     println!(

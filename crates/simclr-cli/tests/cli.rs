@@ -16,16 +16,26 @@ fn simclr(args: &[&str], cwd: &std::path::Path) -> (i32, String, String) {
 }
 
 const TINY: &[&str] = &[
-    "--set", "data.synthetic_train=48",
-    "--set", "data.synthetic_test=20",
-    "--set", "data.synthetic_side=16",
-    "--set", "data.image_size=16",
-    "--set", "model.base_width=4",
-    "--set", "model.projection_dim=8",
-    "--set", "train.batch_size=16",
-    "--set", "train.epochs=1",
-    "--set", "eval.knn_k=3",
-    "--set", "eval.linear_epochs=2",
+    "--set",
+    "data.synthetic_train=48",
+    "--set",
+    "data.synthetic_test=20",
+    "--set",
+    "data.synthetic_side=16",
+    "--set",
+    "data.image_size=16",
+    "--set",
+    "model.base_width=4",
+    "--set",
+    "model.projection_dim=8",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "eval.knn_k=3",
+    "--set",
+    "eval.linear_epochs=2",
 ];
 
 #[test]
@@ -33,12 +43,21 @@ fn presets_are_listed_and_printed() {
     let dir = tempfile::tempdir().unwrap();
     let (code, out, _) = simclr(&["presets"], dir.path());
     assert_eq!(code, 0);
-    for p in ["quickstart", "cifar10-resnet18", "cifar10-resnet50", "stl10", "imagenet-resnet50-4x"] {
+    for p in [
+        "quickstart",
+        "cifar10-resnet18",
+        "cifar10-resnet50",
+        "stl10",
+        "imagenet-resnet50-4x",
+    ] {
         assert!(out.contains(p), "{p} missing from:\n{out}");
     }
     let (code, out, _) = simclr(&["presets", "imagenet-resnet50-2x"], dir.path());
     assert_eq!(code, 0);
-    assert!(out.contains("batch_size = 4096") && out.contains("width = 2"), "{out}");
+    assert!(
+        out.contains("batch_size = 4096") && out.contains("width = 2"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -60,9 +79,19 @@ fn pretrain_then_evaluate_export_embed_and_preview() {
     args.extend_from_slice(TINY);
     let (code, out, err) = simclr(&args, dir.path());
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("SimCLR") && out.contains("untrained") && out.contains("raw pixels"), "{out}");
+    assert!(
+        out.contains("SimCLR") && out.contains("untrained") && out.contains("raw pixels"),
+        "{out}"
+    );
     let run = dir.path().join("run");
-    for f in ["config.toml", "metrics.jsonl", "checkpoints/last.safetensors", "encoder.safetensors", "results.md", "results.json"] {
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "checkpoints/last.safetensors",
+        "encoder.safetensors",
+        "results.md",
+        "results.json",
+    ] {
         assert!(run.join(f).exists(), "{f} missing");
     }
     let (code, out, err) = simclr(&["knn", "--run", "run", "--k", "3"], dir.path());
@@ -76,14 +105,26 @@ fn pretrain_then_evaluate_export_embed_and_preview() {
     let npy = std::fs::read(dir.path().join("h.npy")).unwrap();
     assert_eq!(&npy[..6], b"\x93NUMPY");
     assert!(dir.path().join("h.labels.npy").exists());
-    let (code, _, err) = simclr(&["export", "--run", "run", "--out", "enc.safetensors"], dir.path());
+    let (code, _, err) = simclr(
+        &["export", "--run", "run", "--out", "enc.safetensors"],
+        dir.path(),
+    );
     assert_eq!(code, 0, "{err}");
-    let mut prev = vec!["augment-preview", "--images", "3", "--views", "2", "--out", "p.png"];
+    let mut prev = vec![
+        "augment-preview",
+        "--images",
+        "3",
+        "--views",
+        "3",
+        "--out",
+        "p.png",
+    ];
     prev.extend_from_slice(TINY);
     let (code, _, err) = simclr(&prev, dir.path());
     assert_eq!(code, 0, "{err}");
     let png = image::open(dir.path().join("p.png")).unwrap();
-    assert!(png.width() > png.height(), "3 rows of 3 cells");
+    // 3 rows of 4 cells (the image and 3 views), 16-pixel views drawn at 96 with 4-pixel gaps.
+    assert_eq!((png.width(), png.height()), (4 * 100 + 4, 3 * 100 + 4));
     // Running `train` again resumes the finished run and evaluates again.
     let (code, _, err) = simclr(&args, dir.path());
     assert_eq!(code, 0, "{err}");

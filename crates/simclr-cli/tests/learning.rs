@@ -11,10 +11,17 @@ fn pretrain_and_compare(cfg: Config) -> (f64, f64) {
     let cfg = trainer.config().clone();
     let splits = trainer.splits().clone();
     let trained = evaluate::linear_eval(trainer.model(), &splits, &cfg, Representation::H).unwrap();
-    let mut untrained =
-        simclr_nn::SimClr::new(&cfg.model.simclr().unwrap(), simclr_nn::Device::Cpu, cfg.train.seed).unwrap();
+    let mut untrained = simclr_nn::SimClr::new(
+        &cfg.model.simclr().unwrap(),
+        simclr_nn::Device::Cpu,
+        cfg.train.seed,
+    )
+    .unwrap();
     let base = evaluate::linear_eval(&mut untrained, &splits, &cfg, Representation::H).unwrap();
-    eprintln!("linear eval top-1: SimCLR {:.1}%, untrained {:.1}%", trained.top1, base.top1);
+    eprintln!(
+        "linear eval top-1: SimCLR {:.1}%, untrained {:.1}%",
+        trained.top1, base.top1
+    );
     (trained.top1, base.top1)
 }
 
@@ -32,21 +39,37 @@ fn simclr_beats_the_untrained_encoder_on_the_built_in_shapes() {
     let cfg = Config::build(
         Some("quickstart"),
         None,
-        &sets(tmp.path(), &["data.synthetic_train=1000", "data.synthetic_test=500", "train.epochs=6", "eval.linear_epochs=50"]),
+        &sets(
+            tmp.path(),
+            &[
+                "data.synthetic_train=2000",
+                "data.synthetic_test=500",
+                "train.epochs=10",
+                "eval.linear_epochs=50",
+            ],
+        ),
     )
     .unwrap();
     let (trained, untrained) = pretrain_and_compare(cfg);
-    assert!(trained > untrained + 2.0, "SimCLR {trained:.1}% vs untrained {untrained:.1}%");
+    assert!(
+        trained > untrained + 5.0,
+        "SimCLR {trained:.1}% vs untrained {untrained:.1}%"
+    );
 }
 
 fn fashion_mnist() -> Option<PathBuf> {
     let dir = std::env::var_os("SIMCLR_FASHION_MNIST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/share/datasets/fashion-mnist"));
-    if dir.join("train-images-idx3-ubyte.gz").exists() || dir.join("train-images-idx3-ubyte").exists() {
+    if dir.join("train-images-idx3-ubyte.gz").exists()
+        || dir.join("train-images-idx3-ubyte").exists()
+    {
         return Some(dir);
     }
-    let msg = format!("Fashion-MNIST not found in {} (apt-get install dataset-fashion-mnist)", dir.display());
+    let msg = format!(
+        "Fashion-MNIST not found in {} (apt-get install dataset-fashion-mnist)",
+        dir.display()
+    );
     if std::env::var("SIMCLR_REQUIRE_REAL_DATA").is_ok_and(|v| v == "1") {
         panic!("{msg} (SIMCLR_REQUIRE_REAL_DATA=1)");
     }
@@ -69,12 +92,15 @@ fn simclr_beats_the_untrained_encoder_on_fashion_mnist() {
                 "data.image_size=28",
                 "data.max_train_images=2000",
                 "data.max_test_images=1000",
-                "train.epochs=5",
+                "train.epochs=8",
                 "eval.linear_epochs=50",
             ],
         ),
     )
     .unwrap();
     let (trained, untrained) = pretrain_and_compare(cfg);
-    assert!(trained > untrained, "SimCLR {trained:.1}% vs untrained {untrained:.1}%");
+    assert!(
+        trained > untrained + 1.5,
+        "SimCLR {trained:.1}% vs untrained {untrained:.1}%"
+    );
 }
