@@ -338,8 +338,7 @@ impl Trainer {
         let mut window = (Instant::now(), 0usize);
         let mut ips = 0.0;
         let mut ckpt = state::checkpoint_path(&self.run_dir);
-        'epochs: while self.progress.epoch < self.cfg.train.epochs && self.progress.step < max_steps
-        {
+        while self.progress.epoch < self.cfg.train.epochs && self.progress.step < max_steps {
             let epoch = self.progress.epoch;
             let batches = self.loader.epoch_from(epoch, self.progress.batch);
             for batch in batches {
@@ -411,8 +410,12 @@ impl Trainer {
                     });
                 }
                 if self.progress.step >= max_steps {
-                    break 'epochs;
+                    break;
                 }
+            }
+            if (self.progress.batch as u64) < self.steps_per_epoch() {
+                // Stopped by max_steps inside the epoch.
+                break;
             }
             self.progress.epoch += 1;
             self.progress.batch = 0;

@@ -40,6 +40,11 @@ pub fn train_step_with_h(
 ) -> Result<(StepStats, Tensor)> {
     model.zero_grad();
     let (h, z) = model.forward(views, true)?;
+    if !z.all_finite() {
+        return Err(NnError::NonFinite {
+            what: "the projections z (the weights or the input overflow)".into(),
+        });
+    }
     let (loss, dz) = nt_xent(&z, temperature)?;
     model.backward(&dz)?;
     let mut bad = None;
