@@ -109,6 +109,17 @@ impl Default for DataConfig {
     }
 }
 
+impl DataConfig {
+    /// What to do with an unreadable image.
+    pub fn error_policy(&self) -> simclr_data::ErrorPolicy {
+        if self.skip_bad_images {
+            simclr_data::ErrorPolicy::Skip
+        } else {
+            simclr_data::ErrorPolicy::Fail
+        }
+    }
+}
+
 /// Normalisation constants.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]

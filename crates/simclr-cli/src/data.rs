@@ -66,11 +66,7 @@ fn cap(ds: Arc<dyn Dataset>, max: usize, seed: u64) -> Result<Arc<dyn Dataset>> 
 
 /// Opens the splits of `cfg`; `seed` chooses the held-out split where the data set has none.
 pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSplits> {
-    let policy = if cfg.skip_bad_images {
-        ErrorPolicy::Skip
-    } else {
-        ErrorPolicy::Fail
-    };
+    let policy = cfg.error_policy();
     let (train, test): (Arc<dyn Dataset>, Arc<dyn Dataset>) = match cfg.dataset {
         DatasetKind::Synthetic => (
             Arc::new(SyntheticShapes::new(

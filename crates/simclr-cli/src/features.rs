@@ -68,11 +68,7 @@ pub fn extract(
     let loader_cfg = LoaderConfig {
         threads: cfg.data.threads,
         prefetch: cfg.data.prefetch.max(1),
-        errors: if cfg.data.skip_bad_images {
-            simclr_data::ErrorPolicy::Skip
-        } else {
-            simclr_data::ErrorPolicy::Fail
-        },
+        errors: cfg.data.error_policy(),
         ..LoaderConfig::eval(batch.max(1))
     };
     let loader = Loader::new(ds.clone(), aug, loader_cfg)?;

@@ -159,11 +159,7 @@ impl Trainer {
                 seed: cfg.train.seed,
                 threads: cfg.data.threads,
                 prefetch: cfg.data.prefetch.max(1),
-                errors: if cfg.data.skip_bad_images {
-                    simclr_data::ErrorPolicy::Skip
-                } else {
-                    simclr_data::ErrorPolicy::Fail
-                },
+                errors: cfg.data.error_policy(),
                 ..LoaderConfig::default()
             },
         )?;
