@@ -46,6 +46,7 @@ mod error;
 pub mod evaluate;
 pub mod export;
 pub mod features;
+pub mod finetune;
 pub mod knn;
 pub mod pretrain;
 pub mod preview;

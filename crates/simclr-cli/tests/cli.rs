@@ -100,6 +100,29 @@ fn pretrain_then_evaluate_export_embed_and_preview() {
     let (code, out, err) = simclr(&["linear-eval", "--run", "run", "--rep", "z"], dir.path());
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"top5\""), "{out}");
+    let (code, out, err) = simclr(
+        &[
+            "finetune",
+            "--run",
+            "run",
+            "--labels",
+            "50%",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let n = report["labelled_images"].as_u64().unwrap();
+    // Half of every class of the 48 images (rounded per class), in batches of 8 for one epoch.
+    assert!((20..=30).contains(&n), "{out}");
+    assert_eq!(report["steps"].as_u64().unwrap(), n.div_ceil(8), "{out}");
+    assert!(report["top1"].as_f64().unwrap() <= report["top5"].as_f64().unwrap());
+    let tuned = simclr_nn::Checkpoint::load(&run.join("finetune-50/model.safetensors")).unwrap();
+    assert!(tuned.tensors.contains_key("fc.weight") && tuned.tensors.contains_key("conv1.weight"));
     let (code, _, err) = simclr(&["embed", "--run", "run", "--out", "h.npy"], dir.path());
     assert_eq!(code, 0, "{err}");
     let npy = std::fs::read(dir.path().join("h.npy")).unwrap();
