@@ -39,6 +39,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod ablate;
 pub mod classifier;
 pub mod config;
 pub mod data;
@@ -48,6 +49,7 @@ pub mod export;
 pub mod features;
 pub mod finetune;
 pub mod knn;
+pub mod plot;
 pub mod pretrain;
 pub mod preview;
 pub mod state;

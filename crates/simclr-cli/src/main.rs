@@ -157,6 +157,24 @@ enum Command {
         #[arg(long, default_value = "augment-preview.png")]
         out: PathBuf,
     },
+    /// One of the paper's ablations at the scale of the given configuration: every variant
+    /// pre-trained and linear-evaluated, then a table and a figure (into OUT/<study>).
+    Ablate {
+        /// The study.
+        #[arg(long, value_enum)]
+        study: simclr_cli::ablate::Study,
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Where the study's runs, table and figure go.
+        #[arg(long, default_value = "runs/ablate")]
+        out: PathBuf,
+    },
+    /// PNG charts of a run's loss, learning rate and accuracy (into RUN/plots).
+    Plot {
+        /// The run folder.
+        #[arg(long)]
+        run: PathBuf,
+    },
     /// List the presets, or print one as TOML.
     Presets {
         /// The preset to print, with every setting.
@@ -423,6 +441,45 @@ fn run(cli: Cli) -> Result<()> {
                 &out,
             )?;
             eprintln!("wrote {}", out.display());
+        }
+        Command::Ablate { study, config, out } => {
+            let preset = config.preset.as_deref().or(if config.config.is_none() {
+                Some("quickstart")
+            } else {
+                None
+            });
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{prefix}: [{bar:30}] {pos}/{len} steps, {msg}")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            let (_, dir) = simclr_cli::ablate::run_study(
+                study,
+                preset,
+                config.config.as_deref(),
+                &config.set,
+                &out,
+                &mut |name, r| {
+                    bar.set_prefix(name.to_string());
+                    bar.set_length(r.total_steps);
+                    bar.set_position(r.step);
+                    bar.set_message(format!("loss {:.4}", r.loss));
+                    if INTERRUPTED.load(Ordering::SeqCst) {
+                        Control::Stop
+                    } else {
+                        Control::Continue
+                    }
+                },
+            )?;
+            bar.finish_and_clear();
+            let table = std::fs::read_to_string(dir.join("results.md")).unwrap_or_default();
+            println!("{table}\nfigure: {}", dir.join("figure.png").display());
+        }
+        Command::Plot { run } => {
+            for f in simclr_cli::plot::plot_run(&run)? {
+                eprintln!("wrote {}", f.display());
+            }
         }
         Command::Presets { show } => match show {
             Some(name) => print!("{}", Config::build(Some(&name), None, &[])?.to_toml()),

@@ -428,6 +428,7 @@ impl Trainer {
         if self.progress.step >= max_steps {
             ckpt = self.checkpoint()?;
         }
+        crate::plot::plot_run(&self.run_dir)?;
         let export = self.run_dir.join("encoder.safetensors");
         crate::export::save_encoder(&mut self.model, &export, &self.cfg)?;
         Ok(Summary {

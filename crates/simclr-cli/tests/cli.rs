@@ -91,6 +91,9 @@ fn pretrain_then_evaluate_export_embed_and_preview() {
         "encoder.safetensors",
         "results.md",
         "results.json",
+        "plots/loss.png",
+        "plots/lr.png",
+        "plots/accuracy.png",
     ] {
         assert!(run.join(f).exists(), "{f} missing");
     }
@@ -158,4 +161,26 @@ fn pretrain_then_evaluate_export_embed_and_preview() {
     let (code, _, err) = simclr(&again, dir.path());
     assert_eq!(code, 1);
     assert!(err.contains("--resume"), "{err}");
+    let (code, _, err) = simclr(&["plot", "--run", "run"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("accuracy.png"), "{err}");
+}
+
+#[test]
+fn an_ablation_writes_its_table_and_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["ablate", "--study", "head", "--out", "abl"];
+    args.extend_from_slice(TINY);
+    let (code, out, err) = simclr(&args, dir.path());
+    assert_eq!(code, 0, "{err}");
+    for head in ["none", "linear", "mlp"] {
+        assert!(out.contains(&format!("| {head} |")), "{out}");
+    }
+    let study = dir.path().join("abl/head");
+    assert!(study.join("figure.png").exists() && study.join("results.json").exists());
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(study.join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(results.as_array().unwrap().len(), 3);
+    assert!(results[0]["top1_z"].is_number());
 }
