@@ -158,7 +158,7 @@ enum Command {
         out: PathBuf,
     },
     /// One of the paper's ablations at the scale of the given configuration: every variant
-    /// pre-trained and linear-evaluated, then a table and a figure (into OUT/<study>).
+    /// pre-trained and linear-evaluated, then a table and a figure (into OUT/STUDY).
     Ablate {
         /// The study.
         #[arg(long, value_enum)]
