@@ -184,3 +184,58 @@ fn an_ablation_writes_its_table_and_figure() {
     assert_eq!(results.as_array().unwrap().len(), 3);
     assert!(results[0]["top1_z"].is_number());
 }
+
+/// Ctrl-C (SIGINT) writes a checkpoint after the current step and exits with 130; `--resume`
+/// then finishes the run.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_checkpoints_and_the_run_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<&str> = vec!["pretrain", "--set", "output.dir=\"run\""];
+    args.extend_from_slice(TINY);
+    // Long enough to be caught in the middle.
+    args.extend_from_slice(&[
+        "--set",
+        "train.epochs=400",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "eval.knn_every=0",
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_simclr"))
+        .args(&args)
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = dir.path().join("run/metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 3) {
+        assert!(started.elapsed().as_secs() < 60, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted at step") && err.contains("--resume"),
+        "{err}"
+    );
+    let ck =
+        simclr_nn::Checkpoint::load(&dir.path().join("run/checkpoints/last.safetensors")).unwrap();
+    let step: u64 = ck.metadata["step"].parse().unwrap();
+    assert!(step >= 3, "checkpoint at step {step}");
+    // Resume with a shorter run so that it ends soon: the schedule is the saved one, only the
+    // stopping point changes.
+    let max = format!("train.max_steps={}", step + 2);
+    let (code, _, err) = simclr(&["pretrain", "--resume", "run", "--set", &max], dir.path());
+    assert_eq!(code, 0, "{err}");
+    let ck =
+        simclr_nn::Checkpoint::load(&dir.path().join("run/checkpoints/last.safetensors")).unwrap();
+    assert_eq!(ck.metadata["step"], (step + 2).to_string());
+}
