@@ -202,7 +202,7 @@ fn ctrl_c_checkpoints_and_the_run_resumes() {
         "--set",
         "eval.knn_every=0",
     ]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_simclr"))
+    let child = Command::new(env!("CARGO_BIN_EXE_simclr"))
         .args(&args)
         .current_dir(dir.path())
         .stderr(std::process::Stdio::piped())
