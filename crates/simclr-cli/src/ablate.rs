@@ -24,6 +24,9 @@ pub enum Study {
     Temperature,
     /// Batch size against training length (figure 9).
     BatchEpochs,
+    /// NT-Xent against NT-Logistic and margin triplet with and without semi-hard negatives
+    /// (table 2).
+    Loss,
 }
 
 /// One variant's result.
@@ -89,6 +92,27 @@ pub fn variants(study: Study, base: &Config) -> Vec<(String, Vec<String>)> {
             .iter()
             .map(|t| (format!("t={t}"), vec![format!("train.temperature={t:?}")]))
             .collect(),
+        Study::Loss => vec![
+            ("nt-xent".into(), vec!["train.loss=\"nt-xent\"".into()]),
+            (
+                "nt-logistic".into(),
+                vec!["train.loss=\"nt-logistic\"".into()],
+            ),
+            (
+                "margin-triplet".into(),
+                vec![
+                    "train.loss=\"margin-triplet\"".into(),
+                    "train.semi_hard=false".into(),
+                ],
+            ),
+            (
+                "margin-semi-hard".into(),
+                vec![
+                    "train.loss=\"margin-triplet\"".into(),
+                    "train.semi_hard=true".into(),
+                ],
+            ),
+        ],
         Study::BatchEpochs => {
             let b = base.train.batch_size.max(8);
             let e = base.train.epochs.max(2);
@@ -116,6 +140,7 @@ fn study_name(study: Study) -> &'static str {
         Study::Head => "head",
         Study::Temperature => "temperature",
         Study::BatchEpochs => "batch-epochs",
+        Study::Loss => "loss",
     }
 }
 
@@ -239,7 +264,7 @@ fn write_outputs(study: Study, results: &[VariantResult], dir: &Path) -> Result<
             }
             plot::line_chart(&title, "epochs", "top-1 %", &series, &figure)
         }
-        Study::ColorStrength | Study::Temperature => {
+        Study::ColorStrength | Study::Temperature | Study::Loss => {
             let bars: Vec<(String, f64)> =
                 results.iter().map(|r| (r.name.clone(), r.top1_h)).collect();
             plot::bar_chart(&title, "top-1 %", &bars, &figure)
@@ -264,6 +289,7 @@ mod tests {
             Study::Head,
             Study::Temperature,
             Study::BatchEpochs,
+            Study::Loss,
         ] {
             for (name, sets) in variants(study, &base) {
                 Config::build(Some("quickstart"), None, &sets)

@@ -397,6 +397,19 @@ impl From<ScalingKind> for LrScaling {
     }
 }
 
+/// The contrastive objective.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossKind {
+    /// NT-Xent (SimCLR's).
+    #[default]
+    NtXent,
+    /// NT-Logistic (ablation).
+    NtLogistic,
+    /// Margin triplet, with `train.semi_hard` negative mining or without (ablation).
+    MarginTriplet,
+}
+
 /// Pre-training.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -425,8 +438,14 @@ pub struct TrainConfig {
     pub trust_coefficient: f32,
     /// Exclude batch-norm parameters and biases from weight decay and LARS adaptation.
     pub exclude_bn_and_bias: bool,
-    /// NT-Xent temperature.
+    /// The contrastive loss.
+    pub loss: LossKind,
+    /// Temperature of NT-Xent and NT-Logistic.
     pub temperature: f32,
+    /// Margin of the margin triplet loss.
+    pub margin: f32,
+    /// Semi-hard negative mining for the margin triplet loss.
+    pub semi_hard: bool,
     /// Seed of the weights, the shuffling and the augmentation.
     pub seed: u64,
     /// Write a checkpoint every this many steps (0: only at the end of each epoch).
@@ -454,7 +473,10 @@ impl Default for TrainConfig {
             weight_decay: 1e-6,
             trust_coefficient: 0.001,
             exclude_bn_and_bias: true,
+            loss: LossKind::NtXent,
             temperature: 0.5,
+            margin: 0.5,
+            semi_hard: false,
             seed: 0,
             checkpoint_every: 0,
             log_every: 10,
@@ -802,6 +824,23 @@ impl Config {
         )?;
         self.model.encoder().map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// The contrastive loss of `train`.
+    pub fn loss(&self) -> simclr_nn::ContrastiveLoss {
+        let t = &self.train;
+        match t.loss {
+            LossKind::NtXent => simclr_nn::ContrastiveLoss::NtXent {
+                temperature: t.temperature,
+            },
+            LossKind::NtLogistic => simclr_nn::ContrastiveLoss::NtLogistic {
+                temperature: t.temperature,
+            },
+            LossKind::MarginTriplet => simclr_nn::ContrastiveLoss::MarginTriplet {
+                margin: t.margin,
+                semi_hard: t.semi_hard,
+            },
+        }
     }
 
     /// The peak learning rate after batch scaling.

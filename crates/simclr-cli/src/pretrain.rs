@@ -329,7 +329,7 @@ impl Trainer {
         } else {
             total
         };
-        let tau = self.cfg.train.temperature;
+        let loss = self.cfg.loss();
         let mut last_loss = f32::NAN;
         let mut window = (Instant::now(), 0usize);
         let mut ips = 0.0;
@@ -354,7 +354,7 @@ impl Trainer {
                     &views,
                     self.opt.as_mut(),
                     lr,
-                    tau,
+                    &loss,
                 ) {
                     Ok(r) => r,
                     Err(NnError::NonFinite { what }) => {

@@ -229,3 +229,29 @@ fn exported_encoders_and_embeddings_round_trip() {
     assert_eq!(ck.tensors["features"].shape, vec![40, a.dim]);
     assert_eq!(ck.tensors["labels"].shape, vec![40]);
 }
+
+#[test]
+fn the_ablation_losses_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, loss) in ["\"nt-logistic\"", "\"margin-triplet\""].iter().enumerate() {
+        for semi_hard in [false, true] {
+            let dir = tmp.path().join(format!("{i}-{semi_hard}"));
+            let cfg = tiny(
+                &dir,
+                &[
+                    &format!("train.loss={loss}"),
+                    &format!("train.semi_hard={semi_hard}"),
+                    "train.max_steps=3",
+                ],
+            );
+            let mut t = Trainer::new(cfg).unwrap();
+            let (seen, r) = losses(&mut t, None);
+            r.unwrap();
+            assert_eq!(seen.len(), 3);
+            assert!(
+                seen.iter().all(|l| l.is_finite() && *l >= 0.0),
+                "{loss}: {seen:?}"
+            );
+        }
+    }
+}

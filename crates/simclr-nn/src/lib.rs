@@ -43,7 +43,7 @@ mod train;
 pub use checkpoint::Checkpoint;
 pub use error::{NnError, Result};
 pub use head::{HeadConfig, ProjectionHead};
-pub use loss::nt_xent;
+pub use loss::{nt_xent, ContrastiveLoss};
 pub use model::{SimClr, SimClrConfig};
 pub use optim::{Lars, LrScaling, Optimizer, Sgd, WarmupCosine};
 pub use param::{Module, Param, ParamKind, StateVisitor};

@@ -1,7 +1,7 @@
 //! One SimCLR training step.
 
 use crate::error::{NnError, Result};
-use crate::loss::nt_xent;
+use crate::loss::ContrastiveLoss;
 use crate::model::SimClr;
 use crate::optim::Optimizer;
 use crate::param::Module;
@@ -10,7 +10,7 @@ use crate::tensor::Tensor;
 /// What one step measured.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepStats {
-    /// The NT-Xent loss before the update.
+    /// The contrastive loss before the update.
     pub loss: f32,
     /// The learning rate used.
     pub lr: f32,
@@ -26,17 +26,19 @@ pub fn train_step(
     lr: f32,
     temperature: f32,
 ) -> Result<StepStats> {
-    train_step_with_h(model, views, optimizer, lr, temperature).map(|(stats, _)| stats)
+    let loss = ContrastiveLoss::NtXent { temperature };
+    train_step_with_h(model, views, optimizer, lr, &loss).map(|(stats, _)| stats)
 }
 
-/// [`train_step`], also returning the representations h of the views (`[2N, features]`, from
-/// before the update), for an online linear probe trained on them with stop-gradient.
+/// [`train_step`] with any of the contrastive losses, also returning the representations h of
+/// the views (`[2N, features]`, from before the update), for an online linear probe trained on
+/// them with stop-gradient.
 pub fn train_step_with_h(
     model: &mut SimClr,
     views: &Tensor,
     optimizer: &mut dyn Optimizer,
     lr: f32,
-    temperature: f32,
+    loss: &ContrastiveLoss,
 ) -> Result<(StepStats, Tensor)> {
     model.zero_grad();
     let (h, z) = model.forward(views, true)?;
@@ -45,7 +47,7 @@ pub fn train_step_with_h(
             what: "the projections z (the weights or the input overflow)".into(),
         });
     }
-    let (loss, dz) = nt_xent(&z, temperature)?;
+    let (loss, dz) = loss.forward_backward(&z)?;
     model.backward(&dz)?;
     let mut bad = None;
     model.for_each_param(&mut |name, p| {
