@@ -1,6 +1,7 @@
 //! The `simclr` program and the library behind it: configuration, pre-training with
-//! checkpoints and exact resume, linear evaluation, k-NN, export of encoders and
-//! representations, and a preview of the augmentations.
+//! checkpoints and exact resume, linear evaluation, fine-tuning on label subsets, k-NN, the
+//! paper's ablations, charts, export of encoders and representations, and a preview of the
+//! augmentations.
 //!
 //! ```no_run
 //! use simclr_cli::{Config, Control, Trainer};
