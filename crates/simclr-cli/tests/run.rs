@@ -255,3 +255,37 @@ fn the_ablation_losses_train() {
         }
     }
 }
+
+/// A checkpoint that cannot be written (as on a full disk) stops the run with an error naming
+/// the file, and the previous checkpoint survives unchanged.
+#[test]
+fn a_failed_checkpoint_write_keeps_the_previous_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("r");
+    let mut t = Trainer::new(tiny(&dir, &["train.checkpoint_every=1"])).unwrap();
+    let ck = dir.join("checkpoints/last.safetensors");
+    let mut before = None;
+    let r = t.run(&mut |rec| {
+        if rec.step == 2 {
+            before = Some(std::fs::read(&ck).unwrap());
+            // The atomic writer's temporary file cannot be created: the next save fails midway.
+            let blocker = dir.join(format!(
+                "checkpoints/.last.safetensors.tmp-{}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(blocker).unwrap();
+        }
+        Control::Continue
+    });
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains("last.safetensors") && e.contains("previous checkpoint is intact"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(&ck).unwrap(),
+        before.unwrap(),
+        "the step-2 checkpoint is untouched"
+    );
+    assert_eq!(Checkpoint::load(&ck).unwrap().metadata["step"], "2");
+}
