@@ -44,7 +44,7 @@ fn main() -> ExitCode {
 fn train(args: &[String]) -> Result<(), String> {
     let manifest = root().join("Cargo.toml");
     let mut cmd = cargo();
-    cmd.args(["run", "--release", "--quiet", "--manifest-path"])
+    cmd.args(["run", "--release", "--manifest-path"])
         .arg(&manifest)
         .args(["-p", "simclr-cli", "--bin", "simclr", "--", "train"])
         .args(args);

@@ -239,15 +239,23 @@ fn train_loop(trainer: &mut Trainer) -> Result<simclr_cli::Summary> {
     let out = trainer.run(&mut observe);
     bar.finish_and_clear();
     let s = out?;
-    eprintln!(
-        "done: {} steps, last loss {:.4}{}; checkpoint {}",
-        s.steps,
-        s.last_loss,
-        s.knn_top1
-            .map(|a| format!(", k-NN top-1 {a:.1}%"))
-            .unwrap_or_default(),
-        s.checkpoint.display()
-    );
+    if s.last_loss.is_nan() {
+        eprintln!(
+            "the run was already complete ({} steps); checkpoint {}",
+            s.steps,
+            s.checkpoint.display()
+        );
+    } else {
+        eprintln!(
+            "done: {} steps, last loss {:.4}{}; checkpoint {}",
+            s.steps,
+            s.last_loss,
+            s.knn_top1
+                .map(|a| format!(", k-NN top-1 {a:.1}%"))
+                .unwrap_or_default(),
+            s.checkpoint.display()
+        );
+    }
     Ok(s)
 }
 
