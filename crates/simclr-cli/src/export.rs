@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use simclr_nn::checkpoint::{state_dict, NamedTensor, TensorData};
+use simclr_nn::layers::Linear;
 use simclr_nn::{Checkpoint, SimClr};
 
 use crate::config::Config;
@@ -16,15 +17,36 @@ use crate::features::Features;
 /// `load_state_dict(..., strict=False)` (the `fc` layer is absent). The metadata records the
 /// architecture.
 pub fn save_encoder(model: &mut SimClr, path: &Path, cfg: &Config) -> Result<()> {
-    let tensors = state_dict(&mut model.encoder, "");
+    save_torchvision(model, None, path, cfg)
+}
+
+/// Writes the encoder, and the classifier `fc` when given, as one torchvision ResNet state dict
+/// (the classifier as `fc.weight`, `fc.bias`); creates the folder.
+pub fn save_torchvision(
+    model: &mut SimClr,
+    fc: Option<&mut Linear>,
+    path: &Path,
+    cfg: &Config,
+) -> Result<()> {
+    let mut tensors = state_dict(&mut model.encoder, "");
+    let format = match fc {
+        Some(fc) => {
+            tensors.extend(state_dict(fc, "fc."));
+            "simclr-classifier-1"
+        }
+        None => "simclr-encoder-1",
+    };
     let metadata = BTreeMap::from([
-        ("format".to_string(), "simclr-encoder-1".to_string()),
+        ("format".to_string(), format.to_string()),
         ("architecture".to_string(), cfg.model.describe()),
         (
             "model".to_string(),
             toml::to_string(&cfg.model).unwrap_or_default(),
         ),
     ]);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    }
     Checkpoint {
         tensors,
         metadata,

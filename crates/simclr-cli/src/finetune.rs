@@ -2,21 +2,19 @@
 //! a class-balanced, reproducible subset of the labels (1%, 10% or all), Nesterov SGD without
 //! warm-up and a cosine decay, augmented with crop and flip only.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use simclr_data::{label_subset, AugmentConfig, Augmentation, Dataset, Loader, LoaderConfig};
-use simclr_nn::checkpoint::state_dict;
 use simclr_nn::layers::Linear;
-use simclr_nn::{Checkpoint, Module, Optimizer, Sgd, SimClr, Tensor, WarmupCosine};
+use simclr_nn::{Module, Optimizer, Sgd, SimClr, Tensor, WarmupCosine};
 
 use crate::classifier::{accuracy, softmax_cross_entropy, Accuracy};
 use crate::config::Config;
 use crate::data::DataSplits;
-use crate::error::{io_err, CliError, Result};
+use crate::error::{CliError, Result};
 
 /// How to fine-tune.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -206,22 +204,7 @@ pub fn save_classifier(
     path: &Path,
     cfg: &Config,
 ) -> Result<()> {
-    let mut tensors = state_dict(&mut model.encoder, "");
-    tensors.extend(state_dict(fc, "fc."));
-    let metadata = BTreeMap::from([
-        ("format".to_string(), "simclr-classifier-1".to_string()),
-        ("architecture".to_string(), cfg.model.describe()),
-    ]);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    }
-    Checkpoint {
-        tensors,
-        metadata,
-        path: path.to_path_buf(),
-    }
-    .save(path)
-    .map_err(|e| io_err(path, e))
+    crate::export::save_torchvision(model, Some(fc), path, cfg)
 }
 
 #[cfg(test)]
