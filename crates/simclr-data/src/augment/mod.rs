@@ -507,6 +507,25 @@ impl Augmentation {
         p
     }
 
+    /// [`Self::check`], and that an output of `len` values holds the planar view; returns its
+    /// pixel count.
+    fn check_output(
+        img: &Image,
+        p: &ViewParams,
+        len: usize,
+        unit: &str,
+    ) -> Result<usize, DataError> {
+        Self::check(img, p)?;
+        let n = p.out_w as usize * p.out_h as usize;
+        if len != 3 * n {
+            return Err(DataError::Config(format!(
+                "output of {len} {unit} for a 3x{}x{} view",
+                p.out_h, p.out_w
+            )));
+        }
+        Ok(n)
+    }
+
     fn check(img: &Image, p: &ViewParams) -> Result<(), DataError> {
         let ok = p.src_w == img.width()
             && p.src_h == img.height()
@@ -531,16 +550,7 @@ impl Augmentation {
     /// Step 1 to 3 (crop + resize, flip, rotation) into planar 8-bit `3 x out_h x out_w`:
     /// the input of the GPU colour path.
     pub fn apply_geometry_u8(img: &Image, p: &ViewParams, out: &mut [u8]) -> Result<(), DataError> {
-        Self::check(img, p)?;
-        let n = p.out_w as usize * p.out_h as usize;
-        if out.len() != 3 * n {
-            return Err(DataError::Config(format!(
-                "output of {} bytes for a 3x{}x{} view",
-                out.len(),
-                p.out_h,
-                p.out_w
-            )));
-        }
+        Self::check_output(img, p, out.len(), "bytes")?;
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             resize_hwc(img, p, &mut s.resizer, &mut s.hwc)?;
@@ -555,16 +565,7 @@ impl Augmentation {
         p: &ViewParams,
         out: &mut [f32],
     ) -> Result<(), DataError> {
-        Self::check(img, p)?;
-        let n = p.out_w as usize * p.out_h as usize;
-        if out.len() != 3 * n {
-            return Err(DataError::Config(format!(
-                "output of {} floats for a 3x{}x{} view",
-                out.len(),
-                p.out_h,
-                p.out_w
-            )));
-        }
+        Self::check_output(img, p, out.len(), "floats")?;
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             resize_hwc(img, p, &mut s.resizer, &mut s.hwc)?;
@@ -586,16 +587,7 @@ impl Augmentation {
         if !p.has_color_stage() {
             return Self::apply_geometry_u8(img, p, out);
         }
-        Self::check(img, p)?;
-        let n = p.out_w as usize * p.out_h as usize;
-        if out.len() != 3 * n {
-            return Err(DataError::Config(format!(
-                "output of {} bytes for a 3x{}x{} view",
-                out.len(),
-                p.out_h,
-                p.out_w
-            )));
-        }
+        let n = Self::check_output(img, p, out.len(), "bytes")?;
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             resize_hwc(img, p, &mut s.resizer, &mut s.hwc)?;
