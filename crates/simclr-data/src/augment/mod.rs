@@ -14,7 +14,8 @@
 //! pixels, so it differs from torchvision's by at most a couple of 8-bit steps; the colour
 //! operations run in `f32` and match torchvision's float kernels to about 1e-6.
 
-pub mod ops;
+pub use simclr_kernels::cpu::color as ops;
+pub use simclr_kernels::cpu::color::apply_color_stage;
 
 use std::cell::RefCell;
 
@@ -618,51 +619,6 @@ pub fn normalize(planar: &mut [f32], norm: &Normalize) {
         for v in plane {
             *v = (*v - m) * inv;
         }
-    }
-}
-
-/// Steps 4 to 9 (colour jitter, grayscale, blur, Sobel, cutout, noise) on a planar `f32` view
-/// in \[0, 1\]: what the GPU colour path does after the CPU's geometry. `scratch` is a work
-/// buffer.
-pub fn apply_color_stage(planar: &mut [f32], p: &ViewParams, scratch: &mut Vec<f32>) {
-    let (w, h) = (p.out_w as usize, p.out_h as usize);
-    if p.has_jitter() {
-        for op in p.jitter_ops() {
-            match op {
-                JitterOp::Brightness if p.brightness != 1.0 => {
-                    ops::adjust_brightness(planar, p.brightness)
-                }
-                JitterOp::Contrast if p.contrast != 1.0 => ops::adjust_contrast(planar, p.contrast),
-                JitterOp::Saturation if p.saturation != 1.0 => {
-                    ops::adjust_saturation(planar, p.saturation)
-                }
-                JitterOp::Hue if p.hue != 0.0 => ops::adjust_hue(planar, p.hue),
-                _ => {}
-            }
-        }
-    }
-    if p.grayscale != 0 {
-        ops::to_grayscale(planar);
-    }
-    if p.blur_sigma > 0.0 && p.blur_kernel > 1 {
-        ops::gaussian_blur(planar, w, h, p.blur_kernel, p.blur_sigma, scratch);
-    }
-    if p.sobel != 0 {
-        ops::sobel(planar, w, h, scratch);
-    }
-    if p.cutout_w > 0 && p.cutout_h > 0 {
-        ops::cutout(
-            planar,
-            w,
-            h,
-            p.cutout_x as usize,
-            p.cutout_y as usize,
-            p.cutout_w as usize,
-            p.cutout_h as usize,
-        );
-    }
-    if p.noise_std > 0.0 {
-        ops::add_noise(planar, p.noise_std, p.noise_seed);
     }
 }
 

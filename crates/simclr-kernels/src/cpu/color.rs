@@ -4,9 +4,9 @@
 //! Each follows torchvision's float-tensor semantics (`torchvision.transforms.v2.functional`),
 //! checked against values torchvision computed (`tests/fixtures/torchvision_ops.safetensors`); they
 //! are also the reference of the GPU kernels, which apply the same
-//! [`ViewParams`](super::ViewParams).
+//! [`ViewParams`](crate::augment::ViewParams).
 
-use simclr_kernels::augment::{gaussian_kernel, noise_normal, LUMA};
+use crate::augment::{gaussian_kernel, noise_normal, JitterOp, ViewParams, LUMA};
 
 /// Gray value (ITU-R 601-2 luma, torchvision's weights and order of operations).
 #[inline(always)]
@@ -275,3 +275,49 @@ pub fn add_noise(img: &mut [f32], std: f32, seed: u32) {
         *v = (*v + std * noise_normal(seed, i as u32)).clamp(0.0, 1.0);
     }
 }
+
+/// Steps 4 to 9 (colour jitter, grayscale, blur, Sobel, cutout, noise) on a planar `f32` view
+/// in \[0, 1\]: what the GPU colour path does after the CPU's geometry. `scratch` is a work
+/// buffer.
+pub fn apply_color_stage(planar: &mut [f32], p: &ViewParams, scratch: &mut Vec<f32>) {
+    let (w, h) = (p.out_w as usize, p.out_h as usize);
+    if p.has_jitter() {
+        for op in p.jitter_ops() {
+            match op {
+                JitterOp::Brightness if p.brightness != 1.0 => {
+                    adjust_brightness(planar, p.brightness)
+                }
+                JitterOp::Contrast if p.contrast != 1.0 => adjust_contrast(planar, p.contrast),
+                JitterOp::Saturation if p.saturation != 1.0 => {
+                    adjust_saturation(planar, p.saturation)
+                }
+                JitterOp::Hue if p.hue != 0.0 => adjust_hue(planar, p.hue),
+                _ => {}
+            }
+        }
+    }
+    if p.grayscale != 0 {
+        to_grayscale(planar);
+    }
+    if p.blur_sigma > 0.0 && p.blur_kernel > 1 {
+        gaussian_blur(planar, w, h, p.blur_kernel, p.blur_sigma, scratch);
+    }
+    if p.sobel != 0 {
+        sobel(planar, w, h, scratch);
+    }
+    if p.cutout_w > 0 && p.cutout_h > 0 {
+        cutout(
+            planar,
+            w,
+            h,
+            p.cutout_x as usize,
+            p.cutout_y as usize,
+            p.cutout_w as usize,
+            p.cutout_h as usize,
+        );
+    }
+    if p.noise_std > 0.0 {
+        add_noise(planar, p.noise_std, p.noise_seed);
+    }
+}
+
