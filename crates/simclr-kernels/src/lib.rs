@@ -6,3 +6,4 @@
 
 pub mod augment;
 pub mod cpu;
+pub mod cuda;
