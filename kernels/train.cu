@@ -1,1 +1,293 @@
-extern "C" __global__ void dummy_train() {}
+// What a training step needs beyond cuDNN's convolutions and cuBLAS's products: the GPU twins
+// of simclr_kernels::cpu::{eltwise, norm, pooling, optim}. Activations are NHWC, seen as
+// [rows, channels] matrices.
+//
+// Batch norm is ours, not cuDNN's: SimCLR's global batch norm all-reduces the statistics between
+// the reduction and the normalisation (and the gradient sums in the backward pass), which
+// cuDNN's fused calls do not allow. The statistics are two-pass (mean, then centred squares),
+// summed in f64 per fixed group of rows, as on the CPU.
+
+#define RED_THREADS 256
+
+// ---- element-wise ----
+
+extern "C" __global__ void relu_f32(const float* x, float* y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = fmaxf(x[i], 0.0f);
+}
+
+// dx = dy where the ReLU's output y > 0, else 0 (dx may alias dy).
+extern "C" __global__ void relu_backward_f32(const float* dy, const float* y, float* dx, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        dx[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+}
+
+// a += b (the residual add), optionally followed by a ReLU.
+extern "C" __global__ void add_f32(float* a, const float* b, u64 n, int relu) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v = a[i] + b[i];
+        a[i] = relu ? fmaxf(v, 0.0f) : v;
+    }
+}
+
+extern "C" __global__ void cast_f32_bf16(const float* x, bf16_t* y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = f32_to_bf16(x[i]);
+}
+
+extern "C" __global__ void cast_bf16_f32(const bf16_t* x, float* y, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = bf16_to_f32(x[i]);
+}
+
+extern "C" __global__ void f64_to_f32(const double* x, float* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = (float)x[i];
+}
+
+// ---- reductions ----
+
+// partials[b] = sum of the block's grid-stride share of x, in f64.
+extern "C" __global__ void sum_partials_f32(const float* x, u64 n, double* partials) {
+    __shared__ double scratch[32];
+    double acc = 0.0;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        acc += (double)x[i];
+    acc = block_sum_f64(acc, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+// out[0] = scale * sum of partials[0..n), one block, fixed order.
+extern "C" __global__ void sum_finish(const double* partials, int n, double scale, double* out) {
+    __shared__ double scratch[32];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
+    acc = block_sum_f64(acc, scratch);
+    if (threadIdx.x == 0) out[0] = acc * scale;
+}
+
+// ---- global average pooling, [n, hw, c] <-> [n, c] ----
+
+extern "C" __global__ void gap_forward_f32(const float* x, int n, int hw, int c, float* y) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * c) return;
+    int b = i / c, ch = i % c;
+    const float* xb = x + (u64)b * hw * c + ch;
+    float acc = 0.0f;
+    for (int p = 0; p < hw; p++) acc += xb[(u64)p * c];
+    y[i] = acc * (1.0f / (float)hw);
+}
+
+extern "C" __global__ void gap_backward_f32(const float* dy, int n, int hw, int c, float* dx) {
+    u64 total = (u64)n * hw * c;
+    float s = 1.0f / (float)hw;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        u64 b = i / ((u64)hw * c);
+        int ch = (int)(i % c);
+        dx[i] = dy[b * c + ch] * s;
+    }
+}
+
+// ---- batch norm over [rows, c] ----
+
+// Per channel and per group of rows (blockIdx.y of gridDim.y groups), in f64:
+//   mode 0: sum x;  mode 1: sum (x - center)^2;
+//   mode 2: sum g and sum g * xhat with g = dy masked by relu_out > 0 (when given) and
+//           xhat = (x - mean) * invstd; the second sum goes to partials[.., c + ch].
+// Block: 32 channels x 8 row lanes. partials is [groups][width] with width c (modes 0, 1) or 2c.
+extern "C" __global__ void bn_partials(const float* x, const float* dy, const float* relu_out, int rows, int c,
+                                       const double* center, const float* mean, const float* invstd, int mode,
+                                       double* partials) {
+    __shared__ double s0[8][33];
+    __shared__ double s1[8][33];
+    int lc = threadIdx.x & 31, lr = threadIdx.x >> 5;
+    int ch = blockIdx.x * 32 + lc;
+    int groups = gridDim.y;
+    int per = (rows + groups - 1) / groups;
+    int r0 = blockIdx.y * per, r1 = min(rows, r0 + per);
+    double a0 = 0.0, a1 = 0.0;
+    if (ch < c) {
+        for (int r = r0 + lr; r < r1; r += 8) {
+            u64 o = (u64)r * c + ch;
+            float v = x[o];
+            if (mode == 0) {
+                a0 += (double)v;
+            } else if (mode == 1) {
+                double d = (double)v - center[ch];
+                a0 += d * d;
+            } else {
+                float g = (relu_out != 0 && relu_out[o] <= 0.0f) ? 0.0f : dy[o];
+                float xhat = (v - mean[ch]) * invstd[ch];
+                a0 += (double)g;
+                a1 += (double)g * (double)xhat;
+            }
+        }
+    }
+    s0[lr][lc] = a0;
+    s1[lr][lc] = a1;
+    __syncthreads();
+    if (lr == 0 && ch < c) {
+        double t0 = 0.0, t1 = 0.0;
+        for (int j = 0; j < 8; j++) {
+            t0 += s0[j][lc];
+            t1 += s1[j][lc];
+        }
+        int width = mode == 2 ? 2 * c : c;
+        partials[(u64)blockIdx.y * width + ch] = t0;
+        if (mode == 2) partials[(u64)blockIdx.y * width + c + ch] = t1;
+    }
+}
+
+// out[i] = sum over groups of partials[g][i], i < width.
+extern "C" __global__ void bn_reduce(const double* partials, int groups, int width, double* out) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= width) return;
+    double acc = 0.0;
+    for (int g = 0; g < groups; g++) acc += partials[(u64)g * width + i];
+    out[i] = acc;
+}
+
+// mean = sum / count (as f64 for the centred pass and f32 for the rest).
+extern "C" __global__ void bn_mean(const double* sum, double count, int c, double* mean64, float* mean) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= c) return;
+    double m = sum[i] / count;
+    mean64[i] = m;
+    mean[i] = (float)m;
+}
+
+// From the (all-reduced) centred squares: invstd, the folded affine (scale, shift) and the
+// running statistics (momentum, unbiased variance), as simclr-nn's BatchNorm.
+extern "C" __global__ void bn_finalize(const double* sq, double count, float eps, const float* mean, const float* gamma,
+                                       const float* beta, float momentum, int c, float* invstd, float* scale,
+                                       float* shift, float* running_mean, float* running_var) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= c) return;
+    float var = (float)(sq[i] / count);
+    float is = 1.0f / sqrtf(var + eps);
+    invstd[i] = is;
+    float sc = gamma[i] * is;
+    scale[i] = sc;
+    shift[i] = beta[i] - mean[i] * sc;
+    float unbias = (float)count / (float)(count - 1.0);
+    running_mean[i] = (1.0f - momentum) * running_mean[i] + momentum * mean[i];
+    running_var[i] = (1.0f - momentum) * running_var[i] + momentum * var * unbias;
+}
+
+// y = x * scale + shift per channel, then ReLU when relu != 0.
+extern "C" __global__ void bn_apply(const float* x, const float* scale, const float* shift, u64 rows, int c, int relu,
+                                    float* y) {
+    u64 total = rows * c;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        int ch = (int)(i % c);
+        float v = x[i] * scale[ch] + shift[ch];
+        y[i] = relu ? fmaxf(v, 0.0f) : v;
+    }
+}
+
+// dx = gamma invstd (g - dbeta / count - xhat dgamma / count), from the (all-reduced) sums
+// sums = [dbeta | dgamma]; count is the global number of rows.
+extern "C" __global__ void bn_backward_apply(const float* x, const float* dy, const float* relu_out, u64 rows, int c,
+                                             const float* mean, const float* invstd, const float* gamma,
+                                             const double* sums, double count, float* dx) {
+    u64 total = rows * c;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        int ch = (int)(i % c);
+        float g = (relu_out != 0 && relu_out[i] <= 0.0f) ? 0.0f : dy[i];
+        float xhat = (x[i] - mean[ch]) * invstd[ch];
+        float mb = (float)(sums[ch] / count);
+        float mg = (float)(sums[c + ch] / count);
+        dx[i] = gamma[ch] * invstd[ch] * (g - mb - xhat * mg);
+    }
+}
+
+// ---- optimisers ----
+
+// torch.optim.SGD (dampening 0): g += wd p; buf = momentum buf + g; p -= lr (nesterov ? g +
+// momentum buf : buf).
+extern "C" __global__ void sgd_update(float* p, const float* g, float* buf, u64 n, float lr, float momentum, float wd,
+                                      int nesterov) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float gi = g[i] + wd * p[i];
+        float b = momentum * buf[i] + gi;
+        buf[i] = b;
+        p[i] -= lr * (nesterov ? gi + momentum * b : b);
+    }
+}
+
+// LARS over many tensors in two launches. Tensor k has len[k] elements at p[k], g[k], v[k]
+// (device addresses), adapt[k] = 0 for the excluded ones (biases, batch-norm parameters: no
+// trust ratio, no weight decay), and owns blocks first[k] .. first[k + 1] of LARS_CHUNK
+// elements each.
+#define LARS_CHUNK 4096
+
+__device__ __forceinline__ int lars_tensor(const int* first, int tensors, int block) {
+    int lo = 0, hi = tensors - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (first[mid] <= block) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+// partials[2 b] = sum p^2, partials[2 b + 1] = sum (g + wd p)^2 over block b's chunk.
+extern "C" __global__ void lars_norms(const u64* pp, const u64* gp, const u64* lens, const int* first, int tensors,
+                                      float wd, double* partials) {
+    __shared__ double scratch[32];
+    int k = lars_tensor(first, tensors, blockIdx.x);
+    const float* p = reinterpret_cast<const float*>(pp[k]);
+    const float* g = reinterpret_cast<const float*>(gp[k]);
+    u64 start = (u64)(blockIdx.x - first[k]) * LARS_CHUNK;
+    u64 end = min((u64)lens[k], start + LARS_CHUNK);
+    double w2 = 0.0, g2 = 0.0;
+    for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+        double pv = p[i];
+        double d = (double)(g[i] + wd * p[i]);
+        w2 += pv * pv;
+        g2 += d * d;
+    }
+    w2 = block_sum_f64(w2, scratch);
+    g2 = block_sum_f64(g2, scratch);
+    if (threadIdx.x == 0) {
+        partials[2 * blockIdx.x] = w2;
+        partials[2 * blockIdx.x + 1] = g2;
+    }
+}
+
+// The trust ratio eta |p| / |g + wd p| (1 where a norm is 0) scales lr for the adapted tensors;
+// v = momentum v + lr' (g + wd' p); p -= (nesterov ? momentum v + lr' (g + wd' p) : v).
+extern "C" __global__ void lars_update(const u64* pp, const u64* gp, const u64* vp, const u64* lens, const int* first,
+                                       const int* adapt, int tensors, const double* partials, float lr, float momentum,
+                                       float wd, float eta, int nesterov) {
+    __shared__ float slr_s;
+    int k = lars_tensor(first, tensors, blockIdx.x);
+    float* p = reinterpret_cast<float*>(pp[k]);
+    const float* g = reinterpret_cast<const float*>(gp[k]);
+    float* v = reinterpret_cast<float*>(vp[k]);
+    if (threadIdx.x == 0) {
+        float slr = lr;
+        if (adapt[k]) {
+            double w2 = 0.0, g2 = 0.0;
+            for (int b = first[k]; b < first[k + 1]; b++) {
+                w2 += partials[2 * b];
+                g2 += partials[2 * b + 1];
+            }
+            double wn = sqrt(w2), gn = sqrt(g2);
+            double trust = (wn > 0.0 && gn > 0.0) ? (double)eta * wn / gn : 1.0;
+            slr = (float)((double)lr * trust);
+        }
+        slr_s = slr;
+    }
+    __syncthreads();
+    float slr = slr_s;
+    float wdk = adapt[k] ? wd : 0.0f;
+    u64 start = (u64)(blockIdx.x - first[k]) * LARS_CHUNK;
+    u64 end = min((u64)lens[k], start + LARS_CHUNK);
+    for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float gi = g[i] + wdk * p[i];
+        float vi = momentum * v[i] + slr * gi;
+        v[i] = vi;
+        p[i] -= nesterov ? momentum * vi + slr * gi : vi;
+    }
+}
