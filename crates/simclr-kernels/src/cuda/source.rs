@@ -95,3 +95,104 @@ pub fn compile(module: Module, arch: &str) -> Result<Ptx, GpuError> {
         },
     })
 }
+
+/// The names of the `extern "C" __global__` kernels a module defines.
+pub fn kernel_names(module: Module) -> Vec<String> {
+    let src = module.body();
+    let mut names = Vec::new();
+    let mut rest = src;
+    while let Some(i) = rest.find("__global__") {
+        rest = &rest[i + "__global__".len()..];
+        // `void [__launch_bounds__(..)] NAME(`, possibly with the macro's NAME parameter.
+        let Some(open) = rest.find('(') else { break };
+        let head = &rest[..open];
+        if let Some(name) = head.split_whitespace().last() {
+            if name != "__launch_bounds__" && name != "NAME" {
+                names.push(name.to_string());
+            }
+        }
+    }
+    // Kernels stamped out by the NT-Xent macros: `NTX_FWD(name, P)` and `NTX_BWD(name, P, DC)`.
+    for mac in ["NTX_FWD(", "NTX_BWD("] {
+        for line in src.lines().filter(|l| l.starts_with(mac)) {
+            if let Some(name) = line[mac.len()..].split(',').next() {
+                names.push(name.trim().to_string());
+            }
+        }
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_launched_kernel_is_defined() {
+        let launched: [(Module, &[&str]); 3] = [
+            (
+                Module::NtXent,
+                &[
+                    "ntxent_normalize_f32",
+                    "ntxent_normalize_bf16",
+                    "ntxent_forward_f32",
+                    "ntxent_forward_tf32",
+                    "ntxent_forward_bf16",
+                    "ntxent_backward_f32",
+                    "ntxent_backward_tf32",
+                    "ntxent_backward_bf16",
+                    "ntxent_merge",
+                    "ntxent_finish",
+                    "ntxent_sum",
+                ],
+            ),
+            (Module::Augment, &["aug_color", "aug_blur_h", "aug_finish"]),
+            (
+                Module::Train,
+                &[
+                    "relu_f32",
+                    "relu_backward_f32",
+                    "add_f32",
+                    "cast_f32_bf16",
+                    "cast_bf16_f32",
+                    "f64_to_f32",
+                    "sum_partials_f32",
+                    "sum_finish",
+                    "gap_forward_f32",
+                    "gap_backward_f32",
+                    "bn_partials",
+                    "bn_reduce",
+                    "bn_mean",
+                    "bn_finalize",
+                    "bn_apply",
+                    "bn_backward_apply",
+                    "sgd_update",
+                    "lars_norms",
+                    "lars_update",
+                ],
+            ),
+        ];
+        for (m, names) in launched {
+            let defined = kernel_names(m);
+            for n in names {
+                assert!(defined.iter().any(|d| d == n), "{n} is not defined in kernels/{}: {defined:?}", m.file_name());
+            }
+        }
+    }
+
+    #[test]
+    fn compiling_needs_nvrtc_and_says_so() {
+        if nvrtc_available() {
+            // NVRTC is on the library path (CI puts the wheel's there): the real compilation.
+            for m in Module::ALL {
+                let ptx = compile(m, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+                assert!(ptx.to_src().contains(".target sm_90"));
+            }
+        } else {
+            let e = compile(Module::NtXent, "sm_90").unwrap_err();
+            assert!(matches!(e, GpuError::NoNvrtc), "{e}");
+            assert!(e.to_string().contains("libnvrtc"), "{e}");
+        }
+        assert!(matches!(compile(Module::Train, "sm_61"), Err(GpuError::Unsupported(_)) | Err(GpuError::NoNvrtc)));
+    }
+}
