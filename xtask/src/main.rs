@@ -7,6 +7,12 @@
 //! - `fixtures [--python PY]`: regenerate the PyTorch parity fixtures of tests/reference.
 //! - `bench-cpu [--python PY] [--quick] [--report-only]`: PyTorch's CPU baseline and our criterion benchmarks in
 //!   one run on this machine, and the ratio of their medians.
+//! - `check-kernels [--python PY]`: compile every CUDA kernel with NVRTC 13.0 for sm_80 and sm_90
+//!   (no GPU needed) and report registers and spills with ptxas.
+//! - `gpu-check`: build the GPU tests and benchmarks into `gpu-check/` with the script to run on
+//!   a GPU machine.
+
+mod gpu;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -18,6 +24,8 @@ fn main() -> ExitCode {
         Some("ci") => ci(),
         Some("fixtures") => fixtures(&args[1..]),
         Some("bench-cpu") => bench_cpu(&args[1..]),
+        Some("check-kernels") => gpu::check_kernels(&args[1..]),
+        Some("gpu-check") => gpu::gpu_check(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -25,7 +33,9 @@ fn main() -> ExitCode {
                  train [ARGS]                     pre-train + linear-evaluate (simclr train ARGS)\n  \
                  ci                               fmt --check, clippy -D warnings, the test suite\n  \
                  fixtures [--python PY]           regenerate tests/reference/fixtures with PyTorch\n  \
-                 bench-cpu [--python PY] [--quick] [--report-only]\n                                   PyTorch CPU baseline beside our benchmarks"
+                 bench-cpu [--python PY] [--quick] [--report-only]\n                                   PyTorch CPU baseline beside our benchmarks\n  \
+                 check-kernels [--python PY]      compile every CUDA kernel (NVRTC 13.0, ptxas report)\n  \
+                 gpu-check                        build gpu-check/ for a GPU machine"
             );
             return ExitCode::from(2);
         }

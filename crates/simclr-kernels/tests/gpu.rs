@@ -48,7 +48,10 @@ impl Rng {
 fn rel_max_diff(a: &[f32], b: &[f32], floor: f32) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(floor, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 /// Embeddings whose positives are correlated with their anchors, as in training.
@@ -63,27 +66,44 @@ fn embeddings(rng: &mut Rng, rows: usize, dim: usize) -> Vec<f32> {
     z
 }
 
-fn check_ntxent(gpu: &Gpu, rows: usize, dim: usize, tau: f32, prec: Precision, tol_loss: f32, tol_grad: f32) {
+fn check_ntxent(
+    gpu: &Gpu,
+    rows: usize,
+    dim: usize,
+    tau: f32,
+    prec: Precision,
+    tol_loss: f32,
+    tol_grad: f32,
+) {
     let mut rng = Rng(rows as u64 * 31 + dim as u64);
     let mut z = embeddings(&mut rng, rows, dim);
     // A zero row exercises the norm clamp.
     z[..dim].fill(0.0);
     let mut want_g = vec![0.0; rows * dim];
-    let want = cpu::nt_xent_forward_backward(&z, rows, dim, &NtXentConfig::new(tau), &mut want_g).unwrap();
+    let want =
+        cpu::nt_xent_forward_backward(&z, rows, dim, &NtXentConfig::new(tau), &mut want_g).unwrap();
     let zd = gpu.upload(&z).unwrap();
     let mut gd = gpu.zeros::<f32>(rows * dim).unwrap();
     let mut ws = NtXentGpu::new(gpu, rows, dim, prec).unwrap();
     let got = ws.forward_backward(gpu, &zd, tau, &mut gd).unwrap();
     let got_g = gpu.download(&gd).unwrap();
     let what = format!("rows {rows} dim {dim} tau {tau} {prec:?}");
-    assert!((got - want).abs() <= tol_loss * want.abs().max(1.0), "{what}: loss {got} vs CPU {want}");
+    assert!(
+        (got - want).abs() <= tol_loss * want.abs().max(1.0),
+        "{what}: loss {got} vs CPU {want}"
+    );
     let d = rel_max_diff(&got_g, &want_g, 1e-12);
-    assert!(d <= tol_grad, "{what}: gradient differs from the CPU's by {d} of its max");
+    assert!(
+        d <= tol_grad,
+        "{what}: gradient differs from the CPU's by {d} of its max"
+    );
 }
 
 #[test]
 fn gpu_ntxent_matches_cpu_twin() {
-    let Some(gpu) = gpu_or_skip("gpu_ntxent_matches_cpu_twin") else { return };
+    let Some(gpu) = gpu_or_skip("gpu_ntxent_matches_cpu_twin") else {
+        return;
+    };
     for (rows, dim) in [(8, 3), (130, 128), (512, 128), (256, 200), (2048, 64)] {
         for tau in [0.5, 0.1, 0.01] {
             check_ntxent(&gpu, rows, dim, tau, Precision::F32, 2e-5, 2e-4);
@@ -95,7 +115,9 @@ fn gpu_ntxent_matches_cpu_twin() {
 
 #[test]
 fn gpu_ntxent_anchor_shares_sum_to_the_whole() {
-    let Some(gpu) = gpu_or_skip("gpu_ntxent_anchor_shares_sum_to_the_whole") else { return };
+    let Some(gpu) = gpu_or_skip("gpu_ntxent_anchor_shares_sum_to_the_whole") else {
+        return;
+    };
     let (rows, dim, tau) = (384, 96, 0.2);
     let mut rng = Rng(7);
     let z = embeddings(&mut rng, rows, dim);
@@ -107,30 +129,59 @@ fn gpu_ntxent_anchor_shares_sum_to_the_whole() {
         for k in 0..4 {
             let anchors = k * rows / 4..(k + 1) * rows / 4;
             let mut gd = gpu.zeros::<f32>(rows * dim).unwrap();
-            let l = ws.forward_backward_anchors(&gpu, &zd, anchors.clone(), tau, &mut gd).unwrap();
+            let l = ws
+                .forward_backward_anchors(&gpu, &zd, anchors.clone(), tau, &mut gd)
+                .unwrap();
             let g = gpu.download(&gd).unwrap();
             // The CPU twin's share for the same anchors.
             let mut cg = vec![0.0; rows * dim];
-            let cl = cpu::nt_xent_forward_backward_anchors(&z, rows, dim, anchors, &NtXentConfig::new(tau), 1.0, &mut cg)
-                .unwrap();
+            let cl = cpu::nt_xent_forward_backward_anchors(
+                &z,
+                rows,
+                dim,
+                anchors,
+                &NtXentConfig::new(tau),
+                1.0,
+                &mut cg,
+            )
+            .unwrap();
             let tol = if prec == Precision::F32 { 2e-4 } else { 6e-2 };
-            assert!((l - cl).abs() <= tol * cl.abs().max(1.0), "{prec:?} share {k}: {l} vs {cl}");
-            assert!(rel_max_diff(&g, &cg, 1e-12) <= tol, "{prec:?} share {k}: gradient");
+            assert!(
+                (l - cl).abs() <= tol * cl.abs().max(1.0),
+                "{prec:?} share {k}: {l} vs {cl}"
+            );
+            assert!(
+                rel_max_diff(&g, &cg, 1e-12) <= tol,
+                "{prec:?} share {k}: gradient"
+            );
             total += l;
             gsum.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
         }
         let mut want_g = vec![0.0; rows * dim];
-        let want = cpu::nt_xent_forward_backward(&z, rows, dim, &NtXentConfig::new(tau), &mut want_g).unwrap();
+        let want =
+            cpu::nt_xent_forward_backward(&z, rows, dim, &NtXentConfig::new(tau), &mut want_g)
+                .unwrap();
         let tol = if prec == Precision::F32 { 2e-4 } else { 6e-2 };
-        assert!((total - want).abs() <= tol * want, "{prec:?}: shares sum to {total}, whole {want}");
-        assert!(rel_max_diff(&gsum, &want_g, 1e-12) <= tol, "{prec:?}: summed gradients");
+        assert!(
+            (total - want).abs() <= tol * want,
+            "{prec:?}: shares sum to {total}, whole {want}"
+        );
+        assert!(
+            rel_max_diff(&gsum, &want_g, 1e-12) <= tol,
+            "{prec:?}: summed gradients"
+        );
     }
 }
 
 #[test]
 fn gpu_ntxent_rejects_bad_input() {
-    let Some(gpu) = gpu_or_skip("gpu_ntxent_rejects_bad_input") else { return };
-    assert!(matches!(NtXentGpu::new(&gpu, 7, 4, Precision::Bf16), Err(GpuError::Invalid(_))));
+    let Some(gpu) = gpu_or_skip("gpu_ntxent_rejects_bad_input") else {
+        return;
+    };
+    assert!(matches!(
+        NtXentGpu::new(&gpu, 7, 4, Precision::Bf16),
+        Err(GpuError::Invalid(_))
+    ));
     let mut ws = NtXentGpu::new(&gpu, 8, 4, Precision::Bf16).unwrap();
     let z = gpu.zeros::<f32>(31).unwrap();
     let e = ws.forward(&gpu, &z, 0.5).unwrap_err();
@@ -166,11 +217,17 @@ fn random_view(rng: &mut Rng, h: u32, w: u32, i: usize) -> ViewParams {
 
 #[test]
 fn gpu_augment_matches_cpu_twin() {
-    let Some(gpu) = gpu_or_skip("gpu_augment_matches_cpu_twin") else { return };
+    let Some(gpu) = gpu_or_skip("gpu_augment_matches_cpu_twin") else {
+        return;
+    };
     let (views, h, w) = (24usize, 40usize, 56usize);
     let mut rng = Rng(3);
-    let crops: Vec<u8> = (0..views * 3 * h * w).map(|_| (rng.next_u64() & 0xff) as u8).collect();
-    let params: Vec<ViewParams> = (0..views).map(|i| random_view(&mut rng, h as u32, w as u32, i)).collect();
+    let crops: Vec<u8> = (0..views * 3 * h * w)
+        .map(|_| (rng.next_u64() & 0xff) as u8)
+        .collect();
+    let params: Vec<ViewParams> = (0..views)
+        .map(|i| random_view(&mut rng, h as u32, w as u32, i))
+        .collect();
     let (mean, std) = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
     // The CPU twin: u8 -> [0, 1], the colour stage, then (x - mean) / std.
     let n = 3 * h * w;
@@ -191,32 +248,47 @@ fn gpu_augment_matches_cpu_twin() {
     let cd = gpu.upload(&crops).unwrap();
     let mut aug = AugmentGpu::new(&gpu, views, h, w, mean, std).unwrap();
     let mut out = gpu.zeros::<f32>(views * n).unwrap();
-    aug.apply(&gpu, &cd, &params, Layout::Nchw, AugOutput::F32(&mut out)).unwrap();
+    aug.apply(&gpu, &cd, &params, Layout::Nchw, AugOutput::F32(&mut out))
+        .unwrap();
     let got = gpu.download(&out).unwrap();
     let d = rel_max_diff(&got, &want, 1.0);
     assert!(d < 2e-4, "NCHW f32 differs by {d}");
 
     let mut out16 = gpu.zeros::<u16>(views * n).unwrap();
-    aug.apply(&gpu, &cd, &params, Layout::Nhwc, AugOutput::Bf16(&mut out16)).unwrap();
+    aug.apply(
+        &gpu,
+        &cd,
+        &params,
+        Layout::Nhwc,
+        AugOutput::Bf16(&mut out16),
+    )
+    .unwrap();
     let got16 = gpu.download(&out16).unwrap();
     for v in 0..views {
         for c in 0..3 {
             for p in 0..h * w {
                 let g = f32::from_bits((got16[(v * h * w + p) * 3 + c] as u32) << 16);
                 let e = want[v * n + c * h * w + p];
-                assert!((g - e).abs() <= 0.01 * e.abs().max(1.0), "NHWC bf16 view {v} channel {c} pixel {p}: {g} vs {e}");
+                assert!(
+                    (g - e).abs() <= 0.01 * e.abs().max(1.0),
+                    "NHWC bf16 view {v} channel {c} pixel {p}: {g} vs {e}"
+                );
             }
         }
     }
     let mut sobel = params.clone();
     sobel[3].sobel = 1;
-    let e = aug.apply(&gpu, &cd, &sobel, Layout::Nchw, AugOutput::F32(&mut out)).unwrap_err();
+    let e = aug
+        .apply(&gpu, &cd, &sobel, Layout::Nchw, AugOutput::F32(&mut out))
+        .unwrap_err();
     assert!(e.to_string().contains("view 3"), "{e}");
 }
 
 #[test]
 fn gpu_elementwise_pooling_and_casts_match_cpu_twins() {
-    let Some(gpu) = gpu_or_skip("gpu_elementwise_pooling_and_casts_match_cpu_twins") else { return };
+    let Some(gpu) = gpu_or_skip("gpu_elementwise_pooling_and_casts_match_cpu_twins") else {
+        return;
+    };
     let mut rng = Rng(11);
     let (n, hw, c) = (3usize, 49usize, 40usize);
     let x = rng.vec(n * hw * c);
@@ -272,7 +344,9 @@ fn gpu_elementwise_pooling_and_casts_match_cpu_twins() {
 
 #[test]
 fn gpu_batchnorm_matches_cpu_twin() {
-    let Some(gpu) = gpu_or_skip("gpu_batchnorm_matches_cpu_twin") else { return };
+    let Some(gpu) = gpu_or_skip("gpu_batchnorm_matches_cpu_twin") else {
+        return;
+    };
     let mut rng = Rng(5);
     let (rows, c) = (300usize, 70usize);
     // Values far from zero: the two-pass variance must stay accurate.
@@ -288,8 +362,17 @@ fn gpu_batchnorm_matches_cpu_twin() {
     let mut want_y = vec![0.0; rows * c];
     cpu::norm::affine_rows(&x, c, &scale, &shift, &mut want_y, true);
     let mut want_dx = vec![0.0; rows * c];
-    let (want_dg, want_db) =
-        cpu::norm::batchnorm_backward(&x, &dy, Some(&want_y), rows, c, &mean, &invstd, &gamma, &mut want_dx);
+    let (want_dg, want_db) = cpu::norm::batchnorm_backward(
+        &x,
+        &dy,
+        Some(&want_y),
+        rows,
+        c,
+        &mean,
+        &invstd,
+        &gamma,
+        &mut want_dx,
+    );
 
     let xd = gpu.upload(&x).unwrap();
     let gd = gpu.upload(&gamma).unwrap();
@@ -303,8 +386,17 @@ fn gpu_batchnorm_matches_cpu_twin() {
         calls += 1;
         Ok(())
     };
-    let p = BnParams { gamma: &gd, beta: &bd, running_mean: &mut rm, running_var: &mut rv, momentum: 0.1, eps };
-    let saved = bn.forward_train(&gpu, &xd, rows, rows, p, true, &mut yd, &mut identity).unwrap();
+    let p = BnParams {
+        gamma: &gd,
+        beta: &bd,
+        running_mean: &mut rm,
+        running_var: &mut rv,
+        momentum: 0.1,
+        eps,
+    };
+    let saved = bn
+        .forward_train(&gpu, &xd, rows, rows, p, true, &mut yd, &mut identity)
+        .unwrap();
     let y = gpu.download(&yd).unwrap();
     assert!(rel_max_diff(&y, &want_y, 1.0) < 1e-4, "forward");
     let rmh = gpu.download(&rm).unwrap();
@@ -312,28 +404,67 @@ fn gpu_batchnorm_matches_cpu_twin() {
     for i in 0..c {
         assert!((rmh[i] - 0.1 * mean[i]).abs() < 1e-3, "running mean {i}");
         let unb = var[i] * rows as f32 / (rows - 1) as f32;
-        assert!((rvh[i] - (0.9 + 0.1 * unb)).abs() < 1e-3 * rvh[i], "running var {i}");
+        assert!(
+            (rvh[i] - (0.9 + 0.1 * unb)).abs() < 1e-3 * rvh[i],
+            "running var {i}"
+        );
     }
     let dyd = gpu.upload(&dy).unwrap();
     let mut dxd = gpu.zeros::<f32>(rows * c).unwrap();
     let mut dgd = gpu.zeros::<f32>(c).unwrap();
     let mut dbd = gpu.zeros::<f32>(c).unwrap();
-    bn.backward(&gpu, &xd, &dyd, Some(&yd), rows, rows, &gd, &saved, &mut dxd, &mut dgd, &mut dbd, &mut identity)
-        .unwrap();
-    assert!(rel_max_diff(&gpu.download(&dxd).unwrap(), &want_dx, 1e-6) < 2e-4, "dx");
-    assert!(rel_max_diff(&gpu.download(&dgd).unwrap(), &want_dg, 1e-6) < 2e-4, "dgamma");
-    assert!(rel_max_diff(&gpu.download(&dbd).unwrap(), &want_db, 1e-6) < 2e-4, "dbeta");
-    assert_eq!(calls, 3, "the reduce hook sees the mean, the variance and the gradient sums");
+    bn.backward(
+        &gpu,
+        &xd,
+        &dyd,
+        Some(&yd),
+        rows,
+        rows,
+        &gd,
+        &saved,
+        &mut dxd,
+        &mut dgd,
+        &mut dbd,
+        &mut identity,
+    )
+    .unwrap();
+    assert!(
+        rel_max_diff(&gpu.download(&dxd).unwrap(), &want_dx, 1e-6) < 2e-4,
+        "dx"
+    );
+    assert!(
+        rel_max_diff(&gpu.download(&dgd).unwrap(), &want_dg, 1e-6) < 2e-4,
+        "dgamma"
+    );
+    assert!(
+        rel_max_diff(&gpu.download(&dbd).unwrap(), &want_db, 1e-6) < 2e-4,
+        "dbeta"
+    );
+    assert_eq!(
+        calls, 3,
+        "the reduce hook sees the mean, the variance and the gradient sums"
+    );
 }
 
 #[test]
 fn gpu_optimisers_match_cpu_twins() {
-    let Some(gpu) = gpu_or_skip("gpu_optimisers_match_cpu_twins") else { return };
+    let Some(gpu) = gpu_or_skip("gpu_optimisers_match_cpu_twins") else {
+        return;
+    };
     let mut rng = Rng(9);
     let sizes = [1usize, 37, 4096, 10_000, 9000];
     let ps: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n)).collect();
-    let gs: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n).iter().map(|v| 0.01 * v).collect()).collect();
-    let cfg = LarsConfig { lr: 0.3, momentum: 0.9, weight_decay: 1e-4, eta: 0.001, nesterov: false };
+    let gs: Vec<Vec<f32>> = sizes
+        .iter()
+        .map(|&n| rng.vec(n).iter().map(|v| 0.01 * v).collect())
+        .collect();
+    let cfg = LarsConfig {
+        lr: 0.3,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+        eta: 0.001,
+        nesterov: false,
+    };
     let adapt = [false, true, true, true, false];
 
     // Two LARS steps (the second with non-zero momentum) on the CPU twin and on the GPU.
@@ -341,12 +472,25 @@ fn gpu_optimisers_match_cpu_twins() {
     let mut cv: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
     for _ in 0..2 {
         for k in 0..sizes.len() {
-            cpu::optim::lars_update(&mut cp[k], &gs[k], &mut cv[k], cfg.lr, cfg.momentum, cfg.weight_decay, cfg.eta, adapt[k], false);
+            cpu::optim::lars_update(
+                &mut cp[k],
+                &gs[k],
+                &mut cv[k],
+                cfg.lr,
+                cfg.momentum,
+                cfg.weight_decay,
+                cfg.eta,
+                adapt[k],
+                false,
+            );
         }
     }
     let mut pd: Vec<_> = ps.iter().map(|p| gpu.upload(p).unwrap()).collect();
     let gd: Vec<_> = gs.iter().map(|g| gpu.upload(g).unwrap()).collect();
-    let mut vd: Vec<_> = sizes.iter().map(|&n| gpu.zeros::<f32>(n).unwrap()).collect();
+    let mut vd: Vec<_> = sizes
+        .iter()
+        .map(|&n| gpu.zeros::<f32>(n).unwrap())
+        .collect();
     let mut lars = LarsGpu::new();
     for _ in 0..2 {
         let mut ts: Vec<LarsTensor<'_>> = pd
@@ -372,7 +516,10 @@ fn gpu_optimisers_match_cpu_twins() {
     for _ in 0..2 {
         train::sgd_update(&gpu, &mut p, &gd[3], &mut b, 0.1, 0.9, 5e-4, true).unwrap();
     }
-    assert!(rel_max_diff(&gpu.download(&p).unwrap(), &sp, 1e-6) < 1e-6, "SGD");
+    assert!(
+        rel_max_diff(&gpu.download(&p).unwrap(), &sp, 1e-6) < 1e-6,
+        "SGD"
+    );
 }
 
 #[test]
@@ -384,6 +531,12 @@ fn without_a_gpu_opening_one_is_an_error_not_a_panic() {
         return;
     }
     let e = Gpu::new(0).unwrap_err();
-    assert!(matches!(e, GpuError::NoDriver | GpuError::NoDevice { .. }), "{e}");
-    assert!(e.to_string().contains("CUDA") || e.to_string().contains("device"), "{e}");
+    assert!(
+        matches!(e, GpuError::NoDriver | GpuError::NoDevice { .. }),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("CUDA") || e.to_string().contains("device"),
+        "{e}"
+    );
 }

@@ -320,4 +320,3 @@ pub fn apply_color_stage(planar: &mut [f32], p: &ViewParams, scratch: &mut Vec<f
         add_noise(planar, p.noise_std, p.noise_seed);
     }
 }
-

@@ -79,7 +79,9 @@ impl AugmentGpu {
         std: [f32; 3],
     ) -> Result<Self, GpuError> {
         ensure(max_views > 0 && h > 0 && w > 0, || {
-            format!("an augmentation batch needs views and pixels, got {max_views} views of {w}x{h}")
+            format!(
+                "an augmentation batch needs views and pixels, got {max_views} views of {w}x{h}"
+            )
         })?;
         ensure(std.iter().all(|s| s.is_finite() && *s > 0.0), || {
             format!("normalisation std must be finite and positive, got {std:?}")
@@ -115,28 +117,56 @@ impl AugmentGpu {
         let views = params.len();
         let per = 3 * self.h * self.w;
         ensure(views > 0 && views <= self.max_views, || {
-            format!("{views} views given, this batch holds 1 to {}", self.max_views)
+            format!(
+                "{views} views given, this batch holds 1 to {}",
+                self.max_views
+            )
         })?;
         ensure(crops.len() >= views * per, || {
-            format!("crops hold {} bytes, {views} views of 3x{}x{} need {}", crops.len(), self.h, self.w, views * per)
+            format!(
+                "crops hold {} bytes, {views} views of 3x{}x{} need {}",
+                crops.len(),
+                self.h,
+                self.w,
+                views * per
+            )
         })?;
         ensure(out.len() >= views * per, || {
-            format!("the output holds {} values, {views} views need {}", out.len(), views * per)
+            format!(
+                "the output holds {} values, {views} views need {}",
+                out.len(),
+                views * per
+            )
         })?;
         for (i, p) in params.iter().enumerate() {
-            ensure(p.out_w as usize == self.w && p.out_h as usize == self.h, || {
-                format!("view {i} is {}x{}, the batch is {}x{}", p.out_w, p.out_h, self.w, self.h)
-            })?;
+            ensure(
+                p.out_w as usize == self.w && p.out_h as usize == self.h,
+                || {
+                    format!(
+                        "view {i} is {}x{}, the batch is {}x{}",
+                        p.out_w, p.out_h, self.w, self.h
+                    )
+                },
+            )?;
             if p.sobel != 0 {
                 return Err(GpuError::Unsupported(format!(
                     "view {i} asks for the Sobel transform, which only the CPU path implements"
                 )));
             }
-            ensure(p.blur_kernel <= MAX_BLUR_TAPS && (p.blur_kernel <= 1 || p.blur_kernel % 2 == 1), || {
-                format!("view {i}: blur kernel of {} taps (odd, at most {MAX_BLUR_TAPS})", p.blur_kernel)
-            })?;
+            ensure(
+                p.blur_kernel <= MAX_BLUR_TAPS && (p.blur_kernel <= 1 || p.blur_kernel % 2 == 1),
+                || {
+                    format!(
+                        "view {i}: blur kernel of {} taps (odd, at most {MAX_BLUR_TAPS})",
+                        p.blur_kernel
+                    )
+                },
+            )?;
             ensure(p.blur_sigma.is_finite() && p.noise_std.is_finite(), || {
-                format!("view {i}: blur sigma {} / noise std {} must be finite", p.blur_sigma, p.noise_std)
+                format!(
+                    "view {i}: blur sigma {} / noise std {} must be finite",
+                    p.blur_sigma, p.noise_std
+                )
             })?;
         }
         let stream = gpu.stream().clone();
@@ -148,7 +178,11 @@ impl AugmentGpu {
         let (h, w) = (int(self.h, "h")?, int(self.w, "w")?);
         let f = gpu.function(Module::Augment, "aug_color")?;
         let mut b = stream.launch_builder(&f);
-        b.arg(crops).arg(&self.params).arg(&h).arg(&w).arg(&mut self.work);
+        b.arg(crops)
+            .arg(&self.params)
+            .arg(&h)
+            .arg(&w)
+            .arg(&mut self.work);
         // SAFETY: aug_color(const u8*, const ViewParams*, int, int, float*): one block per view,
         // crops and work hold views * 3 * h * w, params holds `views` structs (112 bytes each,
         // the CUDA struct has the same 28 4-byte fields).
@@ -165,11 +199,17 @@ impl AugmentGpu {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let any_blur = params.iter().any(|p| p.blur_sigma > 0.0 && p.blur_kernel > 1);
+        let any_blur = params
+            .iter()
+            .any(|p| p.blur_sigma > 0.0 && p.blur_kernel > 1);
         if any_blur {
             let f = gpu.function(Module::Augment, "aug_blur_h")?;
             let mut b = stream.launch_builder(&f);
-            b.arg(&self.work).arg(&self.params).arg(&h).arg(&w).arg(&mut self.tmp);
+            b.arg(&self.work)
+                .arg(&self.params)
+                .arg(&h)
+                .arg(&w)
+                .arg(&mut self.tmp);
             // SAFETY: aug_blur_h(const float*, const ViewParams*, int, int, float*): grid.y =
             // views, one thread per element of a view.
             unsafe { b.launch(cfg) }?;

@@ -25,12 +25,18 @@ use cudarc::driver::{
 
 pub use source::Module;
 
+/// The cudarc crate the launchers take their buffers from (`CudaSlice`, streams), re-exported so
+/// embedders use the same version.
+pub use cudarc;
+
 /// Why a GPU operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GpuError {
     /// The CUDA driver library (`libcuda.so`) is not on the library path.
-    #[error("no CUDA driver: libcuda.so could not be loaded (no NVIDIA GPU or driver on this machine)")]
+    #[error(
+        "no CUDA driver: libcuda.so could not be loaded (no NVIDIA GPU or driver on this machine)"
+    )]
     NoDriver,
     /// NVRTC (`libnvrtc.so.13`) is not on the library path.
     #[error(
@@ -184,7 +190,10 @@ impl Gpu {
     }
 
     /// A zeroed device buffer of `len` elements.
-    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>, GpuError> {
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>, GpuError> {
         Ok(self.stream.alloc_zeros(len.max(1))?)
     }
 

@@ -84,7 +84,9 @@ impl std::fmt::Debug for NtXentGpu {
 
 /// How a launch splits the column tiles so the grid fills the GPU.
 fn splits_for(row_blocks: usize, col_tiles: usize, sms: usize) -> (usize, usize) {
-    let want = (4 * sms).div_ceil(row_blocks.max(1)).clamp(1, col_tiles.max(1));
+    let want = (4 * sms)
+        .div_ceil(row_blocks.max(1))
+        .clamp(1, col_tiles.max(1));
     let per = col_tiles.div_ceil(want).max(1);
     (col_tiles.div_ceil(per).max(1), per)
 }
@@ -93,10 +95,18 @@ impl NtXentGpu {
     /// A workspace for `rows` embeddings (two views of `rows / 2` images) of `dim` values.
     pub fn new(gpu: &Gpu, rows: usize, dim: usize, precision: Precision) -> Result<Self, GpuError> {
         ensure(rows >= 2 && rows % 2 == 0, || {
-            format!("NT-Xent needs an even number of rows >= 2 (two views of each image), got {rows}")
+            format!(
+                "NT-Xent needs an even number of rows >= 2 (two views of each image), got {rows}"
+            )
         })?;
-        ensure(dim >= 1, || "NT-Xent needs rows of dimension >= 1, got 0".into())?;
-        int(rows.checked_mul(dim.div_ceil(32) * 32).unwrap_or(usize::MAX), "rows * dim")?;
+        ensure(dim >= 1, || {
+            "NT-Xent needs rows of dimension >= 1, got 0".into()
+        })?;
+        int(
+            rows.checked_mul(dim.div_ceil(32) * 32)
+                .unwrap_or(usize::MAX),
+            "rows * dim",
+        )?;
         let dp = dim.div_ceil(32) * 32;
         let sms = gpu.multiprocessors() as usize;
         // splits * rows_in_launch <= 64 * (4 * sms + row_blocks) for any anchor or target range
@@ -154,7 +164,12 @@ impl NtXentGpu {
 
     /// Forward pass of all rows: the mean loss. Keeps the per-row log-sum-exp for
     /// [`NtXentGpu::backward`].
-    pub fn forward(&mut self, gpu: &Gpu, z: &CudaSlice<f32>, temperature: f32) -> Result<f32, GpuError> {
+    pub fn forward(
+        &mut self,
+        gpu: &Gpu,
+        z: &CudaSlice<f32>,
+        temperature: f32,
+    ) -> Result<f32, GpuError> {
         self.forward_anchors(gpu, z, 0..self.rows, temperature)
     }
 
@@ -183,10 +198,20 @@ impl NtXentGpu {
         ensure(temperature.is_finite() && temperature > 0.0, || {
             format!("the temperature must be finite and positive, got {temperature}")
         })?;
-        ensure(anchors.start < anchors.end && anchors.end <= self.rows, || {
-            format!("anchors {anchors:?} must be a non-empty range of 0..{}", self.rows)
-        })?;
-        let (rows, d, dp) = (int(self.rows, "rows")?, int(self.dim, "dim")?, int(self.dp, "dim")?);
+        ensure(
+            anchors.start < anchors.end && anchors.end <= self.rows,
+            || {
+                format!(
+                    "anchors {anchors:?} must be a non-empty range of 0..{}",
+                    self.rows
+                )
+            },
+        )?;
+        let (rows, d, dp) = (
+            int(self.rows, "rows")?,
+            int(self.dim, "dim")?,
+            int(self.dp, "dim")?,
+        );
         let stream = gpu.stream().clone();
         // Normalise every row (a replica could normalise only its own before the gather; the
         // kernels take whatever rows they are given).
@@ -199,7 +224,12 @@ impl NtXentGpu {
             Rows::F32(u) => {
                 let f = gpu.function(Module::NtXent, "ntxent_normalize_f32")?;
                 let mut b = stream.launch_builder(&f);
-                b.arg(z).arg(&rows).arg(&d).arg(&dp).arg(u).arg(&mut self.norms);
+                b.arg(z)
+                    .arg(&rows)
+                    .arg(&d)
+                    .arg(&dp)
+                    .arg(u)
+                    .arg(&mut self.norms);
                 // SAFETY: ntxent_normalize_f32(const float*, int, int, int, float*, float*);
                 // z holds rows * d floats, u rows * dp, norms rows.
                 unsafe { b.launch(cfg_rows) }?;
@@ -207,7 +237,12 @@ impl NtXentGpu {
             Rows::Bf16(u) => {
                 let f = gpu.function(Module::NtXent, "ntxent_normalize_bf16")?;
                 let mut b = stream.launch_builder(&f);
-                b.arg(z).arg(&rows).arg(&d).arg(&dp).arg(u).arg(&mut self.norms);
+                b.arg(z)
+                    .arg(&rows)
+                    .arg(&d)
+                    .arg(&dp)
+                    .arg(u)
+                    .arg(&mut self.norms);
                 // SAFETY: as above with u holding rows * dp bf16 values.
                 unsafe { b.launch(cfg_rows) }?;
             }
@@ -263,7 +298,10 @@ impl NtXentGpu {
         let scale = 1.0 / self.rows as f32;
         let f = gpu.function(Module::NtXent, "ntxent_sum")?;
         let mut b = stream.launch_builder(&f);
-        b.arg(&self.loss_rows).arg(&na_i).arg(&scale).arg(&mut self.total);
+        b.arg(&self.loss_rows)
+            .arg(&na_i)
+            .arg(&scale)
+            .arg(&mut self.total);
         // SAFETY: ntxent_sum(const float*, int, float, float*) with one block.
         unsafe {
             b.launch(LaunchConfig {
@@ -314,12 +352,24 @@ impl NtXentGpu {
     ) -> Result<(), GpuError> {
         self.check_z(z, "z")?;
         self.check_z(grad, "grad")?;
-        ensure(!self.anchors.is_empty(), || "backward called before forward".into())?;
-        ensure(targets.start < targets.end && targets.end <= self.rows, || {
-            format!("target rows {targets:?} must be a non-empty range of 0..{}", self.rows)
+        ensure(!self.anchors.is_empty(), || {
+            "backward called before forward".into()
         })?;
+        ensure(
+            targets.start < targets.end && targets.end <= self.rows,
+            || {
+                format!(
+                    "target rows {targets:?} must be a non-empty range of 0..{}",
+                    self.rows
+                )
+            },
+        )?;
         let stream = gpu.stream().clone();
-        let (rows, d, dp) = (int(self.rows, "rows")?, int(self.dim, "dim")?, int(self.dp, "dim")?);
+        let (rows, d, dp) = (
+            int(self.rows, "rows")?,
+            int(self.dim, "dim")?,
+            int(self.dp, "dim")?,
+        );
         let nt = targets.len();
         let row_blocks = nt.div_ceil(BLOCK_ROWS);
         let col_tiles = self.rows.div_ceil(BLOCK_ROWS);
@@ -328,10 +378,17 @@ impl NtXentGpu {
         let fixed = i32::from(temperature >= FIXED_MAX_MIN_TAU);
         let inv_tau = 1.0 / temperature;
         let scale = grad_output / (self.rows as f32 * temperature);
-        let (a0, a1) = (int(self.anchors.start, "anchor")?, int(self.anchors.end, "anchor")?);
+        let (a0, a1) = (
+            int(self.anchors.start, "anchor")?,
+            int(self.anchors.end, "anchor")?,
+        );
         let (t0, t1) = (int(targets.start, "target")?, int(targets.end, "target")?);
         let half = int(self.rows / 2, "rows")?;
-        let (ds_i, per_i, splits_i) = (int(dsplits, "dsplits")?, int(per, "tiles")?, int(splits, "splits")?);
+        let (ds_i, per_i, splits_i) = (
+            int(dsplits, "dsplits")?,
+            int(per, "tiles")?,
+            int(splits, "splits")?,
+        );
         ensure(splits * nt * self.dp <= self.gu.len(), || {
             "gradient workspace too small for this split".into()
         })?;
@@ -424,7 +481,13 @@ mod tests {
 
     #[test]
     fn splits_fill_the_gpu_and_cover_every_tile() {
-        for (rb, ct, sms) in [(128, 128, 132), (1024, 1024, 132), (8, 8, 132), (1, 1, 1), (3, 100, 16)] {
+        for (rb, ct, sms) in [
+            (128, 128, 132),
+            (1024, 1024, 132),
+            (8, 8, 132),
+            (1, 1, 1),
+            (3, 100, 16),
+        ] {
             let (s, per) = splits_for(rb, ct, sms);
             assert!(s >= 1 && per >= 1);
             assert!(s * per >= ct, "{rb} {ct}: {s} x {per}");

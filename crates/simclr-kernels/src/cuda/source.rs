@@ -175,7 +175,11 @@ mod tests {
         for (m, names) in launched {
             let defined = kernel_names(m);
             for n in names {
-                assert!(defined.iter().any(|d| d == n), "{n} is not defined in kernels/{}: {defined:?}", m.file_name());
+                assert!(
+                    defined.iter().any(|d| d == n),
+                    "{n} is not defined in kernels/{}: {defined:?}",
+                    m.file_name()
+                );
             }
         }
     }
@@ -193,6 +197,9 @@ mod tests {
             assert!(matches!(e, GpuError::NoNvrtc), "{e}");
             assert!(e.to_string().contains("libnvrtc"), "{e}");
         }
-        assert!(matches!(compile(Module::Train, "sm_61"), Err(GpuError::Unsupported(_)) | Err(GpuError::NoNvrtc)));
+        assert!(matches!(
+            compile(Module::Train, "sm_61"),
+            Err(GpuError::Unsupported(_)) | Err(GpuError::NoNvrtc)
+        ));
     }
 }

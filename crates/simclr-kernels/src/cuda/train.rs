@@ -55,7 +55,12 @@ pub fn relu_backward(
 }
 
 /// `a += b` (the residual add), then a ReLU when `relu`.
-pub fn add(gpu: &Gpu, a: &mut CudaSlice<f32>, b_in: &CudaSlice<f32>, relu: bool) -> Result<(), GpuError> {
+pub fn add(
+    gpu: &Gpu,
+    a: &mut CudaSlice<f32>,
+    b_in: &CudaSlice<f32>,
+    relu: bool,
+) -> Result<(), GpuError> {
     same_len(a.len(), b_in.len(), "add")?;
     let n = a.len() as u64;
     let r = i32::from(relu);
@@ -68,7 +73,11 @@ pub fn add(gpu: &Gpu, a: &mut CudaSlice<f32>, b_in: &CudaSlice<f32>, relu: bool)
 }
 
 /// f32 to bf16 (round to nearest even; raw `u16` bits).
-pub fn cast_f32_to_bf16(gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<u16>) -> Result<(), GpuError> {
+pub fn cast_f32_to_bf16(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    y: &mut CudaSlice<u16>,
+) -> Result<(), GpuError> {
     same_len(x.len(), y.len(), "cast")?;
     let n = x.len() as u64;
     let f = gpu.function(Module::Train, "cast_f32_bf16")?;
@@ -80,7 +89,11 @@ pub fn cast_f32_to_bf16(gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<u16>) -
 }
 
 /// bf16 (raw `u16` bits) to f32.
-pub fn cast_bf16_to_f32(gpu: &Gpu, x: &CudaSlice<u16>, y: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+pub fn cast_bf16_to_f32(
+    gpu: &Gpu,
+    x: &CudaSlice<u16>,
+    y: &mut CudaSlice<f32>,
+) -> Result<(), GpuError> {
     same_len(x.len(), y.len(), "cast")?;
     let n = x.len() as u64;
     let f = gpu.function(Module::Train, "cast_bf16_f32")?;
@@ -296,10 +309,17 @@ impl BatchNormGpu {
         let c = self.c;
         same_len(x.len(), rows * c, "batch norm input")?;
         same_len(y.len(), rows * c, "batch norm output")?;
-        for (v, what) in [(p.gamma.len(), "gamma"), (p.beta.len(), "beta"), (p.running_mean.len(), "running_mean"), (p.running_var.len(), "running_var")] {
+        for (v, what) in [
+            (p.gamma.len(), "gamma"),
+            (p.beta.len(), "beta"),
+            (p.running_mean.len(), "running_mean"),
+            (p.running_var.len(), "running_var"),
+        ] {
             same_len(v, c, what)?;
         }
-        ensure(count >= 2, || format!("training batch norm needs more than one value per channel, got {count}"))?;
+        ensure(count >= 2, || {
+            format!("training batch norm needs more than one value per channel, got {count}")
+        })?;
         let mut saved = BnSaved {
             mean: gpu.zeros(c)?,
             invstd: gpu.zeros(c)?,
@@ -312,7 +332,11 @@ impl BatchNormGpu {
         reduce(&mut self.sums)?;
         let f = gpu.function(Module::Train, "bn_mean")?;
         let mut b = stream.launch_builder(&f);
-        b.arg(&self.sums).arg(&countf).arg(&ci).arg(&mut self.mean64).arg(&mut saved.mean);
+        b.arg(&self.sums)
+            .arg(&countf)
+            .arg(&ci)
+            .arg(&mut self.mean64)
+            .arg(&mut saved.mean);
         // SAFETY: bn_mean(const double*, double, int, double*, float*); all hold >= c.
         unsafe { b.launch(grid_for(c)) }?;
         // Pass 2: centred squares.
@@ -366,11 +390,24 @@ impl BatchNormGpu {
         self.apply(gpu, x, rows, relu, y)
     }
 
-    fn apply(&mut self, gpu: &Gpu, x: &CudaSlice<f32>, rows: usize, relu: bool, y: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+    fn apply(
+        &mut self,
+        gpu: &Gpu,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
         let (r64, ci, ri) = (rows as u64, int(self.c, "c")?, i32::from(relu));
         let f = gpu.function(Module::Train, "bn_apply")?;
         let mut b = gpu.stream().launch_builder(&f);
-        b.arg(x).arg(&self.scale).arg(&self.shift).arg(&r64).arg(&ci).arg(&ri).arg(y);
+        b.arg(x)
+            .arg(&self.scale)
+            .arg(&self.shift)
+            .arg(&r64)
+            .arg(&ci)
+            .arg(&ri)
+            .arg(y);
         // SAFETY: bn_apply(const float*, const float*, const float*, u64, int, int, float*);
         // x and y hold rows * c, scale and shift c.
         unsafe { b.launch(grid_for(rows * self.c)) }?;
@@ -402,7 +439,11 @@ impl BatchNormGpu {
         if let Some(r) = relu_out {
             same_len(r.len(), rows * c, "relu_out")?;
         }
-        for (v, what) in [(gamma.len(), "gamma"), (dgamma.len(), "dgamma"), (dbeta.len(), "dbeta")] {
+        for (v, what) in [
+            (gamma.len(), "gamma"),
+            (dgamma.len(), "dgamma"),
+            (dbeta.len(), "dbeta"),
+        ] {
             same_len(v, c, what)?;
         }
         self.partials(gpu, x, Some((dy, relu_out)), rows, Some(saved), 2)?;
@@ -460,7 +501,14 @@ pub fn sgd_update(
     let (n, nest) = (p.len() as u64, i32::from(nesterov));
     let f = gpu.function(Module::Train, "sgd_update")?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&mut *p).arg(g).arg(buf).arg(&n).arg(&lr).arg(&momentum).arg(&weight_decay).arg(&nest);
+    b.arg(&mut *p)
+        .arg(g)
+        .arg(buf)
+        .arg(&n)
+        .arg(&lr)
+        .arg(&momentum)
+        .arg(&weight_decay)
+        .arg(&nest);
     // SAFETY: sgd_update(float*, const float*, float*, u64, float, float, float, int).
     unsafe { b.launch(grid_for(n as usize)) }?;
     Ok(())
@@ -523,14 +571,27 @@ impl LarsGpu {
     }
 
     /// One LARS step over `tensors`.
-    pub fn step(&mut self, gpu: &Gpu, tensors: &mut [LarsTensor<'_>], cfg: &LarsConfig) -> Result<(), GpuError> {
+    pub fn step(
+        &mut self,
+        gpu: &Gpu,
+        tensors: &mut [LarsTensor<'_>],
+        cfg: &LarsConfig,
+    ) -> Result<(), GpuError> {
         ensure(!tensors.is_empty(), || "LARS step over no tensors".into())?;
         let stream = gpu.stream().clone();
         let mut key = Vec::with_capacity(tensors.len());
         for (i, t) in tensors.iter().enumerate() {
-            ensure(t.p.len() == t.g.len() && t.p.len() == t.v.len() && !t.p.is_empty(), || {
-                format!("LARS tensor {i}: parameter, gradient and momentum lengths {} / {} / {}", t.p.len(), t.g.len(), t.v.len())
-            })?;
+            ensure(
+                t.p.len() == t.g.len() && t.p.len() == t.v.len() && !t.p.is_empty(),
+                || {
+                    format!(
+                        "LARS tensor {i}: parameter, gradient and momentum lengths {} / {} / {}",
+                        t.p.len(),
+                        t.g.len(),
+                        t.v.len()
+                    )
+                },
+            )?;
             let (pp, _s1) = t.p.device_ptr(&stream);
             let (gp, _s2) = t.g.device_ptr(&stream);
             let (vp, _s3) = t.v.device_ptr(&stream);
@@ -544,7 +605,9 @@ impl LarsGpu {
                 blocks += k.3.div_ceil(LARS_CHUNK);
             }
             first.push(int(blocks, "LARS blocks")?);
-            let col = |f: fn(&(u64, u64, u64, usize, bool)) -> u64| key.iter().map(f).collect::<Vec<u64>>();
+            let col = |f: fn(&(u64, u64, u64, usize, bool)) -> u64| {
+                key.iter().map(f).collect::<Vec<u64>>()
+            };
             self.table = Some(LarsTable {
                 p: gpu.upload(&col(|k| k.0))?,
                 g: gpu.upload(&col(|k| k.1))?,
@@ -569,7 +632,13 @@ impl LarsGpu {
         // runs on the one stream of `gpu`, after whatever wrote the gradients.
         let f = gpu.function(Module::Train, "lars_norms")?;
         let mut b = stream.launch_builder(&f);
-        b.arg(&t.p).arg(&t.g).arg(&t.lens).arg(&t.first).arg(&nt).arg(&cfg.weight_decay).arg(&mut t.partials);
+        b.arg(&t.p)
+            .arg(&t.g)
+            .arg(&t.lens)
+            .arg(&t.first)
+            .arg(&nt)
+            .arg(&cfg.weight_decay)
+            .arg(&mut t.partials);
         // SAFETY: lars_norms(const u64* p, const u64* g, const u64* lens, const int* first,
         // int tensors, float wd, double* partials); the table holds live device addresses of
         // `tensors` (borrowed for this call) and partials two doubles per block.

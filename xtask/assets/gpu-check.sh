@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (no Rust, no network): every GPU test, the kernel benchmarks and the
+# PyTorch comparison on the same GPU. Made by `cargo xtask gpu-check`; run as
+#   bash gpu-check/run.sh            (results under $OUT, or gpu-check/out)
+set -u
+HERE="$(cd "$(dirname "$0")" && pwd)"
+OUT="${OUT:-$HERE/out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+
+# CUDA's libraries come as Python packages there: put every site-packages/nvidia/*/lib on the path.
+for sp in $("$PY" -c 'import site, sys; print(" ".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null); do
+  for lib in "$sp"/nvidia/*/lib; do
+    [ -d "$lib" ] && LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}"
+  done
+done
+export LD_LIBRARY_PATH
+export RUST_BACKTRACE=1
+
+{
+  echo "== machine"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+} | tee "$OUT/machine.txt"
+
+status=0
+for t in "$HERE"/bin/test-*; do
+  name=$(basename "$t")
+  echo "== $name" | tee -a "$OUT/tests.txt"
+  if ! timeout 300 "$t" --test-threads 1 --nocapture 2>&1 | tee -a "$OUT/tests.txt"; then
+    echo "FAILED: $name" | tee -a "$OUT/tests.txt"
+    status=1
+  fi
+done
+
+echo "== kernel benchmarks" | tee "$OUT/bench.txt"
+timeout 240 "$HERE/bin/bench-gpu_kernels" --json "$OUT/gpu_kernels.json" ${QUICK:+--quick} 2>&1 | tee -a "$OUT/bench.txt" || status=1
+
+echo "== PyTorch on the same GPU" | tee "$OUT/torch.txt"
+timeout 240 "$PY" "$HERE/torch_gpu_compare.py" ${QUICK:+--quick} --json "$OUT/torch.json" --ours "$OUT/gpu_kernels.json" 2>&1 | tee -a "$OUT/torch.txt" || status=1
+
+echo "== done in $(( $(date +%s) - START )) s, status $status"
+exit $status
