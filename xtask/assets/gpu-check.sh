@@ -2,7 +2,7 @@
 # Runs on the GPU machine (no Rust, no network): every GPU test, the kernel benchmarks and the
 # PyTorch comparison on the same GPU. Made by `cargo xtask gpu-check`; run as
 #   bash gpu-check/run.sh            (results under $OUT, or gpu-check/out)
-set -u
+set -u -o pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-$HERE/out}"
 mkdir -p "$OUT"

@@ -103,8 +103,7 @@ impl NtXentGpu {
             "NT-Xent needs rows of dimension >= 1, got 0".into()
         })?;
         int(
-            rows.checked_mul(dim.div_ceil(32) * 32)
-                .unwrap_or(usize::MAX),
+            rows.saturating_mul(dim.div_ceil(32) * 32),
             "rows * dim",
         )?;
         let dp = dim.div_ceil(32) * 32;
