@@ -4,7 +4,7 @@
 //! Each follows torchvision's float-tensor semantics (`torchvision.transforms.v2.functional`),
 //! checked against values torchvision computed (`tests/fixtures/torchvision_ops.safetensors`); they
 //! are also the reference of the GPU kernels, which apply the same
-//! [`ViewParams`](crate::augment::ViewParams).
+//! [`ViewParams`].
 
 use crate::augment::{gaussian_kernel, noise_normal, JitterOp, ViewParams, LUMA};
 
