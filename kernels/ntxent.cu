@@ -48,10 +48,11 @@ __device__ void ntx_normalize(const float* z, int rows, int d, int dp, T* u, flo
     int lane = threadIdx.x & 31;
     if (row >= rows) return;
     const float* zr = z + (u64)row * d;
-    float ss = 0.0f;
-    for (int j = lane; j < d; j += 32) ss += zr[j] * zr[j];
-    ss = warp_sum(ss);
-    float nrm = sqrtf(ss);
+    // f64, as the CPU: no overflow for huge rows, no flush to zero for tiny ones.
+    double ss = 0.0;
+    for (int j = lane; j < d; j += 32) ss += (double)zr[j] * (double)zr[j];
+    ss = warp_sum_f64(ss);
+    float nrm = (float)sqrt(ss);
     float inv = 1.0f / fmaxf(nrm, NTX_EPS);
     for (int j = lane; j < dp; j += 32) ntx_store(u + (u64)row * dp + j, j < d ? zr[j] * inv : 0.0f);
     if (lane == 0) norms[row] = nrm;
@@ -417,13 +418,13 @@ __device__ void ntx_finish(const float* z, const float* norms, const float* gu, 
     int row = t0 + r;
     const float* zr = z + (u64)row * d;
     float nrm = norms[row];
-    float dot = 0.0f;
+    double dot = 0.0;
     for (int j = lane; j < d; j += 32) {
         float gsum = 0.0f;
         for (int s = 0; s < splits; s++) gsum += gu[((u64)s * nt_rows + r) * dp + j];
-        dot += zr[j] * gsum;
+        dot += (double)zr[j] * (double)gsum;
     }
-    dot = warp_sum(dot);
+    dot = warp_sum_f64(dot);
     float* out = dz + (u64)row * d;
     for (int j = lane; j < d; j += 32) {
         float gsum = 0.0f;
@@ -431,7 +432,7 @@ __device__ void ntx_finish(const float* z, const float* norms, const float* gu, 
         if (nrm >= NTX_EPS) {
             float inv = 1.0f / nrm;
             // u . g = (z . g) / |z|
-            out[j] = (gsum - zr[j] * inv * (dot * inv)) * inv;
+            out[j] = (gsum - zr[j] * inv * (float)(dot * (double)inv)) * inv;
         } else {
             out[j] = gsum / NTX_EPS;
         }

@@ -28,21 +28,32 @@ fn channel_sums(rows: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> 
     total
 }
 
-/// Batch mean and biased variance per channel of `x` (`[rows, c]`).
-pub fn batch_stats(x: &[f32], rows: usize, c: usize) -> (Vec<f32>, Vec<f32>) {
-    let sum = channel_sums(rows, c, |r, acc| {
+/// Per-channel sums of `x` (`[rows, c]`), in f64: the first pass of the statistics. For global
+/// batch norm these are all-reduced over the replicas before use.
+pub fn channel_sum(x: &[f32], rows: usize, c: usize) -> Vec<f64> {
+    channel_sums(rows, c, |r, acc| {
         for (a, v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {
             *a += *v as f64;
         }
-    });
-    let mean: Vec<f64> = sum.iter().map(|s| s / rows as f64).collect();
-    // Two passes: the variance of values far from zero stays accurate.
-    let sq = channel_sums(rows, c, |r, acc| {
-        for ((a, v), m) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mean) {
+    })
+}
+
+/// Per-channel sums of `(x - mean)^2`, in f64: the second pass (two passes keep the variance of
+/// values far from zero accurate).
+pub fn channel_centered_sq(x: &[f32], rows: usize, c: usize, mean: &[f64]) -> Vec<f64> {
+    channel_sums(rows, c, |r, acc| {
+        for ((a, v), m) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(mean) {
             let d = *v as f64 - m;
             *a += d * d;
         }
-    });
+    })
+}
+
+/// Batch mean and biased variance per channel of `x` (`[rows, c]`).
+pub fn batch_stats(x: &[f32], rows: usize, c: usize) -> (Vec<f32>, Vec<f32>) {
+    let sum = channel_sum(x, rows, c);
+    let mean: Vec<f64> = sum.iter().map(|s| s / rows as f64).collect();
+    let sq = channel_centered_sq(x, rows, c, &mean);
     (
         mean.iter().map(|&m| m as f32).collect(),
         sq.iter().map(|s| (s / rows as f64) as f32).collect(),
@@ -64,6 +75,73 @@ pub fn affine_rows(x: &[f32], c: usize, scale: &[f32], shift: &[f32], y: &mut [f
         });
 }
 
+/// The per-channel sums of the batch-norm backward pass, `[sum g | sum g * xhat]` (`2c` values,
+/// f64) with `g = dy` masked where the fused ReLU's output `relu_out` is not positive. For global
+/// batch norm these are all-reduced over the replicas before [`batchnorm_backward_dx`].
+pub fn batchnorm_backward_sums(
+    x: &[f32],
+    dy: &[f32],
+    relu_out: Option<&[f32]>,
+    rows: usize,
+    c: usize,
+    mean: &[f32],
+    invstd: &[f32],
+) -> Vec<f64> {
+    let grad = |i: usize| -> f32 {
+        match relu_out {
+            Some(y) if y[i] <= 0.0 => 0.0,
+            _ => dy[i],
+        }
+    };
+    channel_sums(rows, 2 * c, |r, acc| {
+        let (db, dg) = acc.split_at_mut(c);
+        for i in 0..c {
+            let g = grad(r * c + i) as f64;
+            db[i] += g;
+            dg[i] += g * ((x[r * c + i] - mean[i]) * invstd[i]) as f64;
+        }
+    })
+}
+
+/// `dx = gamma * invstd * (g - dbeta / count - xhat * dgamma / count)` from the sums of
+/// [`batchnorm_backward_sums`] over `count` rows (the global batch for global batch norm).
+pub fn batchnorm_backward_dx(
+    x: &[f32],
+    dy: &[f32],
+    relu_out: Option<&[f32]>,
+    c: usize,
+    mean: &[f32],
+    invstd: &[f32],
+    gamma: &[f32],
+    sums: &[f64],
+    count: usize,
+    dx: &mut [f32],
+) {
+    let grad = |i: usize| -> f32 {
+        match relu_out {
+            Some(y) if y[i] <= 0.0 => 0.0,
+            _ => dy[i],
+        }
+    };
+    let (dbeta, dgamma) = sums.split_at(c);
+    let k1: Vec<f32> = (0..c).map(|i| gamma[i] * invstd[i]).collect();
+    let mb: Vec<f32> = dbeta.iter().map(|&b| (b / count as f64) as f32).collect();
+    let mg: Vec<f32> = dgamma.iter().map(|&g| (g / count as f64) as f32).collect();
+    const BLOCK: usize = 256;
+    dx.par_chunks_mut(c * BLOCK)
+        .enumerate()
+        .for_each(|(bi, dxc)| {
+            let base = bi * BLOCK * c;
+            for (r, dr) in dxc.chunks_exact_mut(c).enumerate() {
+                let o = base + r * c;
+                for i in 0..c {
+                    let xhat = (x[o + i] - mean[i]) * invstd[i];
+                    dr[i] = k1[i] * (grad(o + i) - mb[i] - xhat * mg[i]);
+                }
+            }
+        });
+}
+
 /// The backward pass of training-mode batch norm. Returns (dgamma, dbeta) and writes dx. With
 /// `relu_out` (the output of a fused ReLU), `dy` is masked where that output is not positive, on
 /// the fly rather than in a separate pass over the tensor.
@@ -78,39 +156,9 @@ pub fn batchnorm_backward(
     gamma: &[f32],
     dx: &mut [f32],
 ) -> (Vec<f32>, Vec<f32>) {
-    let grad = |i: usize| -> f32 {
-        match relu_out {
-            Some(y) if y[i] <= 0.0 => 0.0,
-            _ => dy[i],
-        }
-    };
-    // One pass for both sums: dbeta = sum dy, dgamma = sum dy * xhat.
-    let sums = channel_sums(rows, 2 * c, |r, acc| {
-        let (db, dg) = acc.split_at_mut(c);
-        for i in 0..c {
-            let g = grad(r * c + i) as f64;
-            db[i] += g;
-            dg[i] += g * ((x[r * c + i] - mean[i]) * invstd[i]) as f64;
-        }
-    });
+    let sums = batchnorm_backward_sums(x, dy, relu_out, rows, c, mean, invstd);
+    batchnorm_backward_dx(x, dy, relu_out, c, mean, invstd, gamma, &sums, rows, dx);
     let (dbeta, dgamma) = sums.split_at(c);
-    // dx = gamma * invstd / n * (n * dy - dbeta - xhat * dgamma)
-    let k1: Vec<f32> = (0..c).map(|i| gamma[i] * invstd[i]).collect();
-    let mb: Vec<f32> = dbeta.iter().map(|&b| (b / rows as f64) as f32).collect();
-    let mg: Vec<f32> = dgamma.iter().map(|&g| (g / rows as f64) as f32).collect();
-    const BLOCK: usize = 256;
-    dx.par_chunks_mut(c * BLOCK)
-        .enumerate()
-        .for_each(|(bi, dxc)| {
-            let base = bi * BLOCK * c;
-            for (r, dr) in dxc.chunks_exact_mut(c).enumerate() {
-                let o = base + r * c;
-                for i in 0..c {
-                    let xhat = (x[o + i] - mean[i]) * invstd[i];
-                    dr[i] = k1[i] * (grad(o + i) - mb[i] - xhat * mg[i]);
-                }
-            }
-        });
     (
         dgamma.iter().map(|&v| v as f32).collect(),
         dbeta.iter().map(|&v| v as f32).collect(),

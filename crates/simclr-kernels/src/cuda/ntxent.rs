@@ -49,6 +49,11 @@ const THREADS: u32 = 128;
 /// Below this temperature some exponents may underflow against the fixed maximum `1/tau`; the
 /// kernels then keep a running maximum (as the CPU twin does).
 const FIXED_MAX_MIN_TAU: f32 = 0.025;
+/// Blocks of the forward kernel resident per SM (by its registers, see `cargo xtask
+/// check-kernels`).
+const FORWARD_BLOCKS_PER_SM: usize = 4;
+/// Blocks of the backward kernel resident per SM (168 registers x 128 threads on sm_90).
+const BACKWARD_BLOCKS_PER_SM: usize = 3;
 
 enum Rows {
     F32(CudaSlice<f32>),
@@ -82,11 +87,11 @@ impl std::fmt::Debug for NtXentGpu {
     }
 }
 
-/// How a launch splits the column tiles so the grid fills the GPU.
-fn splits_for(row_blocks: usize, col_tiles: usize, sms: usize) -> (usize, usize) {
-    let want = (4 * sms)
-        .div_ceil(row_blocks.max(1))
-        .clamp(1, col_tiles.max(1));
+/// How a launch splits the column tiles so the grid fills the GPU in one wave: `slots` is how
+/// many blocks of the kernel the GPU holds at once (SMs times resident blocks per SM, at most
+/// 4 per SM, which the workspace is sized for). Returns (splits, column tiles per split).
+fn splits_for(row_blocks: usize, col_tiles: usize, slots: usize) -> (usize, usize) {
+    let want = slots.div_ceil(row_blocks.max(1)).clamp(1, col_tiles.max(1));
     let per = col_tiles.div_ceil(want).max(1);
     (col_tiles.div_ceil(per).max(1), per)
 }
@@ -102,10 +107,7 @@ impl NtXentGpu {
         ensure(dim >= 1, || {
             "NT-Xent needs rows of dimension >= 1, got 0".into()
         })?;
-        int(
-            rows.saturating_mul(dim.div_ceil(32) * 32),
-            "rows * dim",
-        )?;
+        int(rows.saturating_mul(dim.div_ceil(32) * 32), "rows * dim")?;
         let dp = dim.div_ceil(32) * 32;
         let sms = gpu.multiprocessors() as usize;
         // splits * rows_in_launch <= 64 * (4 * sms + row_blocks) for any anchor or target range
@@ -249,7 +251,7 @@ impl NtXentGpu {
         let na = anchors.len();
         let row_blocks = na.div_ceil(BLOCK_ROWS);
         let col_tiles = self.rows.div_ceil(BLOCK_ROWS);
-        let (splits, per) = splits_for(row_blocks, col_tiles, self.sms);
+        let (splits, per) = splits_for(row_blocks, col_tiles, FORWARD_BLOCKS_PER_SM * self.sms);
         let fixed = i32::from(temperature >= FIXED_MAX_MIN_TAU);
         let inv_tau = 1.0 / temperature;
         let (a0, a1) = (int(anchors.start, "anchor")?, int(anchors.end, "anchor")?);
@@ -373,7 +375,11 @@ impl NtXentGpu {
         let row_blocks = nt.div_ceil(BLOCK_ROWS);
         let col_tiles = self.rows.div_ceil(BLOCK_ROWS);
         let dsplits = self.dp.div_ceil(self.precision.dc());
-        let (splits, per) = splits_for(row_blocks * dsplits, col_tiles, self.sms);
+        let (splits, per) = splits_for(
+            row_blocks * dsplits,
+            col_tiles,
+            BACKWARD_BLOCKS_PER_SM * self.sms,
+        );
         let fixed = i32::from(temperature >= FIXED_MAX_MIN_TAU);
         let inv_tau = 1.0 / temperature;
         let scale = grad_output / (self.rows as f32 * temperature);
@@ -480,19 +486,25 @@ mod tests {
 
     #[test]
     fn splits_fill_the_gpu_and_cover_every_tile() {
-        for (rb, ct, sms) in [
-            (128, 128, 132),
-            (1024, 1024, 132),
-            (8, 8, 132),
+        for (rb, ct, slots) in [
+            (128, 128, 528),
+            (1024, 1024, 528),
+            (8, 8, 528),
             (1, 1, 1),
-            (3, 100, 16),
+            (3, 100, 64),
         ] {
-            let (s, per) = splits_for(rb, ct, sms);
+            let (s, per) = splits_for(rb, ct, slots);
             assert!(s >= 1 && per >= 1);
             assert!(s * per >= ct, "{rb} {ct}: {s} x {per}");
             assert!((s - 1) * per < ct, "an empty split: {rb} {ct}: {s} x {per}");
         }
-        assert_eq!(splits_for(1024, 1024, 132).0, 1);
-        assert!(splits_for(128, 128, 132).0 >= 4);
+        // 2N = 65536 fills an H100 (132 SMs x 4) without splitting; 2N = 8192 splits in 4 or 5.
+        assert_eq!(splits_for(1024, 1024, 528).0, 1);
+        assert!(splits_for(128, 128, 528).0 >= 4);
+        // The workspace bound: splits * rows in a launch <= 64 * (slots + row blocks).
+        for rb in 1..300 {
+            let (s, _) = splits_for(rb, 1024, 528);
+            assert!(s * 64 * rb <= 64 * (528 + rb));
+        }
     }
 }

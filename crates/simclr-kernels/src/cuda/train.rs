@@ -476,7 +476,7 @@ impl BatchNormGpu {
         for (range, out) in [(0..c, dbeta), (c..2 * c, dgamma)] {
             let view = self.sums.slice(range);
             let mut b = stream.launch_builder(&f);
-            b.arg(&view).arg(&ci).arg(out);
+            b.arg(&view).arg(out).arg(&ci);
             // SAFETY: f64_to_f32(const double*, float*, int) over c values.
             unsafe { b.launch(grid_for(c)) }?;
         }
