@@ -54,6 +54,9 @@ pub enum NnError {
         /// What is wrong, naming the key where there is one.
         msg: String,
     },
+    /// A data-parallel collective failed (a rank died, timed out or disagreed).
+    #[error("data-parallel communication: {0}")]
+    Comm(#[from] crate::dist::CommError),
     /// An I/O error on a named file.
     #[error("{path}: {source}")]
     Io {

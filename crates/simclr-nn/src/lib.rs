@@ -28,6 +28,7 @@
 
 pub mod checkpoint;
 pub mod cpu;
+pub mod dist;
 mod error;
 mod head;
 pub mod layers;

@@ -58,6 +58,9 @@ pub trait StateVisitor {
     fn buffer(&mut self, name: &str, t: &mut Tensor);
     /// An integer buffer (batch-norm `num_batches_tracked`).
     fn counter(&mut self, name: &str, v: &mut i64);
+    /// A batch-norm layer, `name` its prefix, before its parameters and buffers are visited
+    /// (nothing by default; [`crate::dist`] uses it to make batch norm global).
+    fn batch_norm(&mut self, _name: &str, _bn: &mut crate::layers::BatchNorm) {}
 }
 
 /// Something with named state: layers, blocks, models.

@@ -1,5 +1,10 @@
 //! [`BatchNorm`]: batch normalisation over the last axis, with an optional fused ReLU.
 
+use std::sync::Arc;
+
+use simclr_kernels::cpu;
+
+use crate::dist::Communicator;
 use crate::error::{NnError, Result};
 use crate::ops;
 use crate::param::{Module, Param, ParamKind, StateVisitor};
@@ -26,6 +31,9 @@ pub struct BatchNorm {
     pub eps: f32,
     /// Apply ReLU to the output (saves a pass and a buffer over a separate ReLU).
     pub relu: bool,
+    /// Global batch norm: the replicas of data-parallel training whose batches this layer
+    /// normalises as one (statistics and their gradients all-reduced). `None`: this batch only.
+    pub sync: Option<Arc<dyn Communicator>>,
     saved: Option<Saved>,
 }
 
@@ -35,6 +43,8 @@ struct Saved {
     y: Option<Tensor>,
     mean: Vec<f32>,
     invstd: Vec<f32>,
+    /// Rows the statistics were taken over (all replicas' for global batch norm).
+    count: usize,
 }
 
 impl BatchNorm {
@@ -52,6 +62,7 @@ impl BatchNorm {
             momentum: 0.1,
             eps: 1e-5,
             relu,
+            sync: None,
             saved: None,
         }
     }
@@ -85,7 +96,7 @@ impl BatchNorm {
             return ops::channel_affine(x, &scale, &shift, self.relu);
         }
         let rows = x.numel() / c;
-        if rows < 2 {
+        if rows < 2 && self.sync.is_none() {
             return Err(NnError::Invalid {
                 op: "BatchNorm",
                 msg: format!(
@@ -94,17 +105,24 @@ impl BatchNorm {
                 ),
             });
         }
-        let (mean, var) = ops::channel_stats(x)?;
+        let (mean, var, count) = match &self.sync {
+            None => {
+                let (m, v) = ops::channel_stats(x)?;
+                (m, v, rows)
+            }
+            Some(comm) => global_stats(x.as_slice()?, rows, c, comm.as_ref())?,
+        };
         let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         let scale: Vec<f32> = (0..c).map(|i| gamma[i] * invstd[i]).collect();
         let shift: Vec<f32> = (0..c).map(|i| beta[i] - mean[i] * scale[i]).collect();
         let y = ops::channel_affine(x, &scale, &shift, self.relu)?;
-        self.update_running(&mean, &var, rows)?;
+        self.update_running(&mean, &var, count)?;
         self.saved = Some(Saved {
             x: x.clone(),
             y: self.relu.then(|| y.clone()),
             mean,
             invstd,
+            count,
         });
         Ok(y)
     }
@@ -125,6 +143,9 @@ impl BatchNorm {
     /// Adds dL/dgamma and dL/dbeta to the gradients and returns dL/dx.
     pub fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
         let s = self.saved.take().ok_or(NnError::NoForward("BatchNorm"))?;
+        if let Some(comm) = self.sync.clone() {
+            return self.backward_global(&s, dy, comm.as_ref());
+        }
         let (dx, dg, db) = ops::batch_norm_backward(
             &s.x,
             dy,
@@ -143,8 +164,77 @@ impl BatchNorm {
     }
 }
 
+impl BatchNorm {
+    /// The backward pass of global batch norm: the per-channel sums are all-reduced for dx; the
+    /// parameter gradients get this replica's share only (the gradient all-reduce sums them).
+    fn backward_global(
+        &mut self,
+        s: &Saved,
+        dy: &Tensor,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor> {
+        dy.expect_shape("BatchNorm backward (dy)", s.x.shape())?;
+        let c = self.channels();
+        let rows = s.x.numel() / c;
+        let x = s.x.as_slice()?;
+        let relu_out = match &s.y {
+            Some(y) => Some(y.as_slice()?),
+            None => None,
+        };
+        let dys = dy.as_slice()?;
+        let local =
+            cpu::norm::batchnorm_backward_sums(x, dys, relu_out, rows, c, &s.mean, &s.invstd);
+        let mut global = local.clone();
+        comm.all_reduce_f64(&mut global)?;
+        let mut dx = vec![0.0f32; x.len()];
+        let gamma = self.weight.value.as_slice()?;
+        cpu::norm::batchnorm_backward_dx(
+            x, dys, relu_out, c, &s.mean, &s.invstd, gamma, &global, s.count, &mut dx,
+        );
+        let (db, dg) = local.split_at(c);
+        for (g, d) in self.weight.grad.as_mut_slice()?.iter_mut().zip(dg) {
+            *g += *d as f32;
+        }
+        for (g, d) in self.bias.grad.as_mut_slice()?.iter_mut().zip(db) {
+            *g += *d as f32;
+        }
+        Tensor::from_vec(s.x.shape(), dx)
+    }
+}
+
+/// Mean and biased variance over every replica's rows, and their number: two all-reduced passes
+/// (sums, then centred squares), as the single-replica statistics.
+fn global_stats(
+    x: &[f32],
+    rows: usize,
+    c: usize,
+    comm: &dyn Communicator,
+) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+    let mut sum = cpu::norm::channel_sum(x, rows, c);
+    sum.push(rows as f64);
+    comm.all_reduce_f64(&mut sum)?;
+    let count = sum[c];
+    if count < 2.0 {
+        return Err(NnError::Invalid {
+            op: "BatchNorm",
+            msg: format!(
+                "training needs more than one value per channel over all replicas, got {count}"
+            ),
+        });
+    }
+    let mean: Vec<f64> = sum[..c].iter().map(|s| s / count).collect();
+    let mut sq = cpu::norm::channel_centered_sq(x, rows, c, &mean);
+    comm.all_reduce_f64(&mut sq)?;
+    Ok((
+        mean.iter().map(|&m| m as f32).collect(),
+        sq.iter().map(|s| (s / count) as f32).collect(),
+        count as usize,
+    ))
+}
+
 impl Module for BatchNorm {
     fn visit(&mut self, prefix: &str, v: &mut dyn StateVisitor) {
+        v.batch_norm(prefix, self);
         v.param(&format!("{prefix}weight"), &mut self.weight);
         v.param(&format!("{prefix}bias"), &mut self.bias);
         v.buffer(&format!("{prefix}running_mean"), &mut self.running_mean);

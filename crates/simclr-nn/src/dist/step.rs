@@ -1,0 +1,314 @@
+//! The data-parallel SimCLR step: each replica holds `b` images (its `2b` views), and the result
+//! is the single-replica step on all `B = K b` images.
+//!
+//! - **Global batch norm**: every batch-norm layer all-reduces its statistics in the forward pass
+//!   and their gradient sums in the backward pass (as one batch of `2B` views).
+//! - **Gathered negatives**: the projections z of every replica are all-gathered into the order
+//!   of one batch (first views of all `B` images, then their second views); each replica's
+//!   anchors are its own rows and their negatives are all `2B` rows, with gradient flowing to
+//!   every row (an all-reduce of the gradient of z), so the loss and its gradient are the full
+//!   batch's.
+//! - The parameter gradients are all-reduced (summed) before the update, which then runs
+//!   identically on every replica.
+//!
+//! Switching either of the first two off gives what many PyTorch implementations do (batch norm
+//! per replica; negatives from the replica's own batch only): the tests show the difference.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use simclr_kernels::cpu::{nt_xent_forward_backward_anchors, NtXentConfig};
+
+use super::Communicator;
+use crate::error::{NnError, Result};
+use crate::layers::BatchNorm;
+use crate::loss::ContrastiveLoss;
+use crate::model::SimClr;
+use crate::optim::Optimizer;
+use crate::param::{Module, Param, StateVisitor};
+use crate::tensor::Tensor;
+use crate::train::StepStats;
+
+/// How the replicas of a data-parallel step cooperate.
+#[derive(Clone, Debug)]
+pub struct DataParallel {
+    /// The group of replicas.
+    pub comm: Arc<dyn Communicator>,
+    /// Negatives from every replica (SimCLR's choice); `false`: each replica's own batch only.
+    pub gather_negatives: bool,
+    /// Batch-norm statistics over all replicas' batches (SimCLR's choice); `false`: per replica.
+    pub global_batch_norm: bool,
+}
+
+impl DataParallel {
+    /// SimCLR's data parallelism over `comm`: gathered negatives and global batch norm.
+    pub fn new(comm: Arc<dyn Communicator>) -> DataParallel {
+        DataParallel {
+            comm,
+            gather_negatives: true,
+            global_batch_norm: true,
+        }
+    }
+}
+
+/// Sets (or clears) the communicator of every batch-norm layer of `model`.
+fn set_batch_norm_sync(model: &mut dyn Module, sync: Option<Arc<dyn Communicator>>) {
+    struct V(Option<Arc<dyn Communicator>>);
+    impl StateVisitor for V {
+        fn param(&mut self, _: &str, _: &mut Param) {}
+        fn buffer(&mut self, _: &str, _: &mut Tensor) {}
+        fn counter(&mut self, _: &str, _: &mut i64) {}
+        fn batch_norm(&mut self, _: &str, bn: &mut BatchNorm) {
+            bn.sync = self.0.clone();
+        }
+    }
+    model.visit("", &mut V(sync));
+}
+
+/// Copies rank `root`'s parameters and batch-norm statistics to every replica (the start of a
+/// data-parallel run, so replicas begin from the same weights whatever their seeds).
+pub fn broadcast_state(model: &mut dyn Module, comm: &dyn Communicator, root: usize) -> Result<()> {
+    let mut flat = Vec::new();
+    visit_values(model, &mut |t| {
+        flat.extend_from_slice(t.as_slice()?);
+        Ok(())
+    })?;
+    comm.broadcast_f32(&mut flat, root)?;
+    let mut at = 0;
+    visit_values(model, &mut |t| {
+        let n = t.numel();
+        t.as_mut_slice()?.copy_from_slice(&flat[at..at + n]);
+        at += n;
+        Ok(())
+    })
+}
+
+/// Every parameter value and f32 buffer of `model`, in visiting order.
+fn visit_values(
+    model: &mut dyn Module,
+    f: &mut dyn FnMut(&mut Tensor) -> Result<()>,
+) -> Result<()> {
+    struct V<'a> {
+        f: &'a mut dyn FnMut(&mut Tensor) -> Result<()>,
+        err: Option<NnError>,
+    }
+    impl StateVisitor for V<'_> {
+        fn param(&mut self, _: &str, p: &mut Param) {
+            if self.err.is_none() {
+                self.err = (self.f)(&mut p.value).err();
+            }
+        }
+        fn buffer(&mut self, _: &str, t: &mut Tensor) {
+            if self.err.is_none() {
+                self.err = (self.f)(t).err();
+            }
+        }
+        fn counter(&mut self, _: &str, _: &mut i64) {}
+    }
+    let mut v = V { f, err: None };
+    model.visit("", &mut v);
+    v.err.map_or(Ok(()), Err)
+}
+
+/// Sums every parameter gradient over the replicas, in one all-reduce of the concatenated
+/// gradients.
+fn all_reduce_grads(model: &mut dyn Module, comm: &dyn Communicator) -> Result<()> {
+    let mut flat = Vec::new();
+    let mut err = None;
+    model.for_each_param(&mut |_, p| match p.grad.as_slice() {
+        Ok(g) => flat.extend_from_slice(g),
+        Err(e) => err = err.take().or(Some(e)),
+    });
+    if let Some(e) = err {
+        return Err(e);
+    }
+    comm.all_reduce_f32(&mut flat)?;
+    let mut at = 0;
+    model.for_each_param(&mut |_, p| {
+        if let Ok(g) = p.grad.as_mut_slice() {
+            let n = g.len();
+            g.copy_from_slice(&flat[at..at + n]);
+            at += n;
+        }
+    });
+    Ok(())
+}
+
+/// Whether any replica saw a non-finite value (every replica gets the same answer, so they stop
+/// together instead of waiting for each other).
+fn any_rank(comm: &dyn Communicator, local: bool) -> Result<bool> {
+    let mut v = [f64::from(u8::from(local))];
+    comm.all_reduce_f64(&mut v)?;
+    Ok(v[0] > 0.0)
+}
+
+/// Row of replica `rank`'s local row `i` (of `2b`) in the gathered batch of `K` replicas.
+fn global_row(rank: usize, i: usize, b: usize, world: usize) -> usize {
+    let (view, j) = (i / b, i % b);
+    view * world * b + rank * b + j
+}
+
+/// The loss (of the whole data-parallel batch, or of this replica's batch when negatives are not
+/// gathered, then averaged over replicas) and its gradient with respect to this replica's z.
+fn loss_and_grad(z: &Tensor, loss: &ContrastiveLoss, dp: &DataParallel) -> Result<(f32, Tensor)> {
+    let comm = dp.comm.as_ref();
+    let world = comm.world_size();
+    let rank = comm.rank();
+    if !dp.gather_negatives {
+        let (l, mut dz) = loss.forward_backward(z)?;
+        let inv = 1.0 / world as f32;
+        dz.as_mut_slice()?.iter_mut().for_each(|v| *v *= inv);
+        let mut lv = [l as f64];
+        comm.all_reduce_f64(&mut lv)?;
+        return Ok(((lv[0] / world as f64) as f32, dz));
+    }
+    let (rows, dim) = match z.shape() {
+        [r, d] if r % 2 == 0 => (*r, *d),
+        s => {
+            return Err(NnError::Shape {
+                op: "data-parallel loss (z: [2b, dim])",
+                expected: vec![2, dim_of(s)],
+                got: s.to_vec(),
+            })
+        }
+    };
+    let b = rows / 2;
+    let mut gathered = vec![0.0f32; world * rows * dim];
+    comm.all_gather_f32(z.as_slice()?, &mut gathered)?;
+    let big_b = world * b;
+    let mut all = vec![0.0f32; gathered.len()];
+    for r in 0..world {
+        for i in 0..rows {
+            let g = global_row(r, i, b, world);
+            all[g * dim..(g + 1) * dim]
+                .copy_from_slice(&gathered[(r * rows + i) * dim..(r * rows + i + 1) * dim]);
+        }
+    }
+    let m = 2 * big_b;
+    let (total, grad_all) = match loss {
+        ContrastiveLoss::NtXent { temperature } => {
+            // This replica's anchors (its first and its second views) against every row; the
+            // shares of the replicas sum to the whole batch's loss and gradient.
+            let cfg = NtXentConfig::new(*temperature);
+            let mine: [Range<usize>; 2] = [
+                rank * b..(rank + 1) * b,
+                big_b + rank * b..big_b + (rank + 1) * b,
+            ];
+            let mut grad = vec![0.0f32; m * dim];
+            let mut part = vec![0.0f32; m * dim];
+            let mut l = 0.0f64;
+            for anchors in mine {
+                l += nt_xent_forward_backward_anchors(&all, m, dim, anchors, &cfg, 1.0, &mut part)
+                    .map_err(|e| NnError::NtXent(e.to_string()))? as f64;
+                grad.iter_mut().zip(&part).for_each(|(g, p)| *g += p);
+            }
+            comm.all_reduce_f32(&mut grad)?;
+            let mut lv = [l];
+            comm.all_reduce_f64(&mut lv)?;
+            (lv[0] as f32, grad)
+        }
+        other => {
+            // The other losses have no anchor-sharded kernel: every replica computes the whole
+            // batch's loss (the same bits everywhere) and keeps its rows of the gradient.
+            let (l, g) = other.forward_backward(&Tensor::from_vec(&[m, dim], all)?)?;
+            (l, g.as_slice()?.to_vec())
+        }
+    };
+    let mut dz = vec![0.0f32; rows * dim];
+    for i in 0..rows {
+        let g = global_row(rank, i, b, world);
+        dz[i * dim..(i + 1) * dim].copy_from_slice(&grad_all[g * dim..(g + 1) * dim]);
+    }
+    Ok((total, Tensor::from_vec(&[rows, dim], dz)?))
+}
+
+fn dim_of(shape: &[usize]) -> usize {
+    shape.last().copied().unwrap_or(0)
+}
+
+/// Forward and backward of one data-parallel step without the update: returns the loss (of the
+/// whole batch) and this replica's representations h, and leaves the all-reduced gradients in
+/// the model. `views` is this replica's `[2b, c, h, w]` (first views, then second views of its
+/// `b` images). Every replica must call it with the same `b`.
+pub fn forward_backward_dp(
+    model: &mut SimClr,
+    views: &Tensor,
+    loss: &ContrastiveLoss,
+    dp: &DataParallel,
+) -> Result<(f32, Tensor)> {
+    let comm = dp.comm.as_ref();
+    set_batch_norm_sync(model, dp.global_batch_norm.then(|| dp.comm.clone()));
+    model.zero_grad();
+    let out = model.forward(views, true);
+    let (h, z) = match out {
+        Ok(v) => v,
+        Err(e) => {
+            set_batch_norm_sync(model, None);
+            return Err(e);
+        }
+    };
+    if any_rank(comm, !z.all_finite())? {
+        set_batch_norm_sync(model, None);
+        return Err(NnError::NonFinite {
+            what: "the projections z of some replica (the weights or the input overflow)".into(),
+        });
+    }
+    let (l, dz) = loss_and_grad(&z, loss, dp)?;
+    let back = model.backward(&dz);
+    set_batch_norm_sync(model, None);
+    back?;
+    all_reduce_grads(model, comm)?;
+    let mut bad = None;
+    model.for_each_param(&mut |name, p| {
+        if bad.is_none() && !p.grad.all_finite() {
+            bad = Some(name.to_string());
+        }
+    });
+    // The gradients are the same on every replica after the all-reduce, so every replica stops
+    // here together.
+    if let Some(name) = bad {
+        return Err(NnError::NonFinite {
+            what: format!("gradient of {name}"),
+        });
+    }
+    if !l.is_finite() {
+        return Err(NnError::NonFinite {
+            what: "the loss".into(),
+        });
+    }
+    Ok((l, h))
+}
+
+/// [`forward_backward_dp`] and the optimiser's update: one data-parallel training step.
+pub fn train_step_dp(
+    model: &mut SimClr,
+    views: &Tensor,
+    optimizer: &mut dyn Optimizer,
+    lr: f32,
+    loss: &ContrastiveLoss,
+    dp: &DataParallel,
+) -> Result<(StepStats, Tensor)> {
+    let (l, h) = forward_backward_dp(model, views, loss, dp)?;
+    optimizer.step(model, lr)?;
+    Ok((StepStats { loss: l, lr }, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathered_rows_follow_the_single_batch_order() {
+        // 2 replicas of 3 images: replica 1's second view of its image 2 is the second view of
+        // image 5 of 6, row 6 + 5 = 11.
+        assert_eq!(global_row(1, 5, 3, 2), 11);
+        assert_eq!(global_row(0, 0, 3, 2), 0);
+        assert_eq!(global_row(1, 0, 3, 2), 3);
+        assert_eq!(global_row(0, 3, 3, 2), 6);
+        let mut seen: Vec<usize> = (0..2)
+            .flat_map(|r| (0..6).map(move |i| global_row(r, i, 3, 2)))
+            .collect();
+        seen.sort();
+        assert_eq!(seen, (0..12).collect::<Vec<_>>());
+    }
+}
