@@ -50,6 +50,7 @@ pub mod export;
 pub mod features;
 pub mod finetune;
 pub mod knn;
+pub mod launch;
 pub mod plot;
 pub mod pretrain;
 pub mod preview;

@@ -176,6 +176,20 @@ enum Command {
         run: PathBuf,
     },
     /// List the presets, or print one as TOML.
+    /// Data-parallel training on this machine: runs a `simclr` command (after `--`) in N
+    /// processes, one replica each, with global batch norm and negatives gathered from every
+    /// replica (`simclr launch --procs 4 -- pretrain --preset quickstart`). CPU replicas today.
+    Launch {
+        /// Number of processes (replicas); `train.batch_size` must divide among them.
+        #[arg(long)]
+        procs: usize,
+        /// Rendezvous port of rank 0 (default: a free one).
+        #[arg(long)]
+        port: Option<u16>,
+        /// The command each process runs.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
     Presets {
         /// The preset to print, with every setting.
         show: Option<String>,
@@ -226,6 +240,17 @@ fn train_loop(trainer: &mut Trainer) -> Result<simclr_cli::Summary> {
     } else {
         trainer.total_steps()
     };
+    let (rank, world) = trainer.rank_and_world();
+    if rank != 0 {
+        let s = trainer.run(&mut |_| Control::Continue)?;
+        return Ok(s);
+    }
+    if world > 1 {
+        eprintln!(
+            "data-parallel over {world} replicas of {} images each",
+            cfg.train.batch_size / world
+        );
+    }
     eprintln!(
         "pre-training {} on {} images ({} steps of {} images, {} epochs) into {}",
         cfg.model.describe(),
@@ -273,23 +298,30 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pretrain { config, resume } => {
+            let comm = simclr_cli::launch::connect_from_env()?;
             let mut trainer = match resume {
-                Some(dir) => Trainer::resume(&dir, &config.set)?,
-                None => Trainer::new(config.build(Some("quickstart"))?)?,
+                Some(dir) => Trainer::resume_data_parallel(&dir, &config.set, comm)?,
+                None => Trainer::new_data_parallel(config.build(Some("quickstart"))?, comm)?,
             };
             train_loop(&mut trainer)?;
         }
+        Command::Launch { procs, port, args } => simclr_cli::launch::launch(procs, port, &args)?,
         Command::Train { config } => {
             let cfg = config.build(Some("quickstart"))?;
             let dir = cfg.output.dir.clone();
+            let comm = simclr_cli::launch::connect_from_env()?;
             let mut trainer = if simclr_cli::state::checkpoint_path(&dir).exists() {
                 eprintln!("{} holds a run: resuming it", dir.display());
-                Trainer::resume(&dir, &config.set)?
+                Trainer::resume_data_parallel(&dir, &config.set, comm)?
             } else {
-                Trainer::new(cfg)?
+                Trainer::new_data_parallel(cfg, comm)?
             };
             let started = std::time::Instant::now();
             train_loop(&mut trainer)?;
+            if trainer.rank_and_world().0 != 0 {
+                // Rank 0 evaluates and reports.
+                return Ok(());
+            }
             let pretrain_s = started.elapsed().as_secs_f64();
             eprintln!("linear evaluation (frozen features) of the encoder and the baselines...");
             let cfg = trainer.config().clone();

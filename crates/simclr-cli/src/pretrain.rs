@@ -3,11 +3,13 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use simclr_data::{Augmentation, Loader, LoaderConfig};
+use simclr_nn::dist::{broadcast_state, Communicator, DataParallel};
 use simclr_nn::layers::Linear;
 use simclr_nn::{
     Checkpoint, Device, Lars, Module, NnError, Optimizer, Sgd, SimClr, Tensor, WarmupCosine,
@@ -89,8 +91,11 @@ pub struct Trainer {
     opt: Box<dyn Optimizer>,
     probe: Option<(Linear, Sgd)>,
     progress: Progress,
-    metrics: std::fs::File,
+    /// The metrics file (rank 0 only).
+    metrics: Option<std::fs::File>,
     last_knn: Option<f64>,
+    /// The replicas of a data-parallel run.
+    dp: Option<DataParallel>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -115,6 +120,13 @@ fn check_writable(dir: &Path) -> Result<()> {
 impl Trainer {
     /// A new run of `cfg` in `cfg.output.dir`, which must not hold a checkpoint already.
     pub fn new(cfg: Config) -> Result<Trainer> {
+        Self::new_data_parallel(cfg, None)
+    }
+
+    /// A new run as one replica of a data-parallel group (`comm`; `None`: a single process).
+    /// Every replica trains on its share of each batch (`train.batch_size / world` images) with
+    /// global batch norm and gathered negatives; only rank 0 writes the run folder.
+    pub fn new_data_parallel(cfg: Config, comm: Option<Arc<dyn Communicator>>) -> Result<Trainer> {
         let run_dir = cfg.output.dir.clone();
         if state::checkpoint_path(&run_dir).exists() {
             return Err(CliError::Usage(format!(
@@ -124,38 +136,70 @@ impl Trainer {
                 run_dir.display()
             )));
         }
-        check_writable(&run_dir)?;
-        let path = run_dir.join("config.toml");
-        std::fs::write(&path, cfg.to_toml()).map_err(|e| io_err(&path, e))?;
-        Self::build(cfg, run_dir, None)
+        if comm.as_ref().is_none_or(|c| c.rank() == 0) {
+            check_writable(&run_dir)?;
+            let path = run_dir.join("config.toml");
+            std::fs::write(&path, cfg.to_toml()).map_err(|e| io_err(&path, e))?;
+        }
+        Self::build(cfg, run_dir, None, comm)
     }
 
     /// Resumes the run in `run_dir` from its checkpoint, with its saved configuration
     /// (`overrides` may change, say, `train.epochs`).
     pub fn resume(run_dir: &Path, overrides: &[String]) -> Result<Trainer> {
+        Self::resume_data_parallel(run_dir, overrides, None)
+    }
+
+    /// [`Trainer::resume`] as one replica of a data-parallel group: any world size resumes any
+    /// run (the batches are the same global batches whatever the number of replicas).
+    pub fn resume_data_parallel(
+        run_dir: &Path,
+        overrides: &[String],
+        comm: Option<Arc<dyn Communicator>>,
+    ) -> Result<Trainer> {
+        let main = comm.as_ref().is_none_or(|c| c.rank() == 0);
         let cfg_path = run_dir.join("config.toml");
         if !cfg_path.exists() {
             return Err(io_err(&cfg_path, "no config.toml: not a run folder"));
         }
         let mut cfg = Config::build(None, Some(&cfg_path), overrides)?;
         cfg.output.dir = run_dir.to_path_buf();
-        check_writable(run_dir)?;
+        if main {
+            check_writable(run_dir)?;
+        }
         let ck_path = state::checkpoint_path(run_dir);
         let ck = Checkpoint::load(&ck_path)?;
-        if !overrides.is_empty() {
+        if main && !overrides.is_empty() {
             std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| io_err(&cfg_path, e))?;
         }
-        Self::build(cfg, run_dir.to_path_buf(), Some(ck))
+        Self::build(cfg, run_dir.to_path_buf(), Some(ck), comm)
     }
 
-    fn build(cfg: Config, run_dir: PathBuf, ck: Option<Checkpoint>) -> Result<Trainer> {
+    fn build(
+        cfg: Config,
+        run_dir: PathBuf,
+        ck: Option<Checkpoint>,
+        comm: Option<Arc<dyn Communicator>>,
+    ) -> Result<Trainer> {
+        let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world_size()));
+        if cfg.train.batch_size % world != 0 {
+            return Err(CliError::Config {
+                source_name: "settings".into(),
+                msg: format!(
+                    "train.batch_size: {} does not divide among {world} replicas",
+                    cfg.train.batch_size
+                ),
+            });
+        }
         let splits = data::open(&cfg.data, cfg.train.seed)?;
         let aug = Augmentation::new(cfg.augment.to_augment(cfg.data.image_size))?;
         let loader = Loader::new(
             splits.pretrain.clone(),
             aug,
             LoaderConfig {
-                batch_size: cfg.train.batch_size,
+                batch_size: cfg.train.batch_size / world,
+                rank,
+                world_size: world,
                 seed: cfg.train.seed,
                 threads: cfg.data.threads,
                 prefetch: cfg.data.prefetch.max(1),
@@ -192,12 +236,23 @@ impl Trainer {
             )?,
             None => Progress::default(),
         };
-        let metrics_path = run_dir.join("metrics.jsonl");
-        let metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| io_err(&metrics_path, e))?;
+        let dp = comm.map(DataParallel::new);
+        if let Some(dp) = &dp {
+            // Same seed, same checkpoint: the replicas already agree; the broadcast makes sure.
+            broadcast_state(&mut model, dp.comm.as_ref(), 0)?;
+        }
+        let metrics = if rank == 0 {
+            let metrics_path = run_dir.join("metrics.jsonl");
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)
+                    .map_err(|e| io_err(&metrics_path, e))?,
+            )
+        } else {
+            None
+        };
         Ok(Trainer {
             cfg,
             run_dir,
@@ -209,7 +264,19 @@ impl Trainer {
             progress,
             metrics,
             last_knn: None,
+            dp,
         })
+    }
+
+    /// This process's rank and the number of replicas (0 and 1 without data parallelism).
+    pub fn rank_and_world(&self) -> (usize, usize) {
+        self.dp
+            .as_ref()
+            .map_or((0, 1), |d| (d.comm.rank(), d.comm.world_size()))
+    }
+
+    fn is_main(&self) -> bool {
+        self.rank_and_world().0 == 0
     }
 
     /// The configuration.
@@ -253,6 +320,9 @@ impl Trainer {
 
     fn checkpoint(&mut self) -> Result<PathBuf> {
         let path = state::checkpoint_path(&self.run_dir);
+        if !self.is_main() {
+            return Ok(path);
+        }
         let toml = self.cfg.to_toml();
         state::save(
             &path,
@@ -269,7 +339,10 @@ impl Trainer {
 
     fn record(&mut self, value: serde_json::Value) -> Result<()> {
         let path = self.run_dir.join("metrics.jsonl");
-        writeln!(self.metrics, "{value}").map_err(|e| io_err(&path, e))
+        match &mut self.metrics {
+            Some(m) => writeln!(m, "{value}").map_err(|e| io_err(&path, e)),
+            None => Ok(()),
+        }
     }
 
     /// The k-NN top-1 of the current encoder: the labelled training split as the memory bank,
@@ -349,13 +422,24 @@ impl Trainer {
                 let views = Tensor::from_slice(&[n, c, hh, ww], pixels)?;
                 let lr = schedule.lr(self.progress.step);
                 let step = self.progress.step;
-                let (stats, h) = match simclr_nn::train_step_with_h(
-                    &mut self.model,
-                    &views,
-                    self.opt.as_mut(),
-                    lr,
-                    &loss,
-                ) {
+                let result = match &self.dp {
+                    Some(dp) => simclr_nn::dist::train_step_dp(
+                        &mut self.model,
+                        &views,
+                        self.opt.as_mut(),
+                        lr,
+                        &loss,
+                        dp,
+                    ),
+                    None => simclr_nn::train_step_with_h(
+                        &mut self.model,
+                        &views,
+                        self.opt.as_mut(),
+                        lr,
+                        &loss,
+                    ),
+                };
+                let (stats, h) = match result {
                     Ok(r) => r,
                     Err(NnError::NonFinite { what }) => {
                         return Err(self.diverged(step, what));
@@ -372,7 +456,7 @@ impl Trainer {
                 last_loss = stats.loss;
                 self.progress.step += 1;
                 self.progress.batch += 1;
-                window.1 += batch.len();
+                window.1 += batch.len() * self.rank_and_world().1;
                 let secs = window.0.elapsed().as_secs_f64();
                 if secs >= 2.0 || ips == 0.0 {
                     ips = window.1 as f64 / secs.max(1e-9);
@@ -428,9 +512,11 @@ impl Trainer {
         if self.progress.step >= max_steps {
             ckpt = self.checkpoint()?;
         }
-        crate::plot::plot_run(&self.run_dir)?;
-        let export = self.run_dir.join("encoder.safetensors");
-        crate::export::save_encoder(&mut self.model, &export, &self.cfg)?;
+        if self.is_main() {
+            crate::plot::plot_run(&self.run_dir)?;
+            let export = self.run_dir.join("encoder.safetensors");
+            crate::export::save_encoder(&mut self.model, &export, &self.cfg)?;
+        }
         Ok(Summary {
             steps: self.progress.step,
             last_loss,

@@ -1,0 +1,122 @@
+//! Starting data-parallel runs: one process per replica.
+//!
+//! `simclr launch --procs N -- pretrain ...` starts N copies of `simclr` on this machine with the
+//! variables `torchrun` sets (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`);
+//! on several machines, start one process per replica yourself (SLURM's `srun` does: its
+//! `SLURM_PROCID`, `SLURM_NTASKS` and node list are read too). Each process finds its group with
+//! [`connect_from_env`]. If one process fails, the launcher stops the others and says which rank
+//! failed; a rank that dies mid-run makes the others fail within the collective timeout
+//! (`SIMCLR_DIST_TIMEOUT` seconds, 300 by default).
+//!
+//! The replicas run on the CPU today: the CUDA backend and NCCL are not built yet.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use simclr_nn::dist::{Communicator, RendezvousConfig, TcpComm};
+
+use crate::error::{CliError, Result};
+
+/// The data-parallel group this process belongs to, from its environment: `None` for a single
+/// process (no `RANK`/`WORLD_SIZE` nor SLURM variables, or a world of one).
+pub fn connect_from_env() -> Result<Option<Arc<dyn Communicator>>> {
+    let cfg = RendezvousConfig::from_env().map_err(simclr_nn::NnError::from)?;
+    match cfg {
+        Some(c) if c.world_size > 1 => {
+            let comm = TcpComm::connect(&c).map_err(simclr_nn::NnError::from)?;
+            eprintln!(
+                "rank {} of {} joined the group at {}:{}",
+                c.rank, c.world_size, c.host, c.port
+            );
+            Ok(Some(Arc::new(comm)))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| CliError::Usage(format!("no free port: {e}")))?;
+    Ok(l.local_addr()
+        .map_err(|e| CliError::Usage(e.to_string()))?
+        .port())
+}
+
+/// Runs `args` (a `simclr` command line) in `procs` processes of this program, rank 0's output
+/// shown, the others' errors shown; waits for all and fails if any fails.
+pub fn launch(procs: usize, port: Option<u16>, args: &[String]) -> Result<()> {
+    if procs == 0 {
+        return Err(CliError::Usage("--procs must be at least 1".into()));
+    }
+    if args.is_empty() {
+        return Err(CliError::Usage(
+            "nothing to launch: `simclr launch --procs N -- pretrain ...`".into(),
+        ));
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::Usage(format!("cannot find this program: {e}")))?;
+    let port = match port {
+        Some(p) => p,
+        None => free_port()?,
+    };
+    let mut children: Vec<Child> = Vec::with_capacity(procs);
+    for rank in 0..procs {
+        let mut cmd = Command::new(&exe);
+        cmd.args(args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", procs.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string());
+        if rank > 0 {
+            cmd.stdout(Stdio::null());
+        }
+        match cmd.spawn() {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                stop(&mut children);
+                return Err(CliError::Usage(format!("cannot start rank {rank}: {e}")));
+            }
+        }
+    }
+    // Wait for all; the first failure stops the rest (they would wait for it until the timeout).
+    let mut done = vec![false; procs];
+    loop {
+        let mut running = false;
+        for (rank, c) in children.iter_mut().enumerate() {
+            if done[rank] {
+                continue;
+            }
+            match c.try_wait() {
+                Ok(Some(status)) => {
+                    done[rank] = true;
+                    if !status.success() {
+                        stop(&mut children);
+                        return Err(CliError::Usage(format!(
+                            "rank {rank} of {procs} failed ({status}); the other ranks were stopped"
+                        )));
+                    }
+                }
+                Ok(None) => running = true,
+                Err(e) => {
+                    stop(&mut children);
+                    return Err(CliError::Usage(format!("rank {rank}: {e}")));
+                }
+            }
+        }
+        if !running {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn stop(children: &mut [Child]) {
+    for c in children.iter_mut() {
+        let _ = c.kill();
+    }
+    for c in children.iter_mut() {
+        let _ = c.wait();
+    }
+}
