@@ -11,6 +11,7 @@
 //! The replicas run on the CPU today: the CUDA backend and NCCL are not built yet.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,9 +44,19 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// Exit status of a process stopped by Ctrl-C after writing its checkpoint.
+const INTERRUPTED_EXIT: i32 = 130;
+
 /// Runs `args` (a `simclr` command line) in `procs` processes of this program, rank 0's output
-/// shown, the others' errors shown; waits for all and fails if any fails.
-pub fn launch(procs: usize, port: Option<u16>, args: &[String]) -> Result<()> {
+/// shown, the others' errors shown; waits for all and fails if any fails. When `interrupted`
+/// becomes true (Ctrl-C), the processes are asked to stop together (SIGINT): rank 0 writes a
+/// checkpoint.
+pub fn launch(
+    procs: usize,
+    port: Option<u16>,
+    args: &[String],
+    interrupted: &AtomicBool,
+) -> Result<()> {
     if procs == 0 {
         return Err(CliError::Usage("--procs must be at least 1".into()));
     }
@@ -82,7 +93,19 @@ pub fn launch(procs: usize, port: Option<u16>, args: &[String]) -> Result<()> {
     }
     // Wait for all; the first failure stops the rest (they would wait for it until the timeout).
     let mut done = vec![false; procs];
+    let mut forwarded = false;
+    let mut stopped_by_interrupt = false;
     loop {
+        if interrupted.load(Ordering::SeqCst) && !forwarded {
+            // A terminal's Ctrl-C reaches the whole process group already; a SIGINT sent to
+            // the launcher alone is passed on.
+            forwarded = true;
+            for c in &children {
+                let _ = Command::new("kill")
+                    .args(["-INT", &c.id().to_string()])
+                    .status();
+            }
+        }
         let mut running = false;
         for (rank, c) in children.iter_mut().enumerate() {
             if done[rank] {
@@ -91,6 +114,11 @@ pub fn launch(procs: usize, port: Option<u16>, args: &[String]) -> Result<()> {
             match c.try_wait() {
                 Ok(Some(status)) => {
                     done[rank] = true;
+                    if status.code() == Some(INTERRUPTED_EXIT) {
+                        // Stopped on request: the others stop at the same step.
+                        stopped_by_interrupt = true;
+                        continue;
+                    }
                     if !status.success() {
                         stop(&mut children);
                         return Err(CliError::Usage(format!(
@@ -106,6 +134,13 @@ pub fn launch(procs: usize, port: Option<u16>, args: &[String]) -> Result<()> {
             }
         }
         if !running {
+            if stopped_by_interrupt {
+                return Err(CliError::Usage(
+                    "interrupted: rank 0 wrote a checkpoint; resume with `simclr launch ... -- \
+                     pretrain --resume RUN_DIR`"
+                        .into(),
+                ));
+            }
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));

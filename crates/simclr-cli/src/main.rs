@@ -242,7 +242,13 @@ fn train_loop(trainer: &mut Trainer) -> Result<simclr_cli::Summary> {
     };
     let (rank, world) = trainer.rank_and_world();
     if rank != 0 {
-        let s = trainer.run(&mut |_| Control::Continue)?;
+        let s = trainer.run(&mut |_| {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        })?;
         return Ok(s);
     }
     if world > 1 {
@@ -305,7 +311,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             train_loop(&mut trainer)?;
         }
-        Command::Launch { procs, port, args } => simclr_cli::launch::launch(procs, port, &args)?,
+        Command::Launch { procs, port, args } => {
+            simclr_cli::launch::launch(procs, port, &args, &INTERRUPTED)?
+        }
         Command::Train { config } => {
             let cfg = config.build(Some("quickstart"))?;
             let dir = cfg.output.dir.clone();

@@ -481,7 +481,15 @@ impl Trainer {
                 if every > 0 && self.progress.step % every == 0 {
                     ckpt = self.checkpoint()?;
                 }
-                if observe(&rec) == Control::Stop {
+                let mut stop = observe(&rec) == Control::Stop;
+                if let Some(dp) = &self.dp {
+                    // Stopping is collective: a replica that stopped alone would leave the
+                    // others waiting in the next step.
+                    let mut any = [f64::from(u8::from(stop))];
+                    dp.comm.all_reduce_f64(&mut any).map_err(NnError::from)?;
+                    stop = any[0] > 0.0;
+                }
+                if stop {
                     ckpt = self.checkpoint()?;
                     return Err(CliError::Interrupted {
                         step: self.progress.step,

@@ -119,3 +119,68 @@ fn a_failing_rank_stops_the_launch_with_its_error() {
     assert_ne!(code, 0);
     assert!(err.contains("--procs must be at least 1"), "{err}");
 }
+
+#[test]
+fn ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let mut args = vec!["launch", "--procs", "2", "--", "pretrain"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    args.extend(settings("int", 500));
+    let child = Command::new(env!("CARGO_BIN_EXE_simclr"))
+        .args(&args)
+        .current_dir(cwd)
+        .env("SIMCLR_DIST_TIMEOUT", "60")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for a few steps, then interrupt the launcher only (not its process group).
+    let start = std::time::Instant::now();
+    while losses_or_empty(&cwd.join("int")).len() < 3 {
+        assert!(start.elapsed().as_secs() < 120, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("interrupted: rank 0 wrote a checkpoint"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("failed"),
+        "no rank should fail on an interrupt:\n{err}"
+    );
+    let steps = losses(&cwd.join("int")).len();
+    assert!(steps < 500 * 4, "it stopped early");
+    assert!(cwd.join("int/checkpoints/last.safetensors").exists());
+    // The checkpoint resumes, with one process.
+    let (code, err) = simclr(
+        &[
+            "pretrain",
+            "--resume",
+            "int",
+            "--set",
+            "train.max_steps=2000",
+            "--set",
+            "train.epochs=1",
+        ],
+        cwd,
+    );
+    assert_eq!(code, 0, "{err}");
+}
+
+fn losses_or_empty(run: &Path) -> Vec<f64> {
+    if run.join("metrics.jsonl").exists() {
+        losses(run)
+    } else {
+        Vec::new()
+    }
+}
