@@ -30,6 +30,7 @@ pub mod checkpoint;
 pub mod cpu;
 pub mod dist;
 mod error;
+pub mod grad_cache;
 mod head;
 pub mod layers;
 mod loss;

@@ -373,3 +373,69 @@ fn a_replica_stuck_outside_the_step_times_the_others_out() {
     assert!(t.elapsed() < Duration::from_secs(10));
     drop(c1);
 }
+
+/// Gradient caching in C chunks is the data-parallel step over C replicas with per-replica batch
+/// norm and gathered negatives, computed one chunk after the other on one device.
+#[test]
+fn gradient_caching_equals_chunked_batch_norm_with_all_negatives() {
+    for chunks in [2, 4] {
+        let want = &data_parallel(chunks, &NT_XENT, true, false)[0];
+        let mut m = model(0);
+        let mut opt = lars();
+        let mut got = Run {
+            losses: vec![],
+            grads: vec![],
+            weights: vec![],
+        };
+        for (s, batch) in batches().iter().enumerate() {
+            let views = local_views(batch, 0, 1);
+            let l =
+                simclr_nn::grad_cache::forward_backward_cached(&mut m, &views, chunks, &NT_XENT)
+                    .unwrap();
+            if s == 0 {
+                got.grads = flat(&mut m, true);
+            }
+            opt.step(&mut m, LR).unwrap();
+            got.losses.push(l);
+        }
+        got.weights = flat(&mut m, false);
+        assert!(
+            max_loss_diff(&got, want) < 1e-5,
+            "{chunks} chunks: {:?} vs {:?}",
+            got.losses,
+            want.losses
+        );
+        assert!(
+            rel(&got.grads, &want.grads) < 1e-4,
+            "{chunks} chunks: gradients"
+        );
+        assert!(
+            rel(&got.weights, &want.weights) < 1e-4,
+            "{chunks} chunks: weights"
+        );
+        // And it is not the full-batch step (batch norm differs), as documented.
+        let full = single(&NT_XENT);
+        assert!(rel(&got.grads, &full.grads) > 1e-2);
+    }
+    // One chunk is the plain full-batch step.
+    let full = single(&NT_XENT);
+    let mut m = model(0);
+    let views = local_views(&batches()[0], 0, 1);
+    let l = simclr_nn::grad_cache::forward_backward_cached(&mut m, &views, 1, &NT_XENT).unwrap();
+    assert!((l - full.losses[0]).abs() < 1e-6 * full.losses[0]);
+    assert!(rel(&flat(&mut m, true), &full.grads) < 1e-6);
+    // The running statistics are updated by the second pass only: once per chunk.
+    let mut m = model(0);
+    simclr_nn::grad_cache::forward_backward_cached(&mut m, &views, 4, &NT_XENT).unwrap();
+    struct Count(Vec<i64>);
+    impl simclr_nn::StateVisitor for Count {
+        fn param(&mut self, _: &str, _: &mut simclr_nn::Param) {}
+        fn buffer(&mut self, _: &str, _: &mut Tensor) {}
+        fn counter(&mut self, _: &str, v: &mut i64) {
+            self.0.push(*v);
+        }
+    }
+    let mut c = Count(Vec::new());
+    m.visit("", &mut c);
+    assert!(!c.0.is_empty() && c.0.iter().all(|&v| v == 4), "{:?}", c.0);
+}
