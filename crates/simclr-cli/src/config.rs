@@ -456,6 +456,10 @@ pub struct TrainConfig {
     pub online_probe: bool,
     /// The probe's learning rate (SGD, momentum 0.9).
     pub probe_lr: f32,
+    /// Gradient caching: embed each batch in this many chunks and back-propagate chunk by
+    /// chunk (a batch larger than memory allows; batch norm then normalises each chunk with its
+    /// own statistics, and the online probe is off). 1: off.
+    pub grad_cache_chunks: usize,
 }
 
 impl Default for TrainConfig {
@@ -482,6 +486,7 @@ impl Default for TrainConfig {
             log_every: 10,
             online_probe: true,
             probe_lr: 0.1,
+            grad_cache_chunks: 1,
         }
     }
 }
@@ -726,6 +731,14 @@ impl Config {
             t.batch_size >= 2,
             "train.batch_size",
             format!("{} is below 2 (NT-Xent needs negatives)", t.batch_size),
+        )?;
+        check(
+            t.grad_cache_chunks >= 1 && t.grad_cache_chunks <= t.batch_size,
+            "train.grad_cache_chunks",
+            format!(
+                "{} is not between 1 and the batch size {}",
+                t.grad_cache_chunks, t.batch_size
+            ),
         )?;
         check(
             t.epochs >= 1 || t.max_steps >= 1,

@@ -191,6 +191,14 @@ impl Trainer {
                 ),
             });
         }
+        if world > 1 && cfg.train.grad_cache_chunks > 1 {
+            return Err(CliError::Config {
+                source_name: "settings".into(),
+                msg: "train.grad_cache_chunks: gradient caching is not combined with data \
+                      parallelism yet; use one or the other"
+                    .into(),
+            });
+        }
         let splits = data::open(&cfg.data, cfg.train.seed)?;
         let aug = Augmentation::new(cfg.augment.to_augment(cfg.data.image_size))?;
         let loader = Loader::new(
@@ -422,7 +430,17 @@ impl Trainer {
                 let views = Tensor::from_slice(&[n, c, hh, ww], pixels)?;
                 let lr = schedule.lr(self.progress.step);
                 let step = self.progress.step;
+                let chunks = self.cfg.train.grad_cache_chunks;
                 let result = match &self.dp {
+                    None if chunks > 1 => simclr_nn::grad_cache::train_step_cached(
+                        &mut self.model,
+                        &views,
+                        chunks,
+                        self.opt.as_mut(),
+                        lr,
+                        &loss,
+                    )
+                    .map(|s| (s, None)),
                     Some(dp) => simclr_nn::dist::train_step_dp(
                         &mut self.model,
                         &views,
@@ -430,14 +448,16 @@ impl Trainer {
                         lr,
                         &loss,
                         dp,
-                    ),
+                    )
+                    .map(|(s, h)| (s, Some(h))),
                     None => simclr_nn::train_step_with_h(
                         &mut self.model,
                         &views,
                         self.opt.as_mut(),
                         lr,
                         &loss,
-                    ),
+                    )
+                    .map(|(s, h)| (s, Some(h))),
                 };
                 let (stats, h) = match result {
                     Ok(r) => r,
@@ -449,9 +469,9 @@ impl Trainer {
                 if !stats.loss.is_finite() {
                     return Err(self.diverged(step, format!("loss {}", stats.loss)));
                 }
-                let probe_top1 = match &batch.labels {
-                    Some(labels) => self.probe_step(&h, labels, lr)?,
-                    None => None,
+                let probe_top1 = match (&batch.labels, &h) {
+                    (Some(labels), Some(h)) => self.probe_step(h, labels, lr)?,
+                    _ => None,
                 };
                 last_loss = stats.loss;
                 self.progress.step += 1;

@@ -289,3 +289,30 @@ fn a_failed_checkpoint_write_keeps_the_previous_one() {
     );
     assert_eq!(Checkpoint::load(&ck).unwrap().metadata["step"], "2");
 }
+
+#[test]
+fn gradient_caching_trains_in_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("gc");
+    let mut t = Trainer::new(tiny(&a, &["train.grad_cache_chunks=4", "train.epochs=1"])).unwrap();
+    let (lg, s) = losses(&mut t, None);
+    let s = s.unwrap();
+    assert_eq!(s.steps, 4);
+    assert!(s.last_loss.is_finite());
+    // The chunked run's first loss is the plain run's (the weights are the same before the
+    // first update; only batch norm differs, per chunk).
+    let b = dir.path().join("plain");
+    let mut p = Trainer::new(tiny(&b, &["train.epochs=1"])).unwrap();
+    let (lp, r) = losses(&mut p, None);
+    r.unwrap();
+    assert_eq!(lg.len(), lp.len());
+    assert!((lg[0] - lp[0]).abs() < 0.5, "{lg:?} vs {lp:?}");
+    assert_ne!(lg, lp, "per-chunk batch norm must change the numbers");
+    let e = Config::build(
+        Some("quickstart"),
+        None,
+        &["train.grad_cache_chunks=0".into()],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("train.grad_cache_chunks"), "{e}");
+}

@@ -157,7 +157,7 @@ fn data_parallel(world: usize, loss: &ContrastiveLoss, gather: bool, global_bn: 
         let hs: Vec<_> = comms
             .into_iter()
             .map(|c| {
-                let loss = loss.clone();
+                let loss = *loss;
                 s.spawn(move || replica(Arc::new(c), &loss, gather, global_bn))
             })
             .collect();
