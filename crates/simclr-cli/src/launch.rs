@@ -71,6 +71,12 @@ pub fn launch(
         Some(p) => p,
         None => free_port()?,
     };
+    // The replicas share this machine's cores: each gets its share of rayon threads (unless the
+    // caller chose).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .unwrap_or_else(|| (cores / procs).max(1).to_string());
     let mut children: Vec<Child> = Vec::with_capacity(procs);
     for rank in 0..procs {
         let mut cmd = Command::new(&exe);
@@ -79,7 +85,8 @@ pub fn launch(
             .env("LOCAL_RANK", rank.to_string())
             .env("WORLD_SIZE", procs.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string());
+            .env("MASTER_PORT", port.to_string())
+            .env("RAYON_NUM_THREADS", &threads);
         if rank > 0 {
             cmd.stdout(Stdio::null());
         }
