@@ -12,7 +12,7 @@
 //! that dies or never arrives makes every other rank's next collective fail with a
 //! [`CommError`] within the timeout, never hang.
 //!
-//! - [`step`]: the data-parallel training step (global batch norm, gathered negatives, the
+//! - [`train_step_dp`]: the data-parallel training step (global batch norm, gathered negatives, the
 //!   gradient all-reduce).
 
 mod step;
