@@ -476,6 +476,242 @@ NTX_BWD(ntxent_backward_f32, 0, 64)
 NTX_BWD(ntxent_backward_tf32, 1, 64)
 NTX_BWD(ntxent_backward_bf16, 2, 128)
 
+
+// ---- bf16 with d <= 128: the fast path ----
+//
+// The warp's 16 anchor rows stay in registers as mma A fragments for the whole sweep (dp / 16 <= 8
+// k-steps of 4 registers), each column tile is staged once (64 rows x dp), and the backward pass
+// reads V from that same tile (no transposed copy): per tile one staging and two barriers.
+
+#define NTX_FP 136  // pitch of a staged 64 x 128 bf16 tile (16-byte rows, conflict-free fragments)
+
+// Stage rows [row0, row0 + 64) x [0, dp) of u into dst (pitch NTX_FP); zero rows past `rows`.
+__device__ __forceinline__ void ntx_stage_full(bf16_t* dst, const bf16_t* u, int row0, int rows, int dp) {
+    int vpr = dp / 8;
+    for (int v = threadIdx.x; v < NTX_BN * vpr; v += NTX_THREADS) {
+        int r = v / vpr, c = (v % vpr) * 8;
+        int gr = row0 + r;
+        uint4 val = make_uint4(0u, 0u, 0u, 0u);
+        if (gr < rows) val = *reinterpret_cast<const uint4*>(u + (u64)gr * dp + c);
+        *reinterpret_cast<uint4*>(dst + r * NTX_FP + c) = val;
+    }
+}
+
+// The warp's A fragments of rows [r0 + 16 warp, +16) for k-steps 0..dp/16, via the staged tile.
+__device__ __forceinline__ void ntx_load_a(u32 af[8][4], bf16_t* Ts, const bf16_t* u, int rows, int dp, int r0,
+                                           int warp, int g, int t) {
+    ntx_stage_full(Ts, u, r0, rows, dp);
+    __syncthreads();
+    const bf16_t* a = Ts + warp * 16 * NTX_FP;
+#pragma unroll
+    for (int ks = 0; ks < 8; ks++) {
+        if (ks * 16 < dp) {
+            int kk = ks * 16;
+            af[ks][0] = ld_u32(a + g * NTX_FP + kk + 2 * t);
+            af[ks][1] = ld_u32(a + (g + 8) * NTX_FP + kk + 2 * t);
+            af[ks][2] = ld_u32(a + g * NTX_FP + kk + 8 + 2 * t);
+            af[ks][3] = ld_u32(a + (g + 8) * NTX_FP + kk + 8 + 2 * t);
+        } else {
+            af[ks][0] = af[ks][1] = af[ks][2] = af[ks][3] = 0u;
+        }
+    }
+    __syncthreads();
+}
+
+// acc = A_w B^T for the staged column tile Bs (pitch NTX_FP).
+__device__ __forceinline__ void ntx_tile_regs(float acc[8][4], const u32 af[8][4], const bf16_t* Bs, int dp, int g,
+                                              int t) {
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < 8; ks++) {
+        if (ks * 16 < dp) {
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                const bf16_t* b = Bs + (nt * 8 + g) * NTX_FP + ks * 16;
+                u32 bf[2] = {ld_u32(b + 2 * t), ld_u32(b + 8 + 2 * t)};
+                mma_bf16_16816(acc[nt], af[ks], bf);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NTX_THREADS)
+    ntxent_forward_bf16_d128(const bf16_t* u, int rows, int dp, int a0, int a1, int half, float inv_tau,
+                             int fixed_max, int tiles_per_split, float* part) {
+    __shared__ __align__(16) bf16_t Bs[NTX_BN * NTX_FP];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int r0 = a0 + blockIdx.x * NTX_BM;
+    int row[2] = {r0 + warp * 16 + g, r0 + warp * 16 + g + 8};
+    int pos[2] = {ntx_partner(row[0], half), ntx_partner(row[1], half)};
+    u32 af[8][4];
+    ntx_load_a(af, Bs, u, rows, dp, r0, warp, g, t);
+    float m[2], l[2] = {0.0f, 0.0f}, sp[2] = {0.0f, 0.0f};
+    m[0] = m[1] = fixed_max ? inv_tau : -SIMCLR_INF;
+    int n_tiles = (rows + NTX_BN - 1) / NTX_BN;
+    int tile0 = blockIdx.y * tiles_per_split;
+    int tile1 = min(n_tiles, tile0 + tiles_per_split);
+    float acc[8][4];
+    for (int tile = tile0; tile < tile1; tile++) {
+        int c0 = tile * NTX_BN;
+        ntx_stage_full(Bs, u, c0, rows, dp);
+        __syncthreads();
+        ntx_tile_regs(acc, af, Bs, dp, g, t);
+        __syncthreads();
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if (!fixed_max) {
+                float mt = -SIMCLR_INF;
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                    for (int j = 0; j < 2; j++) {
+                        int col = c0 + nt * 8 + 2 * t + j;
+                        if (col < rows && col != row[h]) mt = fmaxf(mt, acc[nt][2 * h + j] * inv_tau);
+                    }
+                mt = quad_max(mt);
+                float mn = fmaxf(m[h], mt);
+                if (mn > -SIMCLR_INF) {
+                    l[h] = m[h] == -SIMCLR_INF ? 0.0f : l[h] * __expf(m[h] - mn);
+                    m[h] = mn;
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    int col = c0 + nt * 8 + 2 * t + j;
+                    float s = acc[nt][2 * h + j] * inv_tau;
+                    if (col < rows && col != row[h]) l[h] += __expf(s - m[h]);
+                    if (col == pos[h]) sp[h] += s;
+                }
+        }
+    }
+    int na = a1 - a0;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        float lt = quad_sum(l[h]);
+        float st = quad_sum(sp[h]);
+        if (t == 0 && row[h] < a1) {
+            u64 o = (u64)blockIdx.y * na + (row[h] - a0);
+            u64 stride = (u64)gridDim.y * na;
+            part[o] = m[h];
+            part[stride + o] = lt;
+            part[2 * stride + o] = st;
+        }
+    }
+}
+
+// The backward pass of the fast path: as ntx_backward with DC = dp (one d-split), V taken from
+// the staged column tile: the B fragment {V[2t][g], V[2t+1][g]} of the product C V is built from
+// two 16-bit loads of consecutive tile rows.
+extern "C" __global__ void __launch_bounds__(NTX_THREADS)
+    ntxent_backward_bf16_d128(const bf16_t* u, int rows, int dp, int a0, int a1, const float* lse, int half,
+                              float inv_tau, int fixed_max, float scale, int t0, int t1, int dsplits,
+                              int tiles_per_split, float* gu) {
+    __shared__ __align__(16) bf16_t Bs[NTX_BN * NTX_FP];
+    __shared__ float colw[NTX_BN];
+    __shared__ int cola[NTX_BN];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int r0 = t0 + blockIdx.x * NTX_BM;
+    int split = blockIdx.y / dsplits;
+    int row[2] = {r0 + warp * 16 + g, r0 + warp * 16 + g + 8};
+    int pos[2] = {ntx_partner(row[0], half), ntx_partner(row[1], half)};
+    int ar[2];
+    float rw[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        ar[h] = row[h] >= a0 && row[h] < a1;
+        float L = ar[h] ? lse[row[h] - a0] : 0.0f;
+        rw[h] = fixed_max ? (ar[h] ? __expf(inv_tau - L) : 0.0f) : L;
+    }
+    bool rows_any = r0 < a1 && r0 + NTX_BM > a0;
+    u32 af[8][4];
+    ntx_load_a(af, Bs, u, rows, dp, r0, warp, g, t);
+
+    float out[16][4];
+#pragma unroll
+    for (int nd = 0; nd < 16; nd++) out[nd][0] = out[nd][1] = out[nd][2] = out[nd][3] = 0.0f;
+
+    int n_tiles = (rows + NTX_BN - 1) / NTX_BN;
+    int tile0 = split * tiles_per_split;
+    int tile1 = min(n_tiles, tile0 + tiles_per_split);
+    float acc[8][4];
+    for (int tile = tile0; tile < tile1; tile++) {
+        int c0 = tile * NTX_BN;
+        bool cols_any = c0 < a1 && c0 + NTX_BN > a0;
+        if (!rows_any && !cols_any) continue;
+        ntx_stage_full(Bs, u, c0, rows, dp);
+        if (threadIdx.x < NTX_BN) {
+            int col = c0 + threadIdx.x;
+            int a = col >= a0 && col < a1;
+            float L = a ? lse[col - a0] : 0.0f;
+            colw[threadIdx.x] = fixed_max ? (a ? __expf(inv_tau - L) : 0.0f) : L;
+            cola[threadIdx.x] = a;
+        }
+        __syncthreads();
+        ntx_tile_regs(acc, af, Bs, dp, g, t);
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                int cl = nt * 8 + 2 * t + j;
+                int col = c0 + cl;
+                float cw = colw[cl];
+                int ac = cola[cl];
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    float s = acc[nt][2 * h + j] * inv_tau;
+                    float c = 0.0f;
+                    if (col < rows && col != row[h] && row[h] < rows) {
+                        if (fixed_max) {
+                            c = __expf(s - inv_tau) * (rw[h] + cw);
+                        } else {
+                            c = (ar[h] ? __expf(s - rw[h]) : 0.0f) + (ac ? __expf(s - cw) : 0.0f);
+                        }
+                        if (col == pos[h]) c -= (float)(ar[h] + ac);
+                    }
+                    acc[nt][2 * h + j] = c;
+                }
+            }
+        // out += C V, V[k][n] = tile row k, column n.
+#pragma unroll
+        for (int kk = 0; kk < NTX_BN; kk += 16) {
+            int nt = kk / 8;
+            u32 a4[4];
+            a4[0] = pack_bf16x2(acc[nt][0], acc[nt][1]);
+            a4[1] = pack_bf16x2(acc[nt][2], acc[nt][3]);
+            a4[2] = pack_bf16x2(acc[nt + 1][0], acc[nt + 1][1]);
+            a4[3] = pack_bf16x2(acc[nt + 1][2], acc[nt + 1][3]);
+            const bf16_t* v0 = Bs + (kk + 2 * t) * NTX_FP + g;
+#pragma unroll
+            for (int nd = 0; nd < 16; nd++) {
+                if (nd * 8 < dp) {
+                    const bf16_t* v = v0 + nd * 8;
+                    u32 bf[2] = {(u32)v[0] | ((u32)v[NTX_FP] << 16),
+                                 (u32)v[8 * NTX_FP] | ((u32)v[9 * NTX_FP] << 16)};
+                    mma_bf16_16816(out[nd], a4, bf);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    int nt_rows = t1 - t0;
+    float* gs = gu + (u64)split * nt_rows * dp;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        if (row[h] >= t1) continue;
+        float* gr = gs + (u64)(row[h] - t0) * dp;
+#pragma unroll
+        for (int nd = 0; nd < 16; nd++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                int dd = nd * 8 + 2 * t + j;
+                if (dd < dp) gr[dd] = out[nd][2 * h + j] * scale;
+            }
+    }
+}
+
 extern "C" __global__ void ntxent_merge(const float* part, int na, int splits, float* lse, float* loss) {
     ntx_merge(part, na, splits, lse, loss);
 }

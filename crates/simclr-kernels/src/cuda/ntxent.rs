@@ -134,6 +134,16 @@ impl NtXentGpu {
         })
     }
 
+    /// The kernel of `pass` for this precision and width: bf16 rows of at most 128 values take
+    /// the fast path (anchor rows held in registers, one staging per column tile).
+    fn kernel_name(&self, pass: &str) -> String {
+        if self.precision == Precision::Bf16 && self.dp <= 128 {
+            format!("ntxent_{pass}_bf16_d128")
+        } else {
+            format!("ntxent_{pass}_{}", self.precision.suffix())
+        }
+    }
+
     /// Rows and dimension this workspace serves.
     pub fn shape(&self) -> (usize, usize) {
         (self.rows, self.dim)
@@ -260,7 +270,7 @@ impl NtXentGpu {
         ensure(3 * splits * na <= self.part.len(), || {
             "partials workspace too small for this split".into()
         })?;
-        let name = format!("ntxent_forward_{}", self.precision.suffix());
+        let name = self.kernel_name("forward");
         let f = gpu.function(Module::NtXent, &name)?;
         let cfg = LaunchConfig {
             grid_dim: (row_blocks as u32, splits as u32, 1),
@@ -397,7 +407,7 @@ impl NtXentGpu {
         ensure(splits * nt * self.dp <= self.gu.len(), || {
             "gradient workspace too small for this split".into()
         })?;
-        let name = format!("ntxent_backward_{}", self.precision.suffix());
+        let name = self.kernel_name("backward");
         let f = gpu.function(Module::NtXent, &name)?;
         {
             let mut b = stream.launch_builder(&f);

@@ -141,6 +141,8 @@ mod tests {
                     "ntxent_backward_f32",
                     "ntxent_backward_tf32",
                     "ntxent_backward_bf16",
+                    "ntxent_forward_bf16_d128",
+                    "ntxent_backward_bf16_d128",
                     "ntxent_merge",
                     "ntxent_finish",
                     "ntxent_sum",
