@@ -105,9 +105,18 @@ pub fn kernel_names(module: Module) -> Vec<String> {
         rest = &rest[i + "__global__".len()..];
         // `void [__launch_bounds__(..)] NAME(`, possibly with the macro's NAME parameter.
         let Some(open) = rest.find('(') else { break };
-        let head = &rest[..open];
+        let mut head = &rest[..open];
+        if head.trim_end().ends_with("__launch_bounds__") {
+            // Skip the bounds' own parentheses: the name comes after them.
+            let Some(close) = rest[open..].find(')') else {
+                break;
+            };
+            let after = &rest[open + close + 1..];
+            let Some(o2) = after.find('(') else { break };
+            head = &after[..o2];
+        }
         if let Some(name) = head.split_whitespace().last() {
-            if name != "__launch_bounds__" && name != "NAME" {
+            if name != "NAME" {
                 names.push(name.to_string());
             }
         }
