@@ -603,7 +603,7 @@ extern "C" __global__ void __launch_bounds__(NTX_THREADS)
 }
 
 // The backward pass of the fast path: as ntx_backward with DC = dp (one d-split), V taken from
-// the staged column tile: the B fragment {V[2t][g], V[2t+1][g]} of the product C V is built from
+// the staged column tile: each register of the B fragment {V[2t][g], V[2t+1][g]} of C V is built from
 // two 16-bit loads of consecutive tile rows.
 extern "C" __global__ void __launch_bounds__(NTX_THREADS)
     ntxent_backward_bf16_d128(const bf16_t* u, int rows, int dp, int a0, int a1, const float* lse, int half,
