@@ -159,6 +159,117 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// One tile's update of the two rows' online log-sum-exp (running max m, sum l of exp(s - m) over
+// k != i) and of the positive's logit sp. acc holds the tile's unscaled dot products in the
+// mma accumulator layout; each row's 64 columns are spread over the 4 lanes of a quad.
+__device__ __forceinline__ void ntx_update_stats(const float (&acc)[8][4], int c0, int rows, const int (&row)[2],
+                                                 const int (&pos)[2], int t, float inv_tau, int fixed_max,
+                                                 float (&m)[2], float (&l)[2], float (&sp)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        if (!fixed_max) {
+            float mt = -SIMCLR_INF;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    int col = c0 + nt * 8 + 2 * t + j;
+                    if (col < rows && col != row[h]) mt = fmaxf(mt, acc[nt][2 * h + j] * inv_tau);
+                }
+            mt = quad_max(mt);
+            float mn = fmaxf(m[h], mt);
+            if (mn > -SIMCLR_INF) {
+                l[h] = m[h] == -SIMCLR_INF ? 0.0f : l[h] * __expf(m[h] - mn);
+                m[h] = mn;
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                int col = c0 + nt * 8 + 2 * t + j;
+                float s = acc[nt][2 * h + j] * inv_tau;
+                if (col < rows && col != row[h]) l[h] += __expf(s - m[h]);
+                if (col == pos[h]) sp[h] += s;
+            }
+    }
+}
+
+// The quad-reduced partials (m, l, s_pos) of the two rows into part = [m | l | s_pos], each
+// gridDim.y x (a1 - a0), at split blockIdx.y.
+__device__ __forceinline__ void ntx_write_partials(const int (&row)[2], int a0, int a1, int t, const float (&m)[2],
+                                                   const float (&l)[2], const float (&sp)[2], float* part) {
+    int na = a1 - a0;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        float lt = quad_sum(l[h]);
+        float st = quad_sum(sp[h]);
+        if (t == 0 && row[h] < a1) {
+            u64 o = (u64)blockIdx.y * na + (row[h] - a0);
+            u64 stride = (u64)gridDim.y * na;
+            part[o] = m[h];
+            part[stride + o] = lt;
+            part[2 * stride + o] = st;
+        }
+    }
+}
+
+// The two rows' anchor flags and weights: exp(1/tau - lse_t) with a fixed max (so that
+// P_tk = exp(s - 1/tau) * weight), else lse_t; 0 for rows that are not anchors.
+__device__ __forceinline__ void ntx_row_weights(const int (&row)[2], int a0, int a1, const float* lse, float inv_tau,
+                                                int fixed_max, int (&ar)[2], float (&rw)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        ar[h] = row[h] >= a0 && row[h] < a1;
+        float L = ar[h] ? lse[row[h] - a0] : 0.0f;
+        rw[h] = fixed_max ? (ar[h] ? __expf(inv_tau - L) : 0.0f) : L;
+    }
+}
+
+// Threads 0..63 stage the tile's column weights: exp(1/tau - lse_k) with a fixed max, else
+// lse_k; 0 and a flag of 0 for columns that are not anchors.
+__device__ __forceinline__ void ntx_stage_column_weights(int c0, int a0, int a1, const float* lse, float inv_tau,
+                                                         int fixed_max, float* colw, int* cola) {
+    if (threadIdx.x < NTX_BN) {
+        int col = c0 + threadIdx.x;
+        int a = col >= a0 && col < a1;
+        float L = a ? lse[col - a0] : 0.0f;
+        colw[threadIdx.x] = fixed_max ? (a ? __expf(inv_tau - L) : 0.0f) : L;
+        cola[threadIdx.x] = a;
+    }
+}
+
+// Replaces the tile's dot products in acc by the gradient coefficients
+// c_tk = a_t P_tk + a_k P_kt - (a_t + a_k) [k = pos(t)] (0 for k = t and padding).
+__device__ __forceinline__ void ntx_coefficients(float (&acc)[8][4], int c0, int rows, const int (&row)[2],
+                                                 const int (&pos)[2], const int (&ar)[2], const float (&rw)[2],
+                                                 const float* colw, const int* cola, int t, float inv_tau,
+                                                 int fixed_max) {
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            int cl = nt * 8 + 2 * t + j;
+            int col = c0 + cl;
+            float cw = colw[cl];
+            int ac = cola[cl];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                float s = acc[nt][2 * h + j] * inv_tau;
+                float c = 0.0f;
+                if (col < rows && col != row[h] && row[h] < rows) {
+                    if (fixed_max) {
+                        c = __expf(s - inv_tau) * (rw[h] + cw);
+                    } else {
+                        c = (ar[h] ? __expf(s - rw[h]) : 0.0f) + (ac ? __expf(s - cw) : 0.0f);
+                    }
+                    if (col == pos[h]) c -= (float)(ar[h] + ac);
+                }
+                acc[nt][2 * h + j] = c;
+            }
+        }
+}
+
 // Forward partials: for anchor rows [a0, a1) and the column tiles of split blockIdx.y, the
 // running max m, the sum l of exp(s - m) over k != i, and the positive's logit. part holds
 // 3 x splits x (a1 - a0) floats: [m | l | s_pos].
@@ -181,48 +292,9 @@ __device__ void ntx_forward(const typename NtxStore<P>::T* u, int rows, int dp, 
     for (int tile = tile0; tile < tile1; tile++) {
         int c0 = tile * NTX_BN;
         ntx_tile<P>(acc, As, Bs, u, rows, dp, r0, c0, warp, g, t);
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            if (!fixed_max) {
-                float mt = -SIMCLR_INF;
-#pragma unroll
-                for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-                    for (int j = 0; j < 2; j++) {
-                        int col = c0 + nt * 8 + 2 * t + j;
-                        if (col < rows && col != row[h]) mt = fmaxf(mt, acc[nt][2 * h + j] * inv_tau);
-                    }
-                mt = quad_max(mt);
-                float mn = fmaxf(m[h], mt);
-                if (mn > -SIMCLR_INF) {
-                    l[h] = m[h] == -SIMCLR_INF ? 0.0f : l[h] * __expf(m[h] - mn);
-                    m[h] = mn;
-                }
-            }
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    int col = c0 + nt * 8 + 2 * t + j;
-                    float s = acc[nt][2 * h + j] * inv_tau;
-                    if (col < rows && col != row[h]) l[h] += __expf(s - m[h]);
-                    if (col == pos[h]) sp[h] += s;
-                }
-        }
+        ntx_update_stats(acc, c0, rows, row, pos, t, inv_tau, fixed_max, m, l, sp);
     }
-    int na = a1 - a0;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        float lt = quad_sum(l[h]);
-        float st = quad_sum(sp[h]);
-        if (t == 0 && row[h] < a1) {
-            u64 o = (u64)blockIdx.y * na + (row[h] - a0);
-            u64 stride = (u64)gridDim.y * na;
-            part[o] = m[h];
-            part[stride + o] = lt;
-            part[2 * stride + o] = st;
-        }
-    }
+    ntx_write_partials(row, a0, a1, t, m, l, sp, part);
 }
 
 // Merge the splits' partials: lse and loss of each anchor row, in split order.
@@ -272,13 +344,7 @@ __device__ void ntx_backward(const typename NtxStore<P>::T* u, int rows, int dp,
     int pos[2] = {ntx_partner(row[0], half), ntx_partner(row[1], half)};
     int ar[2];
     float rw[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        ar[h] = row[h] >= a0 && row[h] < a1;
-        float L = ar[h] ? lse[row[h] - a0] : 0.0f;
-        // fixed max: P_tk = exp(s - 1/tau) * exp(1/tau - lse_t); otherwise rw = lse_t.
-        rw[h] = fixed_max ? (ar[h] ? __expf(inv_tau - L) : 0.0f) : L;
-    }
+    ntx_row_weights(row, a0, a1, lse, inv_tau, fixed_max, ar, rw);
     bool rows_any = r0 < a1 && r0 + NTX_BM > a0;
 
     float out[DC / 8][4];
@@ -295,13 +361,7 @@ __device__ void ntx_backward(const typename NtxStore<P>::T* u, int rows, int dp,
         if (!rows_any && !cols_any) continue;
         ntx_tile<P>(acc, As, Bs, u, rows, dp, r0, c0, warp, g, t);
         // Column weights and the transposed value tile V^T[dd][c] = u[c0 + c][dc0 + dd].
-        if (threadIdx.x < NTX_BN) {
-            int col = c0 + threadIdx.x;
-            int a = col >= a0 && col < a1;
-            float L = a ? lse[col - a0] : 0.0f;
-            colw[threadIdx.x] = fixed_max ? (a ? __expf(inv_tau - L) : 0.0f) : L;
-            cola[threadIdx.x] = a;
-        }
+        ntx_stage_column_weights(c0, a0, a1, lse, inv_tau, fixed_max, colw, cola);
         for (int idx = threadIdx.x; idx < NTX_BN * DC; idx += NTX_THREADS) {
             int r = idx / DC, dd = idx % DC;
             int gr = c0 + r, gd = dc0 + dd;
@@ -310,29 +370,7 @@ __device__ void ntx_backward(const typename NtxStore<P>::T* u, int rows, int dp,
             Vt[dd * PV + r] = v;
         }
         __syncthreads();
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-            for (int j = 0; j < 2; j++) {
-                int cl = nt * 8 + 2 * t + j;
-                int col = c0 + cl;
-                float cw = colw[cl];
-                int ac = cola[cl];
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    float s = acc[nt][2 * h + j] * inv_tau;
-                    float c = 0.0f;
-                    if (col < rows && col != row[h] && row[h] < rows) {
-                        if (fixed_max) {
-                            c = __expf(s - inv_tau) * (rw[h] + cw);
-                        } else {
-                            c = (ar[h] ? __expf(s - rw[h]) : 0.0f) + (ac ? __expf(s - cw) : 0.0f);
-                        }
-                        if (col == pos[h]) c -= (float)(ar[h] + ac);
-                    }
-                    acc[nt][2 * h + j] = c;
-                }
-            }
+        ntx_coefficients(acc, c0, rows, row, pos, ar, rw, colw, cola, t, inv_tau, fixed_max);
         // out += C V over the tile's 64 columns.
         if (P == 2) {
             const bf16_t* vb = reinterpret_cast<const bf16_t*>(Vt);
@@ -558,48 +596,9 @@ extern "C" __global__ void __launch_bounds__(NTX_THREADS)
         __syncthreads();
         ntx_tile_regs(acc, af, Bs, dp, g, t);
         __syncthreads();
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            if (!fixed_max) {
-                float mt = -SIMCLR_INF;
-#pragma unroll
-                for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-                    for (int j = 0; j < 2; j++) {
-                        int col = c0 + nt * 8 + 2 * t + j;
-                        if (col < rows && col != row[h]) mt = fmaxf(mt, acc[nt][2 * h + j] * inv_tau);
-                    }
-                mt = quad_max(mt);
-                float mn = fmaxf(m[h], mt);
-                if (mn > -SIMCLR_INF) {
-                    l[h] = m[h] == -SIMCLR_INF ? 0.0f : l[h] * __expf(m[h] - mn);
-                    m[h] = mn;
-                }
-            }
-#pragma unroll
-            for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    int col = c0 + nt * 8 + 2 * t + j;
-                    float s = acc[nt][2 * h + j] * inv_tau;
-                    if (col < rows && col != row[h]) l[h] += __expf(s - m[h]);
-                    if (col == pos[h]) sp[h] += s;
-                }
-        }
+        ntx_update_stats(acc, c0, rows, row, pos, t, inv_tau, fixed_max, m, l, sp);
     }
-    int na = a1 - a0;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        float lt = quad_sum(l[h]);
-        float st = quad_sum(sp[h]);
-        if (t == 0 && row[h] < a1) {
-            u64 o = (u64)blockIdx.y * na + (row[h] - a0);
-            u64 stride = (u64)gridDim.y * na;
-            part[o] = m[h];
-            part[stride + o] = lt;
-            part[2 * stride + o] = st;
-        }
-    }
+    ntx_write_partials(row, a0, a1, t, m, l, sp, part);
 }
 
 // The backward pass of the fast path: as ntx_backward with DC = dp (one d-split), V taken from
@@ -619,12 +618,7 @@ extern "C" __global__ void __launch_bounds__(NTX_THREADS)
     int pos[2] = {ntx_partner(row[0], half), ntx_partner(row[1], half)};
     int ar[2];
     float rw[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        ar[h] = row[h] >= a0 && row[h] < a1;
-        float L = ar[h] ? lse[row[h] - a0] : 0.0f;
-        rw[h] = fixed_max ? (ar[h] ? __expf(inv_tau - L) : 0.0f) : L;
-    }
+    ntx_row_weights(row, a0, a1, lse, inv_tau, fixed_max, ar, rw);
     bool rows_any = r0 < a1 && r0 + NTX_BM > a0;
     u32 af[8][4];
     ntx_load_a(af, Bs, u, rows, dp, r0, warp, g, t);
@@ -642,38 +636,10 @@ extern "C" __global__ void __launch_bounds__(NTX_THREADS)
         bool cols_any = c0 < a1 && c0 + NTX_BN > a0;
         if (!rows_any && !cols_any) continue;
         ntx_stage_full(Bs, u, c0, rows, dp);
-        if (threadIdx.x < NTX_BN) {
-            int col = c0 + threadIdx.x;
-            int a = col >= a0 && col < a1;
-            float L = a ? lse[col - a0] : 0.0f;
-            colw[threadIdx.x] = fixed_max ? (a ? __expf(inv_tau - L) : 0.0f) : L;
-            cola[threadIdx.x] = a;
-        }
+        ntx_stage_column_weights(c0, a0, a1, lse, inv_tau, fixed_max, colw, cola);
         __syncthreads();
         ntx_tile_regs(acc, af, Bs, dp, g, t);
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-            for (int j = 0; j < 2; j++) {
-                int cl = nt * 8 + 2 * t + j;
-                int col = c0 + cl;
-                float cw = colw[cl];
-                int ac = cola[cl];
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    float s = acc[nt][2 * h + j] * inv_tau;
-                    float c = 0.0f;
-                    if (col < rows && col != row[h] && row[h] < rows) {
-                        if (fixed_max) {
-                            c = __expf(s - inv_tau) * (rw[h] + cw);
-                        } else {
-                            c = (ar[h] ? __expf(s - rw[h]) : 0.0f) + (ac ? __expf(s - cw) : 0.0f);
-                        }
-                        if (col == pos[h]) c -= (float)(ar[h] + ac);
-                    }
-                    acc[nt][2 * h + j] = c;
-                }
-            }
+        ntx_coefficients(acc, c0, rows, row, pos, ar, rw, colw, cola, t, inv_tau, fixed_max);
         // out += C V, V[k][n] = tile row k, column n.
 #pragma unroll
         for (int kk = 0; kk < NTX_BN; kk += 16) {

@@ -21,7 +21,7 @@ use crate::model::SimClr;
 use crate::optim::Optimizer;
 use crate::param::{Module, Param, StateVisitor};
 use crate::tensor::Tensor;
-use crate::train::StepStats;
+use crate::train::{check_finite_grads, StepStats};
 
 /// Rows of chunk `c` of `chunks` in a batch of `2n` views: its images' first views, then their
 /// second views.
@@ -143,17 +143,7 @@ pub fn train_step_cached(
     loss: &ContrastiveLoss,
 ) -> Result<StepStats> {
     let l = forward_backward_cached(model, views, chunks, loss)?;
-    let mut bad = None;
-    model.for_each_param(&mut |name, p| {
-        if bad.is_none() && !p.grad.all_finite() {
-            bad = Some(name.to_string());
-        }
-    });
-    if let Some(name) = bad {
-        return Err(NnError::NonFinite {
-            what: format!("gradient of {name}"),
-        });
-    }
+    check_finite_grads(model)?;
     if !l.is_finite() {
         return Err(NnError::NonFinite {
             what: "the loss".into(),

@@ -49,17 +49,24 @@ pub fn train_step_with_h(
     }
     let (loss, dz) = loss.forward_backward(&z)?;
     model.backward(&dz)?;
+    check_finite_grads(model)?;
+    optimizer.step(model, lr)?;
+    Ok((StepStats { loss, lr }, h))
+}
+
+/// An error naming the first parameter whose gradient holds NaN or infinity (the update must not
+/// run: it would spread them into the weights).
+pub(crate) fn check_finite_grads(model: &mut SimClr) -> Result<()> {
     let mut bad = None;
     model.for_each_param(&mut |name, p| {
         if bad.is_none() && !p.grad.all_finite() {
             bad = Some(name.to_string());
         }
     });
-    if let Some(name) = bad {
-        return Err(NnError::NonFinite {
+    match bad {
+        Some(name) => Err(NnError::NonFinite {
             what: format!("gradient of {name}"),
-        });
+        }),
+        None => Ok(()),
     }
-    optimizer.step(model, lr)?;
-    Ok((StepStats { loss, lr }, h))
 }

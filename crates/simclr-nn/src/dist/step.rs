@@ -27,7 +27,7 @@ use crate::model::SimClr;
 use crate::optim::Optimizer;
 use crate::param::{Module, Param, StateVisitor};
 use crate::tensor::Tensor;
-use crate::train::StepStats;
+use crate::train::{check_finite_grads, StepStats};
 
 /// How the replicas of a data-parallel step cooperate.
 #[derive(Clone, Debug)]
@@ -258,19 +258,9 @@ pub fn forward_backward_dp(
     set_batch_norm_sync(model, None);
     back?;
     all_reduce_grads(model, comm)?;
-    let mut bad = None;
-    model.for_each_param(&mut |name, p| {
-        if bad.is_none() && !p.grad.all_finite() {
-            bad = Some(name.to_string());
-        }
-    });
     // The gradients are the same on every replica after the all-reduce, so every replica stops
     // here together.
-    if let Some(name) = bad {
-        return Err(NnError::NonFinite {
-            what: format!("gradient of {name}"),
-        });
-    }
+    check_finite_grads(model)?;
     if !l.is_finite() {
         return Err(NnError::NonFinite {
             what: "the loss".into(),
