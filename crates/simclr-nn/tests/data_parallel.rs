@@ -93,7 +93,23 @@ fn flat(model: &mut SimClr, grads: bool) -> Vec<f32> {
 }
 
 fn single(loss: &ContrastiveLoss) -> Run {
-    let mut m = model(0);
+    run_steps(model(0), 0, 1, |m, views| {
+        m.zero_grad();
+        let (_, z) = m.forward(views, true).unwrap();
+        let (l, dz) = loss.forward_backward(&z).unwrap();
+        m.backward(&dz).unwrap();
+        l
+    })
+}
+
+/// STEPS LARS steps from `m` on replica `rank`'s share of each batch, `fwd_bwd` leaving the
+/// gradients in the model and returning the loss.
+fn run_steps(
+    mut m: SimClr,
+    rank: usize,
+    world: usize,
+    mut fwd_bwd: impl FnMut(&mut SimClr, &Tensor) -> f32,
+) -> Run {
     let mut opt = lars();
     let mut run = Run {
         losses: vec![],
@@ -101,11 +117,8 @@ fn single(loss: &ContrastiveLoss) -> Run {
         weights: vec![],
     };
     for (s, batch) in batches().iter().enumerate() {
-        let views = local_views(batch, 0, 1);
-        m.zero_grad();
-        let (_, z) = m.forward(&views, true).unwrap();
-        let (l, dz) = loss.forward_backward(&z).unwrap();
-        m.backward(&dz).unwrap();
+        let views = local_views(batch, rank, world);
+        let l = fwd_bwd(&mut m, &views);
         if s == 0 {
             run.grads = flat(&mut m, true);
         }
@@ -132,23 +145,9 @@ fn replica(
         gather_negatives: gather,
         global_batch_norm: global_bn,
     };
-    let mut opt = lars();
-    let mut run = Run {
-        losses: vec![],
-        grads: vec![],
-        weights: vec![],
-    };
-    for (s, batch) in batches().iter().enumerate() {
-        let views = local_views(batch, rank, world);
-        let (l, _h) = forward_backward_dp(&mut m, &views, loss, &dp).unwrap();
-        if s == 0 {
-            run.grads = flat(&mut m, true);
-        }
-        opt.step(&mut m, LR).unwrap();
-        run.losses.push(l);
-    }
-    run.weights = flat(&mut m, false);
-    run
+    run_steps(m, rank, world, |m, views| {
+        forward_backward_dp(m, views, loss, &dp).unwrap().0
+    })
 }
 
 fn data_parallel(world: usize, loss: &ContrastiveLoss, gather: bool, global_bn: bool) -> Vec<Run> {
@@ -380,25 +379,9 @@ fn a_replica_stuck_outside_the_step_times_the_others_out() {
 fn gradient_caching_equals_chunked_batch_norm_with_all_negatives() {
     for chunks in [2, 4] {
         let want = &data_parallel(chunks, &NT_XENT, true, false)[0];
-        let mut m = model(0);
-        let mut opt = lars();
-        let mut got = Run {
-            losses: vec![],
-            grads: vec![],
-            weights: vec![],
-        };
-        for (s, batch) in batches().iter().enumerate() {
-            let views = local_views(batch, 0, 1);
-            let l =
-                simclr_nn::grad_cache::forward_backward_cached(&mut m, &views, chunks, &NT_XENT)
-                    .unwrap();
-            if s == 0 {
-                got.grads = flat(&mut m, true);
-            }
-            opt.step(&mut m, LR).unwrap();
-            got.losses.push(l);
-        }
-        got.weights = flat(&mut m, false);
+        let got = run_steps(model(0), 0, 1, |m, views| {
+            simclr_nn::grad_cache::forward_backward_cached(m, views, chunks, &NT_XENT).unwrap()
+        });
         assert!(
             max_loss_diff(&got, want) < 1e-5,
             "{chunks} chunks: {:?} vs {:?}",

@@ -75,6 +75,15 @@ pub fn affine_rows(x: &[f32], c: usize, scale: &[f32], shift: &[f32], y: &mut [f
         });
 }
 
+/// `dy[i]`, or 0 where the fused ReLU's output is not positive.
+#[inline(always)]
+fn masked_grad(dy: &[f32], relu_out: Option<&[f32]>, i: usize) -> f32 {
+    match relu_out {
+        Some(y) if y[i] <= 0.0 => 0.0,
+        _ => dy[i],
+    }
+}
+
 /// The per-channel sums of the batch-norm backward pass, `[sum g | sum g * xhat]` (`2c` values,
 /// f64) with `g = dy` masked where the fused ReLU's output `relu_out` is not positive. For global
 /// batch norm these are all-reduced over the replicas before [`batchnorm_backward_dx`].
@@ -87,12 +96,7 @@ pub fn batchnorm_backward_sums(
     mean: &[f32],
     invstd: &[f32],
 ) -> Vec<f64> {
-    let grad = |i: usize| -> f32 {
-        match relu_out {
-            Some(y) if y[i] <= 0.0 => 0.0,
-            _ => dy[i],
-        }
-    };
+    let grad = |i: usize| masked_grad(dy, relu_out, i);
     channel_sums(rows, 2 * c, |r, acc| {
         let (db, dg) = acc.split_at_mut(c);
         for i in 0..c {
@@ -117,12 +121,7 @@ pub fn batchnorm_backward_dx(
     count: usize,
     dx: &mut [f32],
 ) {
-    let grad = |i: usize| -> f32 {
-        match relu_out {
-            Some(y) if y[i] <= 0.0 => 0.0,
-            _ => dy[i],
-        }
-    };
+    let grad = |i: usize| masked_grad(dy, relu_out, i);
     let (dbeta, dgamma) = sums.split_at(c);
     let k1: Vec<f32> = (0..c).map(|i| gamma[i] * invstd[i]).collect();
     let mb: Vec<f32> = dbeta.iter().map(|&b| (b / count as f64) as f32).collect();

@@ -231,32 +231,22 @@ impl NtXentGpu {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        match &mut self.u {
-            Rows::F32(u) => {
-                let f = gpu.function(Module::NtXent, "ntxent_normalize_f32")?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(z)
-                    .arg(&rows)
-                    .arg(&d)
-                    .arg(&dp)
-                    .arg(u)
-                    .arg(&mut self.norms);
-                // SAFETY: ntxent_normalize_f32(const float*, int, int, int, float*, float*);
-                // z holds rows * d floats, u rows * dp, norms rows.
-                unsafe { b.launch(cfg_rows) }?;
-            }
-            Rows::Bf16(u) => {
-                let f = gpu.function(Module::NtXent, "ntxent_normalize_bf16")?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(z)
-                    .arg(&rows)
-                    .arg(&d)
-                    .arg(&dp)
-                    .arg(u)
-                    .arg(&mut self.norms);
-                // SAFETY: as above with u holding rows * dp bf16 values.
-                unsafe { b.launch(cfg_rows) }?;
-            }
+        let name = match &self.u {
+            Rows::F32(_) => "ntxent_normalize_f32",
+            Rows::Bf16(_) => "ntxent_normalize_bf16",
+        };
+        let f = gpu.function(Module::NtXent, name)?;
+        {
+            let mut b = stream.launch_builder(&f);
+            b.arg(z).arg(&rows).arg(&d).arg(&dp);
+            match &mut self.u {
+                Rows::F32(u) => b.arg(u),
+                Rows::Bf16(u) => b.arg(u),
+            };
+            b.arg(&mut self.norms);
+            // SAFETY: ntxent_normalize_{f32,bf16}(const float*, int, int, int, T*, float*); z
+            // holds rows * d floats, u rows * dp values of the kernel's type, norms rows.
+            unsafe { b.launch(cfg_rows) }?;
         }
         let na = anchors.len();
         let row_blocks = na.div_ceil(BLOCK_ROWS);
