@@ -88,6 +88,110 @@ extern "C" __global__ void gap_backward_f32(const float* dy, int n, int hw, int 
     }
 }
 
+// ---- max pooling, NHWC, square window, implicit -inf padding ----
+
+// One thread per output value; arg gets the flat input index of the first maximum (NaN wins,
+// as in PyTorch and the CPU twin).
+extern "C" __global__ void maxpool_forward_f32(const float* x, int n, int h, int w, int c, int k, int stride,
+                                               int pad, int oh, int ow, float* y, u32* arg) {
+    u64 total = (u64)n * oh * ow * c;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        int ch = (int)(i % c);
+        u64 r = i / c;
+        int ox = (int)(r % ow);
+        r /= ow;
+        int oy = (int)(r % oh);
+        int b = (int)(r / oh);
+        float best = __int_as_float(0xff800000);  // -inf
+        u32 where = 0;
+        for (int ky = 0; ky < k; ky++) {
+            int iy = oy * stride + ky - pad;
+            if (iy < 0 || iy >= h) continue;
+            for (int kx = 0; kx < k; kx++) {
+                int ix = ox * stride + kx - pad;
+                if (ix < 0 || ix >= w) continue;
+                u64 idx = (((u64)b * h + iy) * w + ix) * c + ch;
+                float v = x[idx];
+                if (v > best || v != v) {
+                    best = v;
+                    where = (u32)idx;
+                }
+            }
+        }
+        y[i] = best;
+        arg[i] = where;
+    }
+}
+
+// One thread per input value: gathers the gradients of the windows whose maximum it was, in
+// ascending output order (the order in which the CPU twin scatters them), so no atomics and
+// the same bits.
+extern "C" __global__ void maxpool_backward_f32(const float* dy, const u32* arg, int n, int h, int w, int c, int k,
+                                                int stride, int pad, int oh, int ow, float* dx) {
+    u64 total = (u64)n * h * w * c;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        int ch = (int)(i % c);
+        u64 r = i / c;
+        int ix = (int)(r % w);
+        r /= w;
+        int iy = (int)(r % h);
+        int b = (int)(r / h);
+        // Output rows whose window [oy*stride - pad, oy*stride - pad + k) holds iy.
+        int oy0 = max(0, (iy + pad - k + stride) / stride), oy1 = min(oh - 1, (iy + pad) / stride);
+        int ox0 = max(0, (ix + pad - k + stride) / stride), ox1 = min(ow - 1, (ix + pad) / stride);
+        float acc = 0.0f;
+        for (int oy = oy0; oy <= oy1; oy++)
+            for (int ox = ox0; ox <= ox1; ox++) {
+                u64 o = (((u64)b * oh + oy) * ow + ox) * c + ch;
+                if (arg[o] == (u32)i) acc += dy[o];
+            }
+        dx[i] = acc;
+    }
+}
+
+// ---- layouts and the linear layer's bias ----
+
+// [n, c, hw] -> [n, hw, c].
+extern "C" __global__ void nchw_to_nhwc_f32(const float* x, int n, int c, int hw, float* y) {
+    u64 total = (u64)n * c * hw;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        int ch = (int)(i % c);
+        u64 r = i / c;
+        int p = (int)(r % hw);
+        u64 b = r / hw;
+        y[i] = x[(b * c + ch) * hw + p];
+    }
+}
+
+// [n, hw, c] -> [n, c, hw].
+extern "C" __global__ void nhwc_to_nchw_f32(const float* x, int n, int hw, int c, float* y) {
+    u64 total = (u64)n * c * hw;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        int p = (int)(i % hw);
+        u64 r = i / hw;
+        int ch = (int)(r % c);
+        u64 b = r / c;
+        y[i] = x[(b * hw + p) * c + ch];
+    }
+}
+
+// y[r, j] = b[j] for every row (the bias a GEMM with beta = 1 then adds to).
+extern "C" __global__ void broadcast_rows_f32(const float* b, u64 rows, int c, float* y) {
+    u64 total = rows * c;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x)
+        y[i] = b[i % c];
+}
+
+// out[j] (+)= sum over rows of x[r, j], in f32 and row order (as the CPU twin), one thread per
+// column: the bias gradient of a linear layer.
+extern "C" __global__ void column_sums_f32(const float* x, int rows, int c, int accumulate, float* out) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    float acc = 0.0f;
+    for (int r = 0; r < rows; r++) acc += x[(u64)r * c + j];
+    out[j] = accumulate ? out[j] + acc : acc;
+}
+
 // ---- batch norm over [rows, c] ----
 
 // Per channel and per group of rows (blockIdx.y of gridDim.y groups), in f64:

@@ -274,7 +274,11 @@ impl Checkpoint {
                     ParamKind::ConvWeight => oihw_to_ohwi(v, &t.shape),
                     _ => v.to_vec(),
                 };
-                p.value = Tensor::from_vec(p.value.shape(), v).expect("shape checked");
+                let host = Tensor::from_vec(p.value.shape(), v).expect("shape checked");
+                match host.to_device(p.value.device()) {
+                    Ok(t) => p.value = t,
+                    Err(e) => self.err = Some(e),
+                }
             }
             fn buffer(&mut self, name: &str, b: &mut Tensor) {
                 let shape = b.shape().to_vec();
@@ -282,7 +286,11 @@ impl Checkpoint {
                     return;
                 };
                 if let Some(v) = self.f32s(name, &t) {
-                    *b = Tensor::from_slice(&shape, v).expect("shape checked");
+                    let host = Tensor::from_slice(&shape, v).expect("shape checked");
+                    match host.to_device(b.device()) {
+                        Ok(t) => *b = t,
+                        Err(e) => self.err = Some(e),
+                    }
                 }
             }
             fn counter(&mut self, name: &str, c: &mut i64) {

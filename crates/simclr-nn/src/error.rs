@@ -57,6 +57,10 @@ pub enum NnError {
     /// A data-parallel collective failed (a rank died, timed out or disagreed).
     #[error("data-parallel communication: {0}")]
     Comm(#[from] crate::dist::CommError),
+    /// A CUDA call failed, or CUDA is not usable on this machine (the message says which
+    /// library or call).
+    #[error("CUDA: {0}")]
+    Cuda(String),
     /// An I/O error on a named file.
     #[error("{path}: {source}")]
     Io {
@@ -69,3 +73,9 @@ pub enum NnError {
 
 /// Result with [`NnError`].
 pub type Result<T, E = NnError> = std::result::Result<T, E>;
+
+impl From<simclr_kernels::cuda::GpuError> for NnError {
+    fn from(e: simclr_kernels::cuda::GpuError) -> NnError {
+        NnError::Cuda(e.to_string())
+    }
+}

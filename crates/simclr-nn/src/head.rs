@@ -64,6 +64,17 @@ impl ProjectionHead {
         device: Device,
         rng: &mut impl Rng,
     ) -> Result<ProjectionHead> {
+        let mut head = Self::new_on_host(config, input_dim, rng)?;
+        head.to_device(device)?;
+        Ok(head)
+    }
+
+    fn new_on_host(
+        config: &HeadConfig,
+        input_dim: usize,
+        rng: &mut impl Rng,
+    ) -> Result<ProjectionHead> {
+        let device = Device::Cpu;
         match config {
             HeadConfig::Identity => Ok(ProjectionHead {
                 hidden: vec![],

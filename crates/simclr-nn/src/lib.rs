@@ -2,8 +2,8 @@
 //! and safetensors checkpoints: the training core of SimCLR.
 //!
 //! Every layer has a hand-written `forward(x, train)` and `backward(dy)` (llm.c style, no
-//! autograd); operations dispatch on the [`Device`] of their tensors, so the CPU path here and a
-//! CUDA path share the layers.
+//! autograd); operations dispatch on the [`Device`] of their tensors, so the CPU backend
+//! ([`cpu`]) and the CUDA one ([`cuda`]: cuDNN, cuBLAS and our kernels) share the layers.
 //!
 //! ```
 //! use simclr_nn::{Device, HeadConfig, Lars, ResNetConfig, SimClr, SimClrConfig, Stem, Tensor};
@@ -28,6 +28,7 @@
 
 pub mod checkpoint;
 pub mod cpu;
+pub mod cuda;
 pub mod dist;
 mod error;
 pub mod grad_cache;

@@ -3,7 +3,7 @@
 use simclr_kernels::cpu::ntxent::{nt_xent_forward_backward, NtXentConfig};
 
 use crate::error::{NnError, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 
 /// NT-Xent (the normalised temperature-scaled cross entropy of SimCLR) and its gradient.
 ///
@@ -14,6 +14,10 @@ use crate::tensor::Tensor;
 pub fn nt_xent(z: &Tensor, temperature: f32) -> Result<(f32, Tensor)> {
     z.expect_rank("nt_xent", 2)?;
     let (rows, dim) = (z.shape()[0], z.shape()[1]);
+    if let Device::Cuda(_) = z.device() {
+        let (loss, grad) = crate::cuda::ops::nt_xent(z, temperature)?;
+        return finite_loss(loss).map(|l| (l, grad));
+    }
     let mut grad = vec![0.0f32; rows * dim];
     let loss = nt_xent_forward_backward(
         z.as_slice()?,
@@ -23,12 +27,16 @@ pub fn nt_xent(z: &Tensor, temperature: f32) -> Result<(f32, Tensor)> {
         &mut grad,
     )
     .map_err(|e| NnError::NtXent(e.to_string()))?;
+    Ok((finite_loss(loss)?, Tensor::from_vec(z.shape(), grad)?))
+}
+
+fn finite_loss(loss: f32) -> Result<f32> {
     if !loss.is_finite() {
         return Err(NnError::NonFinite {
             what: format!("NT-Xent loss ({loss})"),
         });
     }
-    Ok((loss, Tensor::from_vec(z.shape(), grad)?))
+    Ok(loss)
 }
 
 /// The contrastive objectives of the paper's loss ablation (its table 2), all on the cosine
@@ -64,6 +72,11 @@ impl ContrastiveLoss {
     pub fn forward_backward(&self, z: &Tensor) -> Result<(f32, Tensor)> {
         match *self {
             ContrastiveLoss::NtXent { temperature } => nt_xent(z, temperature),
+            // The ablation losses run on the host at the small batches they are for.
+            _ if z.device() != Device::Cpu => {
+                let (loss, grad) = self.pairwise(&z.to_device(Device::Cpu)?)?;
+                Ok((loss, grad.to_device(z.device())?))
+            }
             _ => self.pairwise(z),
         }
     }

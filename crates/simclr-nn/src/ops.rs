@@ -1,9 +1,10 @@
 //! Tensor operations, dispatched on the device of their operands.
 //!
 //! Layers call these and never touch a backend directly; each operation checks shapes, then
-//! hands slices to the backend of the device (today [`crate::cpu`]).
+//! hands the values to the backend of the device: [`crate::cpu`] or [`crate::cuda`].
 
 use crate::cpu;
+use crate::cuda::ops as gpu;
 use crate::cpu::conv::ConvGeom;
 use crate::cpu::gemm::{matmul, Mat, Par};
 use crate::cpu::pool::PoolGeom;
@@ -22,9 +23,7 @@ fn same_device(op: &'static str, a: &Tensor, b: &Tensor) -> Result<Device> {
 }
 
 fn out(shape: &[usize], device: Device, data: Vec<f32>) -> Result<Tensor> {
-    match device {
-        Device::Cpu => Tensor::from_vec(shape, data),
-    }
+    Tensor::from_vec(shape, data)?.to_device(device)
 }
 
 fn uninit(n: usize) -> Vec<f32> {
@@ -66,6 +65,9 @@ pub fn conv_geom(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Co
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
     let g = conv_geom(x, w, stride, pad)?;
     let dev = same_device("conv2d", x, w)?;
+    if let Device::Cuda(_) = dev {
+        return gpu::conv2d(x, w, &g);
+    }
     let mut y = uninit(g.n * g.oh() * g.ow() * g.cout);
     cpu::conv::conv2d_forward(x.as_slice()?, w.as_slice()?, &g, &mut y);
     out(&[g.n, g.oh(), g.ow(), g.cout], dev, y)
@@ -83,6 +85,9 @@ pub fn conv2d_backward(
     let g = conv_geom(x, w, stride, pad)?;
     let dev = same_device("conv2d_backward", x, dy)?;
     dy.expect_shape("conv2d_backward (dy)", &[g.n, g.oh(), g.ow(), g.cout])?;
+    if let Device::Cuda(_) = dev {
+        return gpu::conv2d_backward(x, w, dy, &g, need_dx);
+    }
     let mut dw = uninit(w.numel());
     let mut dx = need_dx.then(|| uninit(x.numel()));
     cpu::conv::conv2d_backward(
@@ -115,7 +120,8 @@ pub fn channel_stats(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
             msg: "empty batch".into(),
         });
     }
-    Ok(cpu::norm::batch_stats(x.as_slice()?, rows, c))
+    let host = x.to_device(Device::Cpu)?;
+    Ok(cpu::norm::batch_stats(host.as_slice()?, rows, c))
 }
 
 /// `y = x * scale + shift` per channel (last axis), optionally followed by ReLU.
@@ -127,6 +133,9 @@ pub fn channel_affine(x: &Tensor, scale: &[f32], shift: &[f32], relu: bool) -> R
             expected: vec![c],
             got: vec![scale.len()],
         });
+    }
+    if let Device::Cuda(_) = x.device() {
+        return gpu::channel_affine(x, scale, shift, relu);
     }
     let mut y = uninit(x.numel());
     cpu::norm::affine_rows(x.as_slice()?, c, scale, shift, &mut y, relu);
@@ -144,6 +153,14 @@ pub fn batch_norm_backward(
     gamma: &Tensor,
 ) -> Result<(Tensor, Vec<f32>, Vec<f32>)> {
     dy.expect_shape("batch_norm_backward (dy)", x.shape())?;
+    if let Device::Cuda(_) = x.device() {
+        // The layer runs its own device path; this one serves callers with host statistics.
+        let host = |t: &Tensor| t.to_device(Device::Cpu);
+        let y = relu_out.map(host).transpose()?;
+        let (dx, dg, db) =
+            batch_norm_backward(&host(x)?, &host(dy)?, y.as_ref(), mean, invstd, &host(gamma)?)?;
+        return Ok((dx.to_device(x.device())?, dg, db));
+    }
     let (rows, c) = rows_channels(x);
     let mut dx = uninit(x.numel());
     let relu_out = match relu_out {
@@ -169,6 +186,10 @@ pub fn batch_norm_backward(
 
 /// ReLU in place.
 pub fn relu_(x: &mut Tensor) -> Result<()> {
+    if let Device::Cuda(_) = x.device() {
+        *x = gpu::relu(x)?;
+        return Ok(());
+    }
     cpu::eltwise::relu_inplace(x.as_mut_slice()?);
     Ok(())
 }
@@ -176,6 +197,10 @@ pub fn relu_(x: &mut Tensor) -> Result<()> {
 /// Zeroes `dy` where the ReLU output `y` was not positive.
 pub fn relu_backward_(dy: &mut Tensor, y: &Tensor) -> Result<()> {
     dy.expect_shape("relu_backward", y.shape())?;
+    if let Device::Cuda(_) = same_device("relu_backward", dy, y)? {
+        *dy = gpu::relu_backward(dy, y)?;
+        return Ok(());
+    }
     cpu::eltwise::relu_backward_inplace(dy.as_mut_slice()?, y.as_slice()?);
     Ok(())
 }
@@ -183,13 +208,39 @@ pub fn relu_backward_(dy: &mut Tensor, y: &Tensor) -> Result<()> {
 /// `a += b`.
 pub fn add_(a: &mut Tensor, b: &Tensor) -> Result<()> {
     a.expect_shape("add", b.shape())?;
-    same_device("add", a, b)?;
+    if let Device::Cuda(_) = same_device("add", a, b)? {
+        return gpu::add_(a, b);
+    }
     cpu::eltwise::add_inplace(a.as_mut_slice()?, b.as_slice()?);
     Ok(())
 }
 
+/// Where the maxima of a max pooling were (flat input indices), on the device of its input:
+/// what the backward pass needs.
+#[derive(Clone, Debug)]
+pub struct PoolIndices(Indices);
+
+#[derive(Clone, Debug)]
+enum Indices {
+    Host(Vec<u32>),
+    Cuda(std::sync::Arc<simclr_kernels::cuda::cudarc::driver::CudaSlice<u32>>),
+}
+
+impl PoolIndices {
+    /// The indices copied to the host.
+    pub fn to_vec(&self) -> Result<Vec<u32>> {
+        match &self.0 {
+            Indices::Host(v) => Ok(v.clone()),
+            Indices::Cuda(s) => {
+                let stream = s.stream().clone();
+                Ok(stream.clone_dtoh(s.as_ref()).map_err(simclr_kernels::cuda::GpuError::from)?)
+            }
+        }
+    }
+}
+
 /// Max pooling of NHWC `x`; returns the output and the argmax indices for the backward pass.
-pub fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<(Tensor, Vec<u32>)> {
+pub fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<(Tensor, PoolIndices)> {
     x.expect_rank("max_pool", 4)?;
     let s = x.shape();
     if stride == 0 || s[1] + 2 * pad < k || s[2] + 2 * pad < k || pad * 2 > k {
@@ -213,16 +264,23 @@ pub fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<(Tens
         stride,
         pad,
     };
+    if let Device::Cuda(_) = x.device() {
+        let (y, arg) = gpu::max_pool(x, &g)?;
+        return Ok((y, PoolIndices(Indices::Cuda(std::sync::Arc::new(arg)))));
+    }
     let n_out = g.n * g.oh() * g.ow() * g.c;
     let (mut y, mut arg) = (uninit(n_out), vec![0u32; n_out]);
     cpu::pool::maxpool_forward(x.as_slice()?, &g, &mut y, &mut arg);
-    Ok((out(&[g.n, g.oh(), g.ow(), g.c], x.device(), y)?, arg))
+    Ok((
+        out(&[g.n, g.oh(), g.ow(), g.c], x.device(), y)?,
+        PoolIndices(Indices::Host(arg)),
+    ))
 }
 
 /// Max pooling backward, given the input shape and the forward's argmax indices.
 pub fn max_pool_backward(
     dy: &Tensor,
-    arg: &[u32],
+    arg: &PoolIndices,
     x_shape: &[usize],
     k: usize,
     stride: usize,
@@ -238,6 +296,17 @@ pub fn max_pool_backward(
         pad,
     };
     dy.expect_shape("max_pool_backward", &[g.n, g.oh(), g.ow(), g.c])?;
+    let arg = match (&arg.0, dy.device()) {
+        (Indices::Cuda(a), Device::Cuda(_)) => return gpu::max_pool_backward(dy, a, &g),
+        (Indices::Host(a), Device::Cpu) => a,
+        _ => {
+            return Err(NnError::Device {
+                op: "max_pool_backward (indices)",
+                expected: dy.device().to_string(),
+                got: "another device".into(),
+            })
+        }
+    };
     let mut dx = uninit(x_shape.iter().product());
     cpu::pool::maxpool_backward(dy.as_slice()?, arg, &g, &mut dx);
     out(x_shape, dy.device(), dx)
@@ -246,6 +315,9 @@ pub fn max_pool_backward(
 /// Global average pooling: NHWC to `[n, c]`.
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.expect_rank("global_avg_pool", 4)?;
+    if let Device::Cuda(_) = x.device() {
+        return gpu::global_avg_pool(x);
+    }
     let s = x.shape();
     let mut y = uninit(s[0] * s[3]);
     cpu::pool::gap_forward(x.as_slice()?, s[0], s[1] * s[2], s[3], &mut y);
@@ -255,6 +327,9 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
 /// Global average pooling backward.
 pub fn global_avg_pool_backward(dy: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
     dy.expect_shape("global_avg_pool_backward", &[x_shape[0], x_shape[3]])?;
+    if let Device::Cuda(_) = dy.device() {
+        return gpu::global_avg_pool_backward(dy, x_shape);
+    }
     let mut dx = uninit(x_shape.iter().product());
     cpu::pool::gap_backward(dy.as_slice()?, x_shape[1] * x_shape[2], x_shape[3], &mut dx);
     out(x_shape, dy.device(), dx)
@@ -265,11 +340,15 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     x.expect_rank("linear", 2)?;
     let (n, i, o) = (x.shape()[0], x.shape()[1], w.shape()[0]);
     w.expect_shape("linear (weight)", &[o, i])?;
-    let mut y = uninit(n * o);
     if let Some(b) = b {
         b.expect_shape("linear (bias)", &[o])?;
-        let bs = b.as_slice()?;
-        y.chunks_exact_mut(o).for_each(|r| r.copy_from_slice(bs));
+    }
+    if let Device::Cuda(_) = same_device("linear", x, w)? {
+        return gpu::linear(x, w, b, (n, i, o));
+    }
+    let mut y = uninit(n * o);
+    if let Some(b) = b {
+        cpu::eltwise::broadcast_rows(b.as_slice()?, &mut y);
     }
     matmul(
         Mat::row_major(x.as_slice()?, n, i),
@@ -290,6 +369,9 @@ pub fn linear_backward(
 ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
     let (n, i, o) = (x.shape()[0], x.shape()[1], w.shape()[0]);
     dy.expect_shape("linear_backward (dy)", &[n, o])?;
+    if let Device::Cuda(_) = same_device("linear_backward", x, dy)? {
+        return gpu::linear_backward(x, w, dy, (n, i, o), need_dx);
+    }
     let dys = dy.as_slice()?;
     let mut dw = uninit(o * i);
     matmul(
@@ -300,9 +382,7 @@ pub fn linear_backward(
         Par::Pool,
     );
     let mut db = vec![0.0f32; o];
-    for r in dys.chunks_exact(o) {
-        db.iter_mut().zip(r).for_each(|(a, v)| *a += v);
-    }
+    cpu::eltwise::column_sums(dys, &mut db);
     let dx = if need_dx {
         let mut dx = uninit(n * i);
         matmul(
@@ -326,6 +406,9 @@ pub fn linear_backward(
 /// NCHW to NHWC.
 pub fn nchw_to_nhwc(x: &Tensor) -> Result<Tensor> {
     x.expect_rank("nchw_to_nhwc", 4)?;
+    if let Device::Cuda(_) = x.device() {
+        return gpu::nchw_to_nhwc(x);
+    }
     let s = x.shape();
     let mut y = uninit(x.numel());
     cpu::eltwise::nchw_to_nhwc(x.as_slice()?, s[0], s[1], s[2], s[3], &mut y);
@@ -335,6 +418,9 @@ pub fn nchw_to_nhwc(x: &Tensor) -> Result<Tensor> {
 /// NHWC to NCHW.
 pub fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
     x.expect_rank("nhwc_to_nchw", 4)?;
+    if let Device::Cuda(_) = x.device() {
+        return gpu::nhwc_to_nchw(x);
+    }
     let s = x.shape();
     let mut y = uninit(x.numel());
     cpu::eltwise::nhwc_to_nchw(x.as_slice()?, s[0], s[1], s[2], s[3], &mut y);

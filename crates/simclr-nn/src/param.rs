@@ -44,9 +44,14 @@ impl Param {
         Param { value, grad, kind }
     }
 
-    /// Sets the gradient to zero.
+    /// Sets the gradient to zero (in place, so a GPU gradient keeps its address).
     pub fn zero_grad(&mut self) {
-        self.grad = self.value.zeros_like();
+        if self.grad.shape() != self.value.shape()
+            || self.grad.device() != self.value.device()
+            || self.grad.fill_zero_().is_err()
+        {
+            self.grad = self.value.zeros_like();
+        }
     }
 }
 
@@ -85,6 +90,39 @@ pub trait Module {
     /// Zeroes every gradient.
     fn zero_grad(&mut self) {
         self.for_each_param(&mut |_, p| p.zero_grad());
+    }
+
+    /// Moves every parameter, gradient and buffer to `device` (no copy for those already
+    /// there).
+    fn to_device(&mut self, device: crate::tensor::Device) -> crate::error::Result<()> {
+        device.ensure_usable()?;
+        struct M {
+            device: crate::tensor::Device,
+            err: Option<crate::error::NnError>,
+        }
+        impl M {
+            fn mv(&mut self, t: &mut Tensor) {
+                if self.err.is_none() {
+                    match t.to_device(self.device) {
+                        Ok(m) => *t = m,
+                        Err(e) => self.err = Some(e),
+                    }
+                }
+            }
+        }
+        impl StateVisitor for M {
+            fn param(&mut self, _: &str, p: &mut Param) {
+                self.mv(&mut p.value);
+                self.mv(&mut p.grad);
+            }
+            fn buffer(&mut self, _: &str, t: &mut Tensor) {
+                self.mv(t);
+            }
+            fn counter(&mut self, _: &str, _: &mut i64) {}
+        }
+        let mut m = M { device, err: None };
+        self.visit("", &mut m);
+        m.err.map_or(Ok(()), Err)
     }
 
     /// The number of trainable values.

@@ -215,6 +215,10 @@ impl ResNet {
                 msg: format!("every stage needs a block and a width: {config:?}"),
             });
         }
+        // Built on the host (the initialisation draws there), then moved.
+        device.ensure_usable()?;
+        let target = device;
+        let device = Device::Cpu;
         let w = config.base_width;
         let (conv1, maxpool) = match config.stem {
             Stem::ImageNet => (
@@ -236,14 +240,16 @@ impl ResNet {
             }
             stages.push(stage);
         }
-        Ok(ResNet {
+        let mut net = ResNet {
             config,
             conv1,
             bn1,
             maxpool,
             stages,
             pool: GlobalAvgPool::default(),
-        })
+        };
+        net.to_device(target)?;
+        Ok(net)
     }
 
     /// The configuration.
@@ -256,7 +262,8 @@ impl ResNet {
         self.config.feature_dim()
     }
 
-    /// h for NCHW images `[n, c, height, width]`.
+    /// h for NCHW images `[n, c, height, width]`, on the model's device (images elsewhere are
+    /// copied there first).
     pub fn forward(&mut self, images: &Tensor, train: bool) -> Result<Tensor> {
         images.expect_rank("ResNet input (NCHW)", 4)?;
         if images.shape()[1] != self.config.in_channels {
@@ -266,7 +273,7 @@ impl ResNet {
                 got: vec![images.shape()[1]],
             });
         }
-        let x = ops::nchw_to_nhwc(images)?;
+        let x = ops::nchw_to_nhwc(&images.to_device(self.conv1.device())?)?;
         let mut h = self.bn1.forward(&self.conv1.forward(&x, train)?, train)?;
         if let Some(mp) = &mut self.maxpool {
             h = mp.forward(&h, train)?;

@@ -5,6 +5,9 @@
 //! first. Operations dispatch on the storage (see [`crate::ops`]), so a CUDA backend adds a
 //! storage variant and one arm per operation, and the layers stay as they are.
 //!
+//! CUDA storage is reference counted the same way; a tensor on `Device::Cuda(i)` lives in the
+//! memory of GPU `i` and every operation on it runs there (see [`crate::cuda`]).
+//!
 //! Activations of convolutional layers are channels-last (NHWC): `[batch, height, width,
 //! channels]`. Models accept NCHW input, as PyTorch and the data loader produce it, and convert
 //! once at the entrance.
@@ -12,6 +15,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::cuda::{CudaBackend, CudaBuffer};
 use crate::error::{NnError, Result};
 
 /// Where a tensor lives.
@@ -21,12 +25,57 @@ pub enum Device {
     /// Host memory, computed on CPU threads (rayon).
     #[default]
     Cpu,
+    /// The memory of CUDA device `i` (its ordinal), computed by cuDNN, cuBLAS and our kernels.
+    Cuda(usize),
+}
+
+impl Device {
+    /// CUDA device 0 when one can be used (driver, device, NVRTC, cuBLAS and cuDNN all load),
+    /// else the CPU.
+    pub fn auto() -> Device {
+        if simclr_kernels::cuda::gpu_available() && CudaBackend::get(0).is_ok() {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }
+    }
+
+    /// Checks that the device can be used (opens the CUDA backend), with an error that says
+    /// what is missing.
+    pub fn ensure_usable(self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(i) => CudaBackend::get(i).map(|_| ()),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = NnError;
+
+    /// `cpu`, `cuda` (device 0) or `cuda:N`; `auto` picks as [`Device::auto`].
+    fn from_str(s: &str) -> Result<Device> {
+        let bad = || NnError::Invalid {
+            op: "device",
+            msg: format!("`{s}` is not one of auto, cpu, cuda, cuda:N"),
+        };
+        match s {
+            "auto" => Ok(Device::auto()),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(Device::Cuda).map_err(|_| bad()),
+                None => Err(bad()),
+            },
+        }
+    }
 }
 
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
         }
     }
 }
@@ -37,6 +86,8 @@ impl fmt::Display for Device {
 pub enum Storage {
     /// f32 values in host memory.
     Cpu(Arc<Vec<f32>>),
+    /// f32 values in the memory of a CUDA device.
+    Cuda(Arc<CudaBuffer>),
 }
 
 /// An f32 tensor: a shape and the values in row-major order.
@@ -54,18 +105,72 @@ impl fmt::Debug for Tensor {
 
 impl Tensor {
     /// A tensor of zeros.
+    ///
+    /// # Panics
+    /// On a CUDA device that cannot be opened or is out of memory, as a `Vec` does when the
+    /// host is; [`Tensor::try_full`] returns the error instead.
     pub fn zeros(shape: &[usize], device: Device) -> Tensor {
         Self::full(shape, 0.0, device)
     }
 
     /// A tensor with every value `value`.
+    ///
+    /// # Panics
+    /// As [`Tensor::zeros`].
     pub fn full(shape: &[usize], value: f32, device: Device) -> Tensor {
-        let n = shape.iter().product();
+        Self::try_full(shape, value, device)
+            .unwrap_or_else(|e| panic!("allocating a {shape:?} tensor on {device}: {e}"))
+    }
+
+    /// A tensor with every value `value`, or the error of the device.
+    pub fn try_full(shape: &[usize], value: f32, device: Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
         match device {
-            Device::Cpu => Tensor {
+            Device::Cpu => Ok(Tensor {
                 shape: shape.to_vec(),
                 storage: Storage::Cpu(Arc::new(vec![value; n])),
-            },
+            }),
+            Device::Cuda(i) => {
+                let backend = CudaBackend::get(i)?;
+                let data = if value == 0.0 {
+                    backend.zeros(n)?
+                } else {
+                    backend.gpu().upload(&vec![value; n.max(1)])?
+                };
+                Ok(Tensor::from_cuda(shape, backend, data))
+            }
+        }
+    }
+
+    /// A tensor over device values (`data` holds at least the shape's count).
+    pub(crate) fn from_cuda(
+        shape: &[usize],
+        backend: Arc<CudaBackend>,
+        data: simclr_kernels::cuda::cudarc::driver::CudaSlice<f32>,
+    ) -> Tensor {
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cuda(Arc::new(CudaBuffer { backend, data })),
+        }
+    }
+
+    /// The same values on `device` (shared, not copied, when already there).
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if self.device() == device {
+            return Ok(self.clone());
+        }
+        let host = self.try_to_vec()?;
+        match device {
+            Device::Cpu => Tensor::from_vec(&self.shape, host),
+            Device::Cuda(i) => {
+                let backend = CudaBackend::get(i)?;
+                let data = if host.is_empty() {
+                    backend.zeros(0)?
+                } else {
+                    backend.gpu().upload(&host)?
+                };
+                Ok(Tensor::from_cuda(&self.shape, backend, data))
+            }
         }
     }
 
@@ -103,6 +208,7 @@ impl Tensor {
     pub fn device(&self) -> Device {
         match &self.storage {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(b) => Device::Cuda(b.backend.ordinal()),
         }
     }
 
@@ -111,24 +217,80 @@ impl Tensor {
         &self.storage
     }
 
-    /// The values of a CPU tensor.
+    /// The values of a CPU tensor; an error for a tensor on a GPU (see [`Tensor::to_device`]).
     pub fn as_slice(&self) -> Result<&[f32]> {
         match &self.storage {
             Storage::Cpu(v) => Ok(v.as_slice()),
+            Storage::Cuda(_) => Err(self.not_on_cpu("as_slice")),
         }
     }
 
     /// Mutable values of a CPU tensor; copies them first if another tensor shares them.
     pub fn as_mut_slice(&mut self) -> Result<&mut [f32]> {
+        if let Storage::Cuda(_) = self.storage {
+            return Err(self.not_on_cpu("as_mut_slice"));
+        }
         match &mut self.storage {
             Storage::Cpu(v) => Ok(Arc::make_mut(v).as_mut_slice()),
+            Storage::Cuda(_) => unreachable!("handled above"),
         }
     }
 
-    /// The values copied to a host vector, whatever the device.
-    pub fn to_vec(&self) -> Vec<f32> {
+    fn not_on_cpu(&self, op: &'static str) -> NnError {
+        NnError::Device {
+            op,
+            expected: Device::Cpu.to_string(),
+            got: self.device().to_string(),
+        }
+    }
+
+    /// The device buffer of a CUDA tensor.
+    pub fn cuda(&self) -> Result<&CudaBuffer> {
         match &self.storage {
-            Storage::Cpu(v) => v.as_ref().clone(),
+            Storage::Cuda(b) => Ok(b),
+            Storage::Cpu(_) => Err(NnError::Device {
+                op: "cuda",
+                expected: "cuda".into(),
+                got: "cpu".into(),
+            }),
+        }
+    }
+
+    /// The device values of a CUDA tensor, to write; copied first if another tensor shares them.
+    pub(crate) fn cuda_mut(
+        &mut self,
+    ) -> Result<&mut simclr_kernels::cuda::cudarc::driver::CudaSlice<f32>> {
+        let Storage::Cuda(b) = &mut self.storage else {
+            return Err(NnError::Device {
+                op: "cuda_mut",
+                expected: "cuda".into(),
+                got: "cpu".into(),
+            });
+        };
+        if Arc::get_mut(b).is_none() {
+            *b = Arc::new(b.duplicate()?);
+        }
+        Ok(&mut Arc::get_mut(b).expect("unique after the copy").data)
+    }
+
+    /// The values copied to a host vector, whatever the device.
+    ///
+    /// # Panics
+    /// If a GPU copy fails (a device fault); [`Tensor::try_to_vec`] returns the error instead.
+    pub fn to_vec(&self) -> Vec<f32> {
+        self.try_to_vec()
+            .unwrap_or_else(|e| panic!("copying {self:?} to the host: {e}"))
+    }
+
+    /// The values copied to a host vector, whatever the device.
+    pub fn try_to_vec(&self) -> Result<Vec<f32>> {
+        match &self.storage {
+            Storage::Cpu(v) => Ok(v.as_ref().clone()),
+            Storage::Cuda(b) => {
+                let mut v = b.backend.gpu().download(&b.data)?;
+                v.truncate(self.numel());
+                Ok(v)
+            }
         }
     }
 
@@ -148,8 +310,39 @@ impl Tensor {
     }
 
     /// A tensor of the same shape and device filled with zeros.
+    ///
+    /// # Panics
+    /// As [`Tensor::zeros`].
     pub fn zeros_like(&self) -> Tensor {
         Self::zeros(&self.shape, self.device())
+    }
+
+    /// Sets every value to zero, in place when nothing else shares the values.
+    pub fn fill_zero_(&mut self) -> Result<()> {
+        match &mut self.storage {
+            Storage::Cpu(v) => {
+                match Arc::get_mut(v) {
+                    Some(v) => v.fill(0.0),
+                    None => *v = Arc::new(vec![0.0; v.len()]),
+                }
+                Ok(())
+            }
+            Storage::Cuda(b) => {
+                let backend = b.backend.clone();
+                match Arc::get_mut(b) {
+                    Some(buf) => backend
+                        .gpu()
+                        .stream()
+                        .memset_zeros(&mut buf.data)
+                        .map_err(simclr_kernels::cuda::GpuError::from)?,
+                    None => {
+                        let data = backend.zeros(b.data.len())?;
+                        *b = Arc::new(CudaBuffer { backend, data });
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Fails with a shape error unless the shape is `expected`.
@@ -175,10 +368,15 @@ impl Tensor {
         Ok(())
     }
 
-    /// True when every value is finite.
+    /// True when every value is finite (false too when a GPU cannot say).
     pub fn all_finite(&self) -> bool {
         match &self.storage {
             Storage::Cpu(v) => v.iter().all(|x| x.is_finite()),
+            // The f64 sum of f32 values is finite exactly when they all are (it cannot
+            // overflow), and costs one reduction instead of a copy to the host.
+            Storage::Cuda(b) => simclr_kernels::cuda::train::sum(b.backend.gpu(), &b.data)
+                .map(f64::is_finite)
+                .unwrap_or(false),
         }
     }
 }

@@ -55,3 +55,18 @@ pub fn nhwc_to_nchw(x: &[f32], n: usize, h: usize, w: usize, c: usize, y: &mut [
     });
     debug_assert_eq!(y.len(), n * c * h * w);
 }
+
+/// `y[r, j] = b[j]` for every row of `y` (`[rows, b.len()]`).
+pub fn broadcast_rows(b: &[f32], y: &mut [f32]) {
+    y.chunks_exact_mut(b.len().max(1))
+        .for_each(|r| r.copy_from_slice(b));
+}
+
+/// `out[j] = sum_r x[r, j]` over the rows of `x` (`[rows, out.len()]`), in f32 and row order:
+/// the bias gradient of a linear layer.
+pub fn column_sums(x: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    for r in x.chunks_exact(out.len().max(1)) {
+        out.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+    }
+}

@@ -8,9 +8,11 @@
 //! - [`source`]: the embedded `.cu` sources and their compilation to PTX.
 //! - [`ntxent`]: the fused NT-Xent loss.
 //! - [`augment`]: the colour stage of the augmentation on u8 crops.
+//! - [`layout`]: max pooling, NCHW/NHWC permutes, the linear layer's bias.
 //! - [`train`]: element-wise ops, batch norm, global average pooling, SGD/LARS, casts.
 
 pub mod augment;
+pub mod layout;
 pub mod ntxent;
 pub mod source;
 pub mod train;

@@ -11,7 +11,7 @@ use super::{ensure, int, Gpu, GpuError, Module};
 
 const THREADS: u32 = 256;
 
-fn grid_for(n: usize) -> LaunchConfig {
+pub(crate) fn grid_for(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535 * 16) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
@@ -20,7 +20,7 @@ fn grid_for(n: usize) -> LaunchConfig {
     }
 }
 
-fn same_len(a: usize, b: usize, what: &str) -> Result<(), GpuError> {
+pub(crate) fn same_len(a: usize, b: usize, what: &str) -> Result<(), GpuError> {
     ensure(a == b, || format!("{what}: lengths differ ({a} and {b})"))
 }
 
@@ -175,6 +175,39 @@ pub fn gap_backward(
     b.arg(dy).arg(&ni).arg(&hwi).arg(&ci).arg(dx);
     // SAFETY: gap_backward_f32(const float*, int, int, int, float*); grid-stride over dx.
     unsafe { b.launch(grid_for(n * hw * c)) }?;
+    Ok(())
+}
+
+/// `y = x * scale + shift` per channel of `[rows, c]` rows, then a ReLU when `relu` (batch
+/// norm's last pass, with any per-channel scale and shift).
+pub fn affine_rows(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    scale: &CudaSlice<f32>,
+    shift: &CudaSlice<f32>,
+    relu: bool,
+    y: &mut CudaSlice<f32>,
+) -> Result<(), GpuError> {
+    let c = scale.len();
+    same_len(shift.len(), c, "affine shift")?;
+    same_len(x.len(), y.len(), "affine output")?;
+    ensure(c > 0 && x.len() % c == 0, || {
+        format!("affine: {} values are not rows of {c}", x.len())
+    })?;
+    let rows = x.len() / c;
+    let (r64, ci, ri) = (rows as u64, int(c, "c")?, i32::from(relu));
+    let f = gpu.function(Module::Train, "bn_apply")?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x)
+        .arg(scale)
+        .arg(shift)
+        .arg(&r64)
+        .arg(&ci)
+        .arg(&ri)
+        .arg(y);
+    // SAFETY: bn_apply(const float*, const float*, const float*, u64, int, int, float*);
+    // x and y hold rows * c, scale and shift c.
+    unsafe { b.launch(grid_for(rows * c)) }?;
     Ok(())
 }
 
@@ -398,20 +431,8 @@ impl BatchNormGpu {
         relu: bool,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
-        let (r64, ci, ri) = (rows as u64, int(self.c, "c")?, i32::from(relu));
-        let f = gpu.function(Module::Train, "bn_apply")?;
-        let mut b = gpu.stream().launch_builder(&f);
-        b.arg(x)
-            .arg(&self.scale)
-            .arg(&self.shift)
-            .arg(&r64)
-            .arg(&ci)
-            .arg(&ri)
-            .arg(y);
-        // SAFETY: bn_apply(const float*, const float*, const float*, u64, int, int, float*);
-        // x and y hold rows * c, scale and shift c.
-        unsafe { b.launch(grid_for(rows * self.c)) }?;
-        Ok(())
+        same_len(x.len(), rows * self.c, "batch norm input")?;
+        affine_rows(gpu, x, &self.scale, &self.shift, relu, y)
     }
 
     /// Backward pass of [`BatchNormGpu::forward_train`]: writes `dx`, `dgamma` and `dbeta`.

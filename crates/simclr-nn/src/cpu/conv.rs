@@ -11,7 +11,7 @@ use super::winograd;
 use super::REDUCE_GROUPS;
 
 /// The sizes of one convolution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvGeom {
     /// Batch size.
     pub n: usize,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use simclr_kernels::cpu;
 
 use crate::dist::Communicator;
+use crate::cuda::ops as cuda;
 use crate::error::{NnError, Result};
 use crate::ops;
 use crate::param::{Module, Param, ParamKind, StateVisitor};
@@ -41,10 +42,16 @@ pub struct BatchNorm {
 struct Saved {
     x: Tensor,
     y: Option<Tensor>,
-    mean: Vec<f32>,
-    invstd: Vec<f32>,
+    stats: Stats,
     /// Rows the statistics were taken over (all replicas' for global batch norm).
     count: usize,
+}
+
+/// The batch statistics, where the computation ran.
+#[derive(Clone, Debug)]
+enum Stats {
+    Host { mean: Vec<f32>, invstd: Vec<f32> },
+    Cuda(cuda::BnStats),
 }
 
 impl BatchNorm {
@@ -83,6 +90,9 @@ impl BatchNorm {
                 got: x.shape().to_vec(),
             });
         }
+        if let Device::Cuda(_) = x.device() {
+            return self.forward_cuda(x, train);
+        }
         let gamma = self.weight.value.as_slice()?;
         let beta = self.bias.value.as_slice()?;
         if !train {
@@ -120,8 +130,57 @@ impl BatchNorm {
         self.saved = Some(Saved {
             x: x.clone(),
             y: self.relu.then(|| y.clone()),
-            mean,
-            invstd,
+            stats: Stats::Host { mean, invstd },
+            count,
+        });
+        Ok(y)
+    }
+
+    /// Rows over all replicas: this batch's, or their sum for global batch norm.
+    fn global_rows(&self, rows: usize) -> Result<usize> {
+        let Some(comm) = &self.sync else {
+            return Ok(rows);
+        };
+        let mut n = [rows as f64];
+        comm.all_reduce_f64(&mut n)?;
+        Ok(n[0] as usize)
+    }
+
+    fn forward_cuda(&mut self, x: &Tensor, train: bool) -> Result<Tensor> {
+        // Evaluation takes no collective: ranks may evaluate independently.
+        let count = if train {
+            self.global_rows(x.numel() / self.channels())?
+        } else {
+            0
+        };
+        let p = cuda::BnTensors {
+            gamma: &self.weight.value,
+            beta: &self.bias.value,
+            running_mean: &mut self.running_mean,
+            running_var: &mut self.running_var,
+            momentum: self.momentum,
+            eps: self.eps,
+        };
+        if !train {
+            self.saved = None;
+            return cuda::batch_norm_eval(x, p, self.relu);
+        }
+        if count < 2 {
+            return Err(NnError::Invalid {
+                op: "BatchNorm",
+                msg: format!(
+                    "training needs more than one value per channel (over all replicas), got \
+                     input {:?}",
+                    x.shape()
+                ),
+            });
+        }
+        let (y, stats) = cuda::batch_norm_train(x, p, self.relu, count, self.sync.as_deref())?;
+        self.num_batches_tracked += 1;
+        self.saved = Some(Saved {
+            x: x.clone(),
+            y: self.relu.then(|| y.clone()),
+            stats: Stats::Cuda(stats),
             count,
         });
         Ok(y)
@@ -143,17 +202,27 @@ impl BatchNorm {
     /// Adds dL/dgamma and dL/dbeta to the gradients and returns dL/dx.
     pub fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
         let s = self.saved.take().ok_or(NnError::NoForward("BatchNorm"))?;
+        let (mean, invstd) = match &s.stats {
+            Stats::Host { mean, invstd } => (mean, invstd),
+            Stats::Cuda(stats) => {
+                dy.expect_shape("BatchNorm backward (dy)", s.x.shape())?;
+                return cuda::batch_norm_backward(
+                    &s.x,
+                    dy,
+                    s.y.as_ref(),
+                    stats,
+                    s.count,
+                    &self.weight.value,
+                    (&mut self.weight.grad, &mut self.bias.grad),
+                    self.sync.as_deref(),
+                );
+            }
+        };
         if let Some(comm) = self.sync.clone() {
-            return self.backward_global(&s, dy, comm.as_ref());
+            return self.backward_global(&s, mean, invstd, dy, comm.as_ref());
         }
-        let (dx, dg, db) = ops::batch_norm_backward(
-            &s.x,
-            dy,
-            s.y.as_ref(),
-            &s.mean,
-            &s.invstd,
-            &self.weight.value,
-        )?;
+        let (dx, dg, db) =
+            ops::batch_norm_backward(&s.x, dy, s.y.as_ref(), mean, invstd, &self.weight.value)?;
         for (g, d) in self.weight.grad.as_mut_slice()?.iter_mut().zip(&dg) {
             *g += d;
         }
@@ -170,6 +239,8 @@ impl BatchNorm {
     fn backward_global(
         &mut self,
         s: &Saved,
+        mean: &[f32],
+        invstd: &[f32],
         dy: &Tensor,
         comm: &dyn Communicator,
     ) -> Result<Tensor> {
@@ -183,13 +254,13 @@ impl BatchNorm {
         };
         let dys = dy.as_slice()?;
         let local =
-            cpu::norm::batchnorm_backward_sums(x, dys, relu_out, rows, c, &s.mean, &s.invstd);
+            cpu::norm::batchnorm_backward_sums(x, dys, relu_out, rows, c, mean, invstd);
         let mut global = local.clone();
         comm.all_reduce_f64(&mut global)?;
         let mut dx = vec![0.0f32; x.len()];
         let gamma = self.weight.value.as_slice()?;
         cpu::norm::batchnorm_backward_dx(
-            x, dys, relu_out, c, &s.mean, &s.invstd, gamma, &global, s.count, &mut dx,
+            x, dys, relu_out, c, mean, invstd, gamma, &global, s.count, &mut dx,
         );
         let (db, dg) = local.split_at(c);
         for (g, d) in self.weight.grad.as_mut_slice()?.iter_mut().zip(dg) {

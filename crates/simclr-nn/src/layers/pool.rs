@@ -13,7 +13,7 @@ pub struct MaxPool {
     pub stride: usize,
     /// Padding.
     pub padding: usize,
-    saved: Option<(Vec<usize>, Vec<u32>)>,
+    saved: Option<(Vec<usize>, ops::PoolIndices)>,
 }
 
 impl MaxPool {

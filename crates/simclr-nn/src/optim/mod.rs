@@ -12,7 +12,7 @@ pub use schedule::{LrScaling, WarmupCosine};
 use crate::cpu;
 use crate::error::{NnError, Result};
 use crate::param::{Module, Param};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 
 /// An optimiser that updates a model's parameters from their gradients.
 pub trait Optimizer {
@@ -56,6 +56,10 @@ fn buffer<'a>(
             got: b.shape().to_vec(),
         });
     }
+    // State restored from a checkpoint arrives on the host; it follows the parameters.
+    if b.device() != p.value.device() {
+        *b = b.to_device(p.value.device())?;
+    }
     Ok(b)
 }
 
@@ -94,6 +98,21 @@ impl Optimizer for Sgd {
             self.weight_decay
         };
         let buf = buffer(&mut self.state, name, p)?;
+        if let Device::Cuda(_) = p.value.device() {
+            let gpu = p.value.cuda()?.backend().clone();
+            let g = p.grad.to_device(p.value.device())?;
+            simclr_kernels::cuda::train::sgd_update(
+                gpu.gpu(),
+                p.value.cuda_mut()?,
+                g.cuda()?.slice(),
+                buf.cuda_mut()?,
+                lr,
+                self.momentum,
+                wd,
+                self.nesterov,
+            )?;
+            return Ok(());
+        }
         cpu::optim::sgd_update(
             p.value.as_mut_slice()?,
             p.grad.as_slice()?,
@@ -127,6 +146,24 @@ pub struct Lars {
     /// Nesterov momentum.
     pub nesterov: bool,
     state: BTreeMap<String, Tensor>,
+    gpu: GpuTables,
+}
+
+/// The device tables of the GPU LARS step, by parameter name (rebuilt, not copied, by a clone:
+/// they hold device addresses of the original's buffers).
+#[derive(Default)]
+struct GpuTables(std::collections::HashMap<String, simclr_kernels::cuda::train::LarsGpu>);
+
+impl Clone for GpuTables {
+    fn clone(&self) -> Self {
+        GpuTables::default()
+    }
+}
+
+impl std::fmt::Debug for GpuTables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuTables({})", self.0.len())
+    }
 }
 
 impl Default for Lars {
@@ -138,6 +175,7 @@ impl Default for Lars {
             exclude_bn_and_bias: true,
             nesterov: false,
             state: BTreeMap::new(),
+            gpu: GpuTables::default(),
         }
     }
 }
@@ -146,6 +184,26 @@ impl Optimizer for Lars {
     fn update(&mut self, name: &str, p: &mut Param, lr: f32) -> Result<()> {
         let adapt = !(self.exclude_bn_and_bias && p.kind.is_bn_or_bias());
         let v = buffer(&mut self.state, name, p)?;
+        if let Device::Cuda(_) = p.value.device() {
+            let backend = p.value.cuda()?.backend().clone();
+            let g = p.grad.to_device(p.value.device())?;
+            let lars = self.gpu.0.entry(name.to_string()).or_default();
+            let cfg = simclr_kernels::cuda::train::LarsConfig {
+                lr,
+                momentum: self.momentum,
+                weight_decay: self.weight_decay,
+                eta: self.trust_coefficient,
+                nesterov: self.nesterov,
+            };
+            let mut t = [simclr_kernels::cuda::train::LarsTensor {
+                p: p.value.cuda_mut()?,
+                g: g.cuda()?.slice(),
+                v: v.cuda_mut()?,
+                adapt,
+            }];
+            lars.step(backend.gpu(), &mut t, &cfg)?;
+            return Ok(());
+        }
         cpu::optim::lars_update(
             p.value.as_mut_slice()?,
             p.grad.as_slice()?,

@@ -1,0 +1,203 @@
+//! The CUDA backend: convolutions through cuDNN, linear layers through cuBLAS, everything else
+//! through the hand-written kernels of [`simclr_kernels::cuda`].
+//!
+//! One [`CudaBackend`] per device ordinal, created on first use and shared by every tensor on
+//! that device; every operation runs in order on its one stream, so a tensor is ready for the
+//! next operation as soon as the launch that writes it is queued.
+//!
+//! CUDA is loaded at run time: on a machine without a GPU, [`CudaBackend::get`] returns an
+//! error that says what is missing and nothing else changes.
+
+mod blas;
+mod dnn;
+pub(crate) mod ops;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use simclr_kernels::cuda::cudarc::cublas::CudaBlas;
+use simclr_kernels::cuda::cudarc::driver::CudaSlice;
+use simclr_kernels::cuda::ntxent::{NtXentGpu, Precision as LossPrecision};
+use simclr_kernels::cuda::train::BatchNormGpu;
+use simclr_kernels::cuda::{Gpu, GpuError};
+
+use crate::error::{NnError, Result};
+
+/// How the convolutions and products of the CUDA backend compute in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MathMode {
+    /// Full f32 arithmetic (CUDA cores): the reference against the CPU, tight tolerances.
+    #[default]
+    Fp32,
+    /// TF32 tensor cores for convolutions (10-bit mantissa inputs, f32 accumulation), as
+    /// PyTorch's `allow_tf32` for cuDNN: faster, looser.
+    Tf32,
+}
+
+/// One GPU as the training backend sees it: the kernels, cuBLAS, cuDNN and the plans and
+/// workspaces cached between steps.
+pub struct CudaBackend {
+    ordinal: usize,
+    gpu: Gpu,
+    blas: CudaBlas,
+    dnn: Mutex<dnn::Dnn>,
+    losses: Mutex<HashMap<(usize, usize), NtXentGpu>>,
+    /// Batch-norm workspaces by channel count, shared by the layers of that width (their
+    /// launches are ordered on the one stream).
+    norms: Mutex<HashMap<usize, BatchNormGpu>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("ordinal", &self.ordinal)
+            .field("gpu", &self.gpu)
+            .finish()
+    }
+}
+
+static BACKENDS: OnceLock<Mutex<HashMap<usize, Arc<CudaBackend>>>> = OnceLock::new();
+
+impl CudaBackend {
+    /// The backend of device `ordinal`, created on first use (then shared).
+    pub fn get(ordinal: usize) -> Result<Arc<CudaBackend>> {
+        let map = BACKENDS.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = map.get(&ordinal) {
+            return Ok(b.clone());
+        }
+        let b = Arc::new(Self::open(ordinal)?);
+        map.insert(ordinal, b.clone());
+        Ok(b)
+    }
+
+    fn open(ordinal: usize) -> Result<CudaBackend> {
+        let gpu = Gpu::new(ordinal)?;
+        // SAFETY: only tries to dlopen the libraries under their usual names.
+        if !unsafe { simclr_kernels::cuda::cudarc::cublas::sys::is_culib_present() } {
+            return Err(NnError::Cuda(
+                "cuBLAS (libcublas.so.13) could not be loaded: put the CUDA 13 libraries, or \
+                 site-packages/nvidia/cu13/lib of the nvidia-cublas wheel, on LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        // SAFETY: as above.
+        if !unsafe { simclr_kernels::cuda::cudarc::cudnn::sys::is_culib_present() } {
+            return Err(NnError::Cuda(
+                "cuDNN (libcudnn.so.9) could not be loaded: install nvidia-cudnn-cu13 and put \
+                 its lib folder on LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        let blas = CudaBlas::new(gpu.stream().clone()).map_err(cuda_err("cuBLAS init"))?;
+        let dnn = dnn::Dnn::new(&gpu, math_mode_from_env()?)?;
+        Ok(CudaBackend {
+            ordinal,
+            gpu,
+            blas,
+            dnn: Mutex::new(dnn),
+            losses: Mutex::new(HashMap::new()),
+            norms: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The kernels' view of the device (stream, compiled modules).
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// The math of the convolutions: [`MathMode::Fp32`] unless `SIMCLR_CUDA_MATH=tf32`.
+    pub fn math_mode(&self) -> MathMode {
+        self.dnn.lock().unwrap_or_else(|e| e.into_inner()).math
+    }
+
+    /// Sets the math of the convolutions from now on (plans are rebuilt).
+    pub fn set_math_mode(&self, math: MathMode) {
+        let mut d = self.dnn.lock().unwrap_or_else(|e| e.into_inner());
+        if d.math != math {
+            d.math = math;
+            d.clear_plans();
+        }
+    }
+
+    /// Waits for every queued operation.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.gpu.synchronize()?)
+    }
+
+    /// A zeroed buffer of `len` floats.
+    pub(crate) fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
+        Ok(self.gpu.zeros(len)?)
+    }
+
+    /// The NT-Xent workspace for `rows x dim`, kept between steps.
+    pub(crate) fn with_loss<T>(
+        &self,
+        rows: usize,
+        dim: usize,
+        f: impl FnOnce(&mut NtXentGpu) -> Result<T>,
+    ) -> Result<T> {
+        let mut map = self.losses.lock().unwrap_or_else(|e| e.into_inner());
+        if !map.contains_key(&(rows, dim)) {
+            // One shape at a time in practice (the batch is fixed); drop stale workspaces.
+            map.clear();
+            let ws = NtXentGpu::new(&self.gpu, rows, dim, LossPrecision::F32)?;
+            map.insert((rows, dim), ws);
+        }
+        f(map.get_mut(&(rows, dim)).expect("inserted above"))
+    }
+}
+
+fn math_mode_from_env() -> Result<MathMode> {
+    match std::env::var("SIMCLR_CUDA_MATH").as_deref() {
+        Err(_) | Ok("") | Ok("fp32") => Ok(MathMode::Fp32),
+        Ok("tf32") => Ok(MathMode::Tf32),
+        Ok(other) => Err(NnError::Invalid {
+            op: "SIMCLR_CUDA_MATH",
+            msg: format!("`{other}` is not one of fp32, tf32"),
+        }),
+    }
+}
+
+/// A closure turning a CUDA library error into [`NnError::Cuda`], naming the call.
+pub(crate) fn cuda_err<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> NnError {
+    move |e| NnError::Cuda(format!("{what}: {e:?}"))
+}
+
+/// f32 values in device memory, with the backend that owns them.
+pub struct CudaBuffer {
+    pub(crate) backend: Arc<CudaBackend>,
+    pub(crate) data: CudaSlice<f32>,
+}
+
+impl CudaBuffer {
+    /// The backend of the device holding the values.
+    pub fn backend(&self) -> &Arc<CudaBackend> {
+        &self.backend
+    }
+
+    /// The device values.
+    pub fn slice(&self) -> &CudaSlice<f32> {
+        &self.data
+    }
+
+    /// A copy in new device memory.
+    pub(crate) fn duplicate(&self) -> Result<CudaBuffer> {
+        let data = self.data.try_clone().map_err(GpuError::from)?;
+        Ok(CudaBuffer {
+            backend: self.backend.clone(),
+            data,
+        })
+    }
+}
+
+impl std::fmt::Debug for CudaBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBuffer(cuda:{}, {})", self.backend.ordinal, self.data.len())
+    }
+}

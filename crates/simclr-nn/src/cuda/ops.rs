@@ -1,0 +1,388 @@
+//! The CUDA arms of [`crate::ops`], the batch-norm layer and the NT-Xent loss. Shapes are
+//! checked by the callers; these only check that operands share a device.
+
+use std::sync::Arc;
+
+use simclr_kernels::cpu::pooling::PoolGeom;
+use simclr_kernels::cuda::cudarc::driver::CudaSlice;
+use simclr_kernels::cuda::train::{self as k, BatchNormGpu, BnParams, BnSaved};
+use simclr_kernels::cuda::{layout, GpuError};
+
+use super::{blas, CudaBackend};
+use crate::cpu::conv::ConvGeom;
+use crate::dist::Communicator;
+use crate::error::{NnError, Result};
+use crate::tensor::Tensor;
+
+/// The backend of `t` and its values.
+fn dev(t: &Tensor) -> Result<(&Arc<CudaBackend>, &CudaSlice<f32>)> {
+    let b = t.cuda()?;
+    Ok((&b.backend, &b.data))
+}
+
+/// The values of `t`, which must be on the device of `b`.
+fn on<'a>(b: &CudaBackend, t: &'a Tensor, what: &'static str) -> Result<&'a CudaSlice<f32>> {
+    let (tb, data) = dev(t)?;
+    if tb.ordinal() != b.ordinal() {
+        return Err(NnError::Device {
+            op: what,
+            expected: format!("cuda:{}", b.ordinal()),
+            got: t.device().to_string(),
+        });
+    }
+    Ok(data)
+}
+
+fn new(b: &Arc<CudaBackend>, shape: &[usize]) -> Result<CudaSlice<f32>> {
+    b.zeros(shape.iter().product())
+}
+
+fn wrap(b: &Arc<CudaBackend>, shape: &[usize], data: CudaSlice<f32>) -> Tensor {
+    Tensor::from_cuda(shape, b.clone(), data)
+}
+
+fn upload(b: &CudaBackend, v: &[f32]) -> Result<CudaSlice<f32>> {
+    Ok(b.gpu().upload(v)?)
+}
+
+pub(crate) fn conv2d(x: &Tensor, w: &Tensor, g: &ConvGeom) -> Result<Tensor> {
+    let (b, xs) = dev(x)?;
+    let ws = on(b, w, "conv2d (weight)")?;
+    let shape = [g.n, g.oh(), g.ow(), g.cout];
+    let mut y = new(b, &shape)?;
+    b.dnn
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .forward(b.gpu(), g, xs, ws, &mut y)?;
+    Ok(wrap(b, &shape, y))
+}
+
+pub(crate) fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    g: &ConvGeom,
+    need_dx: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (b, xs) = dev(x)?;
+    let ws = on(b, w, "conv2d_backward (weight)")?;
+    let dys = on(b, dy, "conv2d_backward (dy)")?;
+    let mut dnn = b.dnn.lock().unwrap_or_else(|e| e.into_inner());
+    let mut dw = new(b, w.shape())?;
+    dnn.backward_filter(b.gpu(), g, xs, dys, &mut dw, 0.0)?;
+    let dx = if need_dx {
+        let mut dx = new(b, x.shape())?;
+        dnn.backward_data(b.gpu(), g, ws, dys, &mut dx)?;
+        Some(wrap(b, x.shape(), dx))
+    } else {
+        None
+    };
+    Ok((wrap(b, w.shape(), dw), dx))
+}
+
+pub(crate) fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    (n, i, o): (usize, usize, usize),
+) -> Result<Tensor> {
+    let (b, xs) = dev(x)?;
+    let ws = on(b, w, "linear (weight)")?;
+    let mut y = new(b, &[n, o])?;
+    let beta = match bias {
+        Some(bt) => {
+            layout::broadcast_rows(b.gpu(), on(b, bt, "linear (bias)")?, &mut y)?;
+            1.0
+        }
+        None => 0.0,
+    };
+    blas::linear_forward(b, xs, ws, (n, i, o), &mut y, beta)?;
+    Ok(wrap(b, &[n, o], y))
+}
+
+pub(crate) fn linear_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    (n, i, o): (usize, usize, usize),
+    need_dx: bool,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let (b, xs) = dev(x)?;
+    let ws = on(b, w, "linear_backward (weight)")?;
+    let dys = on(b, dy, "linear_backward (dy)")?;
+    let mut dw = new(b, &[o, i])?;
+    blas::linear_dw(b, dys, xs, (n, i, o), &mut dw)?;
+    let mut db = new(b, &[o])?;
+    layout::column_sums(b.gpu(), dys, &mut db, false)?;
+    let dx = if need_dx {
+        let mut dx = new(b, &[n, i])?;
+        blas::linear_dx(b, dys, ws, (n, i, o), &mut dx)?;
+        Some(wrap(b, &[n, i], dx))
+    } else {
+        None
+    };
+    Ok((dx, wrap(b, &[o, i], dw), wrap(b, &[o], db)))
+}
+
+pub(crate) fn channel_affine(x: &Tensor, scale: &[f32], shift: &[f32], relu: bool) -> Result<Tensor> {
+    let (b, xs) = dev(x)?;
+    let (sc, sh) = (upload(b, scale)?, upload(b, shift)?);
+    let mut y = new(b, x.shape())?;
+    k::affine_rows(b.gpu(), xs, &sc, &sh, relu, &mut y)?;
+    Ok(wrap(b, x.shape(), y))
+}
+
+pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
+    let (b, xs) = dev(x)?;
+    let mut y = new(b, x.shape())?;
+    k::relu(b.gpu(), xs, &mut y)?;
+    Ok(wrap(b, x.shape(), y))
+}
+
+pub(crate) fn relu_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let (b, dys) = dev(dy)?;
+    let ys = on(b, y, "relu_backward (y)")?;
+    let mut dx = new(b, dy.shape())?;
+    k::relu_backward(b.gpu(), dys, ys, &mut dx)?;
+    Ok(wrap(b, dy.shape(), dx))
+}
+
+pub(crate) fn add_(a: &mut Tensor, x: &Tensor) -> Result<()> {
+    let b = a.cuda()?.backend.clone();
+    let xs = on(&b, x, "add")?;
+    k::add(b.gpu(), a.cuda_mut()?, xs, false)?;
+    Ok(())
+}
+
+pub(crate) fn max_pool(x: &Tensor, g: &PoolGeom) -> Result<(Tensor, CudaSlice<u32>)> {
+    let (b, xs) = dev(x)?;
+    let shape = [g.n, g.oh(), g.ow(), g.c];
+    let mut y = new(b, &shape)?;
+    let mut arg = b.gpu().zeros::<u32>(shape.iter().product())?;
+    layout::maxpool_forward(b.gpu(), xs, g, &mut y, &mut arg)?;
+    Ok((wrap(b, &shape, y), arg))
+}
+
+pub(crate) fn max_pool_backward(dy: &Tensor, arg: &CudaSlice<u32>, g: &PoolGeom) -> Result<Tensor> {
+    let (b, dys) = dev(dy)?;
+    let shape = [g.n, g.h, g.w, g.c];
+    let mut dx = new(b, &shape)?;
+    layout::maxpool_backward(b.gpu(), dys, arg, g, &mut dx)?;
+    Ok(wrap(b, &shape, dx))
+}
+
+pub(crate) fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    let (b, xs) = dev(x)?;
+    let s = x.shape();
+    let mut y = new(b, &[s[0], s[3]])?;
+    k::gap_forward(b.gpu(), xs, s[0], s[1] * s[2], s[3], &mut y)?;
+    Ok(wrap(b, &[s[0], s[3]], y))
+}
+
+pub(crate) fn global_avg_pool_backward(dy: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
+    let (b, dys) = dev(dy)?;
+    let mut dx = new(b, x_shape)?;
+    let s = x_shape;
+    k::gap_backward(b.gpu(), dys, s[0], s[1] * s[2], s[3], &mut dx)?;
+    Ok(wrap(b, x_shape, dx))
+}
+
+pub(crate) fn nchw_to_nhwc(x: &Tensor) -> Result<Tensor> {
+    let (b, xs) = dev(x)?;
+    let s = x.shape();
+    let shape = [s[0], s[2], s[3], s[1]];
+    let mut y = new(b, &shape)?;
+    layout::nchw_to_nhwc(b.gpu(), xs, s[0], s[1], s[2] * s[3], &mut y)?;
+    Ok(wrap(b, &shape, y))
+}
+
+pub(crate) fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
+    let (b, xs) = dev(x)?;
+    let s = x.shape();
+    let shape = [s[0], s[3], s[1], s[2]];
+    let mut y = new(b, &shape)?;
+    layout::nhwc_to_nchw(b.gpu(), xs, s[0], s[1] * s[2], s[3], &mut y)?;
+    Ok(wrap(b, &shape, y))
+}
+
+/// NT-Xent on the device: the mean loss and dL/dz.
+pub(crate) fn nt_xent(z: &Tensor, temperature: f32) -> Result<(f32, Tensor)> {
+    let (b, zs) = dev(z)?;
+    let (rows, dim) = (z.shape()[0], z.shape()[1]);
+    let mut grad = new(b, z.shape())?;
+    let loss = b.with_loss(rows, dim, |ws| {
+        ws.forward_backward(b.gpu(), zs, temperature, &mut grad)
+            .map_err(|e| NnError::NtXent(e.to_string()))
+    })?;
+    Ok((loss, wrap(b, z.shape(), grad)))
+}
+
+/// What a training-mode batch norm on the device keeps for its backward pass.
+pub(crate) type BnStats = Arc<BnSaved>;
+
+/// The parameters and buffers of a batch-norm layer, as tensors on one device.
+pub(crate) struct BnTensors<'a> {
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub running_mean: &'a mut Tensor,
+    pub running_var: &'a mut Tensor,
+    pub momentum: f32,
+    pub eps: f32,
+}
+
+fn with_bn<T>(
+    b: &CudaBackend,
+    c: usize,
+    f: impl FnOnce(&mut BatchNormGpu) -> Result<T, GpuError>,
+) -> Result<T> {
+    let mut map = b.norms.lock().unwrap_or_else(|e| e.into_inner());
+    if !map.contains_key(&c) {
+        map.insert(c, BatchNormGpu::new(b.gpu(), c)?);
+    }
+    Ok(f(map.get_mut(&c).expect("inserted above"))?)
+}
+
+/// Hands each per-channel sum to the communicator (through the host) for global batch norm.
+fn reducer<'a>(
+    b: &'a CudaBackend,
+    sync: Option<&'a dyn Communicator>,
+) -> impl FnMut(&mut CudaSlice<f64>) -> Result<(), GpuError> + 'a {
+    move |sums: &mut CudaSlice<f64>| {
+        let Some(comm) = sync else { return Ok(()) };
+        let mut host = b.gpu().download(sums)?;
+        comm.all_reduce_f64(&mut host)
+            .map_err(|e| GpuError::Invalid(format!("global batch norm: {e}")))?;
+        b.gpu().stream().memcpy_htod(&host, sums)?;
+        Ok(())
+    }
+}
+
+/// Training-mode batch norm of `x` (`[rows, c]` in effect) over `count` rows in all.
+pub(crate) fn batch_norm_train(
+    x: &Tensor,
+    p: BnTensors<'_>,
+    relu: bool,
+    count: usize,
+    sync: Option<&dyn Communicator>,
+) -> Result<(Tensor, BnStats)> {
+    let (b, xs) = dev(x)?;
+    let c = p.gamma.numel();
+    let rows = x.numel() / c;
+    let gamma = on(b, p.gamma, "BatchNorm (weight)")?;
+    let beta = on(b, p.beta, "BatchNorm (bias)")?;
+    let mut y = new(b, x.shape())?;
+    let running_mean = p.running_mean.cuda_mut()?;
+    let running_var = p.running_var.cuda_mut()?;
+    let mut reduce = reducer(b, sync);
+    let saved = with_bn(b, c, |bn| {
+        bn.forward_train(
+            b.gpu(),
+            xs,
+            rows,
+            count,
+            BnParams {
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                momentum: p.momentum,
+                eps: p.eps,
+            },
+            relu,
+            &mut y,
+            &mut reduce,
+        )
+    })?;
+    Ok((wrap(b, x.shape(), y), Arc::new(saved)))
+}
+
+/// Evaluation-mode batch norm with the running statistics.
+pub(crate) fn batch_norm_eval(x: &Tensor, p: BnTensors<'_>, relu: bool) -> Result<Tensor> {
+    let (b, xs) = dev(x)?;
+    let c = p.gamma.numel();
+    let rows = x.numel() / c;
+    let gamma = on(b, p.gamma, "BatchNorm (weight)")?;
+    let beta = on(b, p.beta, "BatchNorm (bias)")?;
+    let mut y = new(b, x.shape())?;
+    let running_mean = p.running_mean.cuda_mut()?;
+    let running_var = p.running_var.cuda_mut()?;
+    with_bn(b, c, |bn| {
+        bn.forward_eval(
+            b.gpu(),
+            xs,
+            rows,
+            BnParams {
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                momentum: p.momentum,
+                eps: p.eps,
+            },
+            relu,
+            &mut y,
+        )
+    })?;
+    Ok(wrap(b, x.shape(), y))
+}
+
+/// Batch-norm backward: dL/dx, and dL/dgamma, dL/dbeta added to the gradients.
+pub(crate) fn batch_norm_backward(
+    x: &Tensor,
+    dy: &Tensor,
+    relu_out: Option<&Tensor>,
+    stats: &BnSaved,
+    count: usize,
+    gamma: &Tensor,
+    grads: (&mut Tensor, &mut Tensor),
+    sync: Option<&dyn Communicator>,
+) -> Result<Tensor> {
+    let (b, xs) = dev(x)?;
+    let c = gamma.numel();
+    let rows = x.numel() / c;
+    let dys = on(b, dy, "BatchNorm backward (dy)")?;
+    let relu_out = match relu_out {
+        Some(r) => Some(on(b, r, "BatchNorm backward (output)")?),
+        None => None,
+    };
+    let gs = on(b, gamma, "BatchNorm backward (weight)")?;
+    let mut dx = new(b, x.shape())?;
+    let (mut dg, mut db) = (b.zeros(c)?, b.zeros(c)?);
+    // For global batch norm the sums are all-reduced for dx, but the parameter gradients take
+    // this replica's own sums (the gradient all-reduce adds the others'), as on the CPU.
+    let mut local: Option<Vec<f64>> = None;
+    let mut reduce = |sums: &mut CudaSlice<f64>| -> Result<(), GpuError> {
+        let Some(comm) = sync else { return Ok(()) };
+        let mut host = b.gpu().download(sums)?;
+        local = Some(host.clone());
+        comm.all_reduce_f64(&mut host)
+            .map_err(|e| GpuError::Invalid(format!("global batch norm: {e}")))?;
+        b.gpu().stream().memcpy_htod(&host, sums)?;
+        Ok(())
+    };
+    with_bn(b, c, |bn| {
+        bn.backward(
+            b.gpu(),
+            xs,
+            dys,
+            relu_out,
+            rows,
+            count,
+            gs,
+            stats,
+            &mut dx,
+            &mut dg,
+            &mut db,
+            &mut reduce,
+        )
+    })?;
+    if let Some(local) = local {
+        let (sum_g, sum_gx) = local.split_at(c);
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        db = upload(b, &f32s(sum_g))?;
+        dg = upload(b, &f32s(sum_gx))?;
+    }
+    k::add(b.gpu(), grads.0.cuda_mut()?, &dg, false)?;
+    k::add(b.gpu(), grads.1.cuda_mut()?, &db, false)?;
+    Ok(wrap(b, x.shape(), dx))
+}
