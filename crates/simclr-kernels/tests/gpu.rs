@@ -523,6 +523,108 @@ fn gpu_optimisers_match_cpu_twins() {
 }
 
 #[test]
+fn gpu_maxpool_permutes_and_bias_match_cpu_twins() {
+    let Some(gpu) = gpu_or_skip("gpu_maxpool_permutes_and_bias_match_cpu_twins") else {
+        return;
+    };
+    use simclr_kernels::cpu::pooling::PoolGeom;
+    use simclr_kernels::cuda::layout;
+    let mut rng = Rng(21);
+    // The ImageNet stem's pool, an odd size, a window as large as the input, and ties.
+    for g in [
+        PoolGeom {
+            n: 2,
+            h: 16,
+            w: 16,
+            c: 8,
+            k: 3,
+            stride: 2,
+            pad: 1,
+        },
+        PoolGeom {
+            n: 3,
+            h: 7,
+            w: 5,
+            c: 3,
+            k: 3,
+            stride: 2,
+            pad: 1,
+        },
+        PoolGeom {
+            n: 1,
+            h: 4,
+            w: 4,
+            c: 2,
+            k: 4,
+            stride: 1,
+            pad: 0,
+        },
+        PoolGeom {
+            n: 2,
+            h: 9,
+            w: 9,
+            c: 5,
+            k: 2,
+            stride: 3,
+            pad: 1,
+        },
+    ] {
+        let mut x = rng.vec(g.n * g.h * g.w * g.c);
+        // Ties: a run of equal values (the first maximum must win on both sides).
+        x.iter_mut().take(12).for_each(|v| *v = 0.5);
+        let out = g.n * g.oh() * g.ow() * g.c;
+        let (mut y, mut arg) = (vec![0.0f32; out], vec![0u32; out]);
+        cpu::pooling::maxpool_forward(&x, &g, &mut y, &mut arg);
+        let xd = gpu.upload(&x).unwrap();
+        let mut yd = gpu.zeros::<f32>(out).unwrap();
+        let mut ad = gpu.zeros::<u32>(out).unwrap();
+        layout::maxpool_forward(&gpu, &xd, &g, &mut yd, &mut ad).unwrap();
+        assert_eq!(gpu.download(&yd).unwrap(), y, "{g:?}");
+        assert_eq!(gpu.download(&ad).unwrap(), arg, "{g:?}");
+        let dy = rng.vec(out);
+        let mut dx = vec![0.0f32; x.len()];
+        cpu::pooling::maxpool_backward(&dy, &arg, &g, &mut dx);
+        let dyd = gpu.upload(&dy).unwrap();
+        let mut dxd = gpu.zeros::<f32>(x.len()).unwrap();
+        layout::maxpool_backward(&gpu, &dyd, &ad, &g, &mut dxd).unwrap();
+        // Same contributions in the same order: the same bits.
+        assert_eq!(gpu.download(&dxd).unwrap(), dx, "{g:?}");
+    }
+    let (n, c, h, w) = (3, 5, 4, 6);
+    let x = rng.vec(n * c * h * w);
+    let mut nhwc = vec![0.0f32; x.len()];
+    cpu::eltwise::nchw_to_nhwc(&x, n, c, h, w, &mut nhwc);
+    let xd = gpu.upload(&x).unwrap();
+    let mut yd = gpu.zeros::<f32>(x.len()).unwrap();
+    layout::nchw_to_nhwc(&gpu, &xd, n, c, h * w, &mut yd).unwrap();
+    assert_eq!(gpu.download(&yd).unwrap(), nhwc);
+    let mut back = gpu.zeros::<f32>(x.len()).unwrap();
+    layout::nhwc_to_nchw(&gpu, &yd, n, h * w, c, &mut back).unwrap();
+    assert_eq!(gpu.download(&back).unwrap(), x);
+    let (rows, cols) = (37, 19);
+    let b = rng.vec(cols);
+    let mut want = vec![0.0f32; rows * cols];
+    cpu::eltwise::broadcast_rows(&b, &mut want);
+    let bd = gpu.upload(&b).unwrap();
+    let mut yd = gpu.zeros::<f32>(rows * cols).unwrap();
+    layout::broadcast_rows(&gpu, &bd, &mut yd).unwrap();
+    assert_eq!(gpu.download(&yd).unwrap(), want);
+    let m = rng.vec(rows * cols);
+    let mut sums = vec![0.0f32; cols];
+    cpu::eltwise::column_sums(&m, &mut sums);
+    let md = gpu.upload(&m).unwrap();
+    let mut sd = gpu.upload(&vec![1.0f32; cols]).unwrap();
+    layout::column_sums(&gpu, &md, &mut sd, false).unwrap();
+    assert_eq!(gpu.download(&sd).unwrap(), sums);
+    layout::column_sums(&gpu, &md, &mut sd, true).unwrap();
+    let twice: Vec<f32> = sums.iter().map(|v| v + v).collect();
+    assert_eq!(gpu.download(&sd).unwrap(), twice);
+    // Bad shapes are errors.
+    let mut short = gpu.zeros::<f32>(5).unwrap();
+    assert!(layout::broadcast_rows(&gpu, &bd, &mut short).is_err());
+}
+
+#[test]
 fn without_a_gpu_opening_one_is_an_error_not_a_panic() {
     if gpu_available() {
         println!("without_a_gpu_opening_one_is_an_error_not_a_panic: skipped (a GPU is present)");

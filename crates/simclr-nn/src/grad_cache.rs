@@ -20,7 +20,7 @@ use crate::loss::ContrastiveLoss;
 use crate::model::SimClr;
 use crate::optim::Optimizer;
 use crate::param::{Module, Param, StateVisitor};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 use crate::train::{check_finite_grads, StepStats};
 
 /// Rows of chunk `c` of `chunks` in a batch of `2n` views: its images' first views, then their
@@ -33,14 +33,16 @@ fn chunk_rows(n: usize, chunks: usize, c: usize) -> Vec<usize> {
 fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
     let shape = x.shape();
     let per: usize = shape[1..].iter().product();
-    let src = x.as_slice()?;
+    // The selection runs on the host; the chunk goes back to the tensor's device.
+    let host = x.to_device(Device::Cpu)?;
+    let src = host.as_slice()?;
     let mut v = Vec::with_capacity(rows.len() * per);
     for &r in rows {
         v.extend_from_slice(&src[r * per..(r + 1) * per]);
     }
     let mut s = shape.to_vec();
     s[0] = rows.len();
-    Tensor::from_vec(&s, v)
+    Tensor::from_vec(&s, v)?.to_device(x.device())
 }
 
 /// Snapshot of the batch-norm running statistics and counters, to undo the first pass's updates.
@@ -49,8 +51,7 @@ fn buffers(model: &mut SimClr) -> (Vec<Vec<f32>>, Vec<i64>) {
     impl StateVisitor for V {
         fn param(&mut self, _: &str, _: &mut Param) {}
         fn buffer(&mut self, _: &str, t: &mut Tensor) {
-            self.0
-                .push(t.as_slice().map(<[f32]>::to_vec).unwrap_or_default());
+            self.0.push(t.try_to_vec().unwrap_or_default());
         }
         fn counter(&mut self, _: &str, v: &mut i64) {
             self.1.push(*v);
@@ -66,9 +67,13 @@ fn restore(model: &mut SimClr, saved: (Vec<Vec<f32>>, Vec<i64>)) {
     impl StateVisitor for V {
         fn param(&mut self, _: &str, _: &mut Param) {}
         fn buffer(&mut self, _: &str, t: &mut Tensor) {
-            if let (Some(v), Ok(dst)) = (self.0.next(), t.as_mut_slice()) {
-                if v.len() == dst.len() {
-                    dst.copy_from_slice(&v);
+            let Some(v) = self.0.next() else { return };
+            if v.len() != t.numel() {
+                return;
+            }
+            if let Ok(host) = Tensor::from_vec(t.shape(), v) {
+                if let Ok(back) = host.to_device(t.device()) {
+                    *t = back;
                 }
             }
         }
@@ -116,12 +121,14 @@ pub fn forward_backward_cached(
         }
         dim = z.shape()[1];
         let all = z_all.get_or_insert_with(|| vec![0.0; rows * dim]);
+        let zh = z.try_to_vec()?;
         for (k, &r) in idx.iter().enumerate() {
-            all[r * dim..(r + 1) * dim].copy_from_slice(&z.as_slice()?[k * dim..(k + 1) * dim]);
+            all[r * dim..(r + 1) * dim].copy_from_slice(&zh[k * dim..(k + 1) * dim]);
         }
     }
     restore(model, saved);
-    let z = Tensor::from_vec(&[rows, dim], z_all.unwrap_or_default())?;
+    let z = Tensor::from_vec(&[rows, dim], z_all.unwrap_or_default())?
+        .to_device(model.encoder.device())?;
     // The whole batch's loss and dL/dz.
     let (l, dz) = loss.forward_backward(&z)?;
     // Pass 2: each chunk again, backward from its rows of dL/dz.

@@ -37,6 +37,11 @@ impl SimClr {
         Ok(SimClr { encoder, head })
     }
 
+    /// The device holding the weights.
+    pub fn device(&self) -> Device {
+        self.encoder.device()
+    }
+
     /// (h, z) for NCHW images.
     pub fn forward(&mut self, images: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let h = self.encoder.forward(images, train)?;

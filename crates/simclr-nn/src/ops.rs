@@ -4,10 +4,10 @@
 //! hands the values to the backend of the device: [`crate::cpu`] or [`crate::cuda`].
 
 use crate::cpu;
-use crate::cuda::ops as gpu;
 use crate::cpu::conv::ConvGeom;
 use crate::cpu::gemm::{matmul, Mat, Par};
 use crate::cpu::pool::PoolGeom;
+use crate::cuda::ops as gpu;
 use crate::error::{NnError, Result};
 use crate::tensor::{Device, Tensor};
 
@@ -157,8 +157,14 @@ pub fn batch_norm_backward(
         // The layer runs its own device path; this one serves callers with host statistics.
         let host = |t: &Tensor| t.to_device(Device::Cpu);
         let y = relu_out.map(host).transpose()?;
-        let (dx, dg, db) =
-            batch_norm_backward(&host(x)?, &host(dy)?, y.as_ref(), mean, invstd, &host(gamma)?)?;
+        let (dx, dg, db) = batch_norm_backward(
+            &host(x)?,
+            &host(dy)?,
+            y.as_ref(),
+            mean,
+            invstd,
+            &host(gamma)?,
+        )?;
         return Ok((dx.to_device(x.device())?, dg, db));
     }
     let (rows, c) = rows_channels(x);
@@ -233,7 +239,9 @@ impl PoolIndices {
             Indices::Host(v) => Ok(v.clone()),
             Indices::Cuda(s) => {
                 let stream = s.stream().clone();
-                Ok(stream.clone_dtoh(s.as_ref()).map_err(simclr_kernels::cuda::GpuError::from)?)
+                Ok(stream
+                    .clone_dtoh(s.as_ref())
+                    .map_err(simclr_kernels::cuda::GpuError::from)?)
             }
         }
     }

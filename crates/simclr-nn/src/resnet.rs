@@ -257,6 +257,11 @@ impl ResNet {
         &self.config
     }
 
+    /// The device holding the weights.
+    pub fn device(&self) -> Device {
+        self.conv1.device()
+    }
+
     /// The size of h.
     pub fn feature_dim(&self) -> usize {
         self.config.feature_dim()

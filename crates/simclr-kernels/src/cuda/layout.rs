@@ -11,7 +11,12 @@ use crate::cpu::pooling::PoolGeom;
 fn pool_args(g: &PoolGeom) -> Result<[i32; 9], GpuError> {
     ensure(
         g.stride > 0 && g.k > 0 && g.h + 2 * g.pad >= g.k && g.w + 2 * g.pad >= g.k,
-        || format!("max pool: window {} stride {} does not fit {g:?}", g.k, g.stride),
+        || {
+            format!(
+                "max pool: window {} stride {} does not fit {g:?}",
+                g.k, g.stride
+            )
+        },
     )?;
     ensure((g.n * g.h * g.w * g.c) <= u32::MAX as usize, || {
         "max pool: input exceeds 2^32 values".into()
@@ -162,7 +167,11 @@ pub fn column_sums(
     ensure(c > 0 && x.len() % c == 0, || {
         format!("column_sums: {} values are not rows of {c}", x.len())
     })?;
-    let (rows, ci, acc) = (int(x.len() / c, "rows")?, int(c, "c")?, i32::from(accumulate));
+    let (rows, ci, acc) = (
+        int(x.len() / c, "rows")?,
+        int(c, "c")?,
+        i32::from(accumulate),
+    );
     let f = gpu.function(Module::Train, "column_sums_f32")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(x).arg(&rows).arg(&ci).arg(&acc).arg(&mut *out);

@@ -44,7 +44,15 @@ pub(crate) fn linear_forward(
     beta: f32,
 ) -> Result<()> {
     // y^T (o x n) = w (o x i, stored as its column-major transpose) * x^T (i x n).
-    gemm(b, (Op::CUBLAS_OP_T, Op::CUBLAS_OP_N), (o, n, i), (w, i), (x, i), (y, o), beta)
+    gemm(
+        b,
+        (Op::CUBLAS_OP_T, Op::CUBLAS_OP_N),
+        (o, n, i),
+        (w, i),
+        (x, i),
+        (y, o),
+        beta,
+    )
 }
 
 /// `dx[n, i] = dy[n, o] w[o, i]`.
@@ -56,7 +64,15 @@ pub(crate) fn linear_dx(
     dx: &mut CudaSlice<f32>,
 ) -> Result<()> {
     // dx^T (i x n) = w^T (i x o) * dy^T (o x n).
-    gemm(b, (Op::CUBLAS_OP_N, Op::CUBLAS_OP_N), (i, n, o), (w, i), (dy, o), (dx, i), 0.0)
+    gemm(
+        b,
+        (Op::CUBLAS_OP_N, Op::CUBLAS_OP_N),
+        (i, n, o),
+        (w, i),
+        (dy, o),
+        (dx, i),
+        0.0,
+    )
 }
 
 /// `dw[o, i] = dy[n, o]^T x[n, i]`.
@@ -68,5 +84,13 @@ pub(crate) fn linear_dw(
     dw: &mut CudaSlice<f32>,
 ) -> Result<()> {
     // dw^T (i x o) = x^T (i x n) * dy (n x o).
-    gemm(b, (Op::CUBLAS_OP_N, Op::CUBLAS_OP_T), (i, o, n), (x, i), (dy, o), (dw, i), 0.0)
+    gemm(
+        b,
+        (Op::CUBLAS_OP_N, Op::CUBLAS_OP_T),
+        (i, o, n),
+        (x, i),
+        (dy, o),
+        (dw, i),
+        0.0,
+    )
 }

@@ -144,13 +144,20 @@ impl Dnn {
     }
 
     /// The plan of `g` and a workspace large enough for it.
-    fn plan_and_workspace(&mut self, gpu: &Gpu, g: &ConvGeom) -> Result<(&Plan, &mut CudaSlice<u8>)> {
+    fn plan_and_workspace(
+        &mut self,
+        gpu: &Gpu,
+        g: &ConvGeom,
+    ) -> Result<(&Plan, &mut CudaSlice<u8>)> {
         let need = self.plan(g)?.workspace.max(1);
         if self.workspace.as_ref().is_none_or(|w| w.len() < need) {
             self.workspace = None;
             self.workspace = Some(gpu.zeros::<u8>(need)?);
         }
-        Ok((&self.plans[g], self.workspace.as_mut().expect("allocated above")))
+        Ok((
+            &self.plans[g],
+            self.workspace.as_mut().expect("allocated above"),
+        ))
     }
 
     /// `y = conv(x, w)`.

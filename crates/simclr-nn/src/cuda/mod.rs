@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use simclr_kernels::cuda::cudarc::cublas::CudaBlas;
 use simclr_kernels::cuda::cudarc::driver::CudaSlice;
 use simclr_kernels::cuda::ntxent::{NtXentGpu, Precision as LossPrecision};
-use simclr_kernels::cuda::train::BatchNormGpu;
 use simclr_kernels::cuda::{Gpu, GpuError};
 
 use crate::error::{NnError, Result};
@@ -42,9 +41,6 @@ pub struct CudaBackend {
     blas: CudaBlas,
     dnn: Mutex<dnn::Dnn>,
     losses: Mutex<HashMap<(usize, usize), NtXentGpu>>,
-    /// Batch-norm workspaces by channel count, shared by the layers of that width (their
-    /// launches are ordered on the one stream).
-    norms: Mutex<HashMap<usize, BatchNormGpu>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -97,7 +93,6 @@ impl CudaBackend {
             blas,
             dnn: Mutex::new(dnn),
             losses: Mutex::new(HashMap::new()),
-            norms: Mutex::new(HashMap::new()),
         })
     }
 
@@ -198,6 +193,11 @@ impl CudaBuffer {
 
 impl std::fmt::Debug for CudaBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaBuffer(cuda:{}, {})", self.backend.ordinal, self.data.len())
+        write!(
+            f,
+            "CudaBuffer(cuda:{}, {})",
+            self.backend.ordinal,
+            self.data.len()
+        )
     }
 }

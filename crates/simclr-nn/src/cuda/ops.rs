@@ -124,7 +124,12 @@ pub(crate) fn linear_backward(
     Ok((dx, wrap(b, &[o, i], dw), wrap(b, &[o], db)))
 }
 
-pub(crate) fn channel_affine(x: &Tensor, scale: &[f32], shift: &[f32], relu: bool) -> Result<Tensor> {
+pub(crate) fn channel_affine(
+    x: &Tensor,
+    scale: &[f32],
+    shift: &[f32],
+    relu: bool,
+) -> Result<Tensor> {
     let (b, xs) = dev(x)?;
     let (sc, sh) = (upload(b, scale)?, upload(b, shift)?);
     let mut y = new(b, x.shape())?;
@@ -228,18 +233,40 @@ pub(crate) struct BnTensors<'a> {
     pub running_var: &'a mut Tensor,
     pub momentum: f32,
     pub eps: f32,
+    pub workspace: &'a mut BnWorkspace,
+}
+
+/// A batch-norm layer's own device workspace (never shared, so replicas on one GPU in threads
+/// do not race; a clone starts empty).
+#[derive(Default)]
+pub(crate) struct BnWorkspace(Option<BatchNormGpu>);
+
+impl Clone for BnWorkspace {
+    fn clone(&self) -> Self {
+        BnWorkspace(None)
+    }
+}
+
+impl std::fmt::Debug for BnWorkspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "BnWorkspace(allocated)"
+        } else {
+            "BnWorkspace(empty)"
+        })
+    }
 }
 
 fn with_bn<T>(
     b: &CudaBackend,
+    ws: &mut BnWorkspace,
     c: usize,
     f: impl FnOnce(&mut BatchNormGpu) -> Result<T, GpuError>,
 ) -> Result<T> {
-    let mut map = b.norms.lock().unwrap_or_else(|e| e.into_inner());
-    if !map.contains_key(&c) {
-        map.insert(c, BatchNormGpu::new(b.gpu(), c)?);
+    if ws.0.is_none() {
+        ws.0 = Some(BatchNormGpu::new(b.gpu(), c)?);
     }
-    Ok(f(map.get_mut(&c).expect("inserted above"))?)
+    Ok(f(ws.0.as_mut().expect("allocated above"))?)
 }
 
 /// Hands each per-channel sum to the communicator (through the host) for global batch norm.
@@ -274,7 +301,7 @@ pub(crate) fn batch_norm_train(
     let running_mean = p.running_mean.cuda_mut()?;
     let running_var = p.running_var.cuda_mut()?;
     let mut reduce = reducer(b, sync);
-    let saved = with_bn(b, c, |bn| {
+    let saved = with_bn(b, p.workspace, c, |bn| {
         bn.forward_train(
             b.gpu(),
             xs,
@@ -306,7 +333,7 @@ pub(crate) fn batch_norm_eval(x: &Tensor, p: BnTensors<'_>, relu: bool) -> Resul
     let mut y = new(b, x.shape())?;
     let running_mean = p.running_mean.cuda_mut()?;
     let running_var = p.running_var.cuda_mut()?;
-    with_bn(b, c, |bn| {
+    with_bn(b, p.workspace, c, |bn| {
         bn.forward_eval(
             b.gpu(),
             xs,
@@ -335,6 +362,7 @@ pub(crate) fn batch_norm_backward(
     count: usize,
     gamma: &Tensor,
     grads: (&mut Tensor, &mut Tensor),
+    workspace: &mut BnWorkspace,
     sync: Option<&dyn Communicator>,
 ) -> Result<Tensor> {
     let (b, xs) = dev(x)?;
@@ -360,7 +388,7 @@ pub(crate) fn batch_norm_backward(
         b.gpu().stream().memcpy_htod(&host, sums)?;
         Ok(())
     };
-    with_bn(b, c, |bn| {
+    with_bn(b, workspace, c, |bn| {
         bn.backward(
             b.gpu(),
             xs,

@@ -26,7 +26,7 @@ use crate::loss::ContrastiveLoss;
 use crate::model::SimClr;
 use crate::optim::Optimizer;
 use crate::param::{Module, Param, StateVisitor};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 use crate::train::{check_finite_grads, StepStats};
 
 /// How the replicas of a data-parallel step cooperate.
@@ -70,17 +70,26 @@ fn set_batch_norm_sync(model: &mut dyn Module, sync: Option<Arc<dyn Communicator
 pub fn broadcast_state(model: &mut dyn Module, comm: &dyn Communicator, root: usize) -> Result<()> {
     let mut flat = Vec::new();
     visit_values(model, &mut |t| {
-        flat.extend_from_slice(t.as_slice()?);
+        flat.extend_from_slice(&t.try_to_vec()?);
         Ok(())
     })?;
     comm.broadcast_f32(&mut flat, root)?;
     let mut at = 0;
     visit_values(model, &mut |t| {
         let n = t.numel();
-        t.as_mut_slice()?.copy_from_slice(&flat[at..at + n]);
+        set_values(t, &flat[at..at + n])?;
         at += n;
         Ok(())
     })
+}
+
+/// Overwrites `t`'s values with host values, on its device.
+fn set_values(t: &mut Tensor, v: &[f32]) -> Result<()> {
+    match t.device() {
+        Device::Cpu => t.as_mut_slice()?.copy_from_slice(v),
+        dev => *t = Tensor::from_slice(t.shape(), v)?.to_device(dev)?,
+    }
+    Ok(())
 }
 
 /// Every parameter value and f32 buffer of `model`, in visiting order.
@@ -115,8 +124,9 @@ fn visit_values(
 fn all_reduce_grads(model: &mut dyn Module, comm: &dyn Communicator) -> Result<()> {
     let mut flat = Vec::new();
     let mut err = None;
-    model.for_each_param(&mut |_, p| match p.grad.as_slice() {
-        Ok(g) => flat.extend_from_slice(g),
+    // On a GPU this goes through the host: the CPU communicators' path (NCCL is not built yet).
+    model.for_each_param(&mut |_, p| match p.grad.try_to_vec() {
+        Ok(g) => flat.extend_from_slice(&g),
         Err(e) => err = err.take().or(Some(e)),
     });
     if let Some(e) = err {
@@ -125,13 +135,13 @@ fn all_reduce_grads(model: &mut dyn Module, comm: &dyn Communicator) -> Result<(
     comm.all_reduce_f32(&mut flat)?;
     let mut at = 0;
     model.for_each_param(&mut |_, p| {
-        if let Ok(g) = p.grad.as_mut_slice() {
-            let n = g.len();
-            g.copy_from_slice(&flat[at..at + n]);
-            at += n;
+        let n = p.grad.numel();
+        if let Err(e) = set_values(&mut p.grad, &flat[at..at + n]) {
+            err = err.take().or(Some(e));
         }
+        at += n;
     });
-    Ok(())
+    err.map_or(Ok(()), Err)
 }
 
 /// Whether any replica saw a non-finite value (every replica gets the same answer, so they stop
@@ -151,6 +161,11 @@ fn global_row(rank: usize, i: usize, b: usize, world: usize) -> usize {
 /// The loss (of the whole data-parallel batch, or of this replica's batch when negatives are not
 /// gathered, then averaged over replicas) and its gradient with respect to this replica's z.
 fn loss_and_grad(z: &Tensor, loss: &ContrastiveLoss, dp: &DataParallel) -> Result<(f32, Tensor)> {
+    if z.device() != Device::Cpu {
+        // The gather and the anchor-sharded loss run on the host with the CPU communicators.
+        let (l, dz) = loss_and_grad(&z.to_device(Device::Cpu)?, loss, dp)?;
+        return Ok((l, dz.to_device(z.device())?));
+    }
     let comm = dp.comm.as_ref();
     let world = comm.world_size();
     let rank = comm.rank();

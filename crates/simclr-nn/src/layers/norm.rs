@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use simclr_kernels::cpu;
 
-use crate::dist::Communicator;
 use crate::cuda::ops as cuda;
+use crate::dist::Communicator;
 use crate::error::{NnError, Result};
 use crate::ops;
 use crate::param::{Module, Param, ParamKind, StateVisitor};
@@ -36,6 +36,7 @@ pub struct BatchNorm {
     /// normalises as one (statistics and their gradients all-reduced). `None`: this batch only.
     pub sync: Option<Arc<dyn Communicator>>,
     saved: Option<Saved>,
+    workspace: cuda::BnWorkspace,
 }
 
 #[derive(Clone, Debug)]
@@ -71,6 +72,7 @@ impl BatchNorm {
             relu,
             sync: None,
             saved: None,
+            workspace: cuda::BnWorkspace::default(),
         }
     }
 
@@ -160,6 +162,7 @@ impl BatchNorm {
             running_var: &mut self.running_var,
             momentum: self.momentum,
             eps: self.eps,
+            workspace: &mut self.workspace,
         };
         if !train {
             self.saved = None;
@@ -214,6 +217,7 @@ impl BatchNorm {
                     s.count,
                     &self.weight.value,
                     (&mut self.weight.grad, &mut self.bias.grad),
+                    &mut self.workspace,
                     self.sync.as_deref(),
                 );
             }
@@ -253,8 +257,7 @@ impl BatchNorm {
             None => None,
         };
         let dys = dy.as_slice()?;
-        let local =
-            cpu::norm::batchnorm_backward_sums(x, dys, relu_out, rows, c, mean, invstd);
+        let local = cpu::norm::batchnorm_backward_sums(x, dys, relu_out, rows, c, mean, invstd);
         let mut global = local.clone();
         comm.all_reduce_f64(&mut global)?;
         let mut dx = vec![0.0f32; x.len()];

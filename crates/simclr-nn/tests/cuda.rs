@@ -1,0 +1,443 @@
+//! The CUDA backend against the CPU one: every operation, the batch-norm layer, whole training
+//! steps, checkpoints, gradient caching and data parallelism on one GPU. These need an NVIDIA
+//! GPU with CUDA 13, cuBLAS and cuDNN on the library path; elsewhere each prints that it
+//! skipped. The tests at the end need no GPU.
+//!
+//! The CUDA side runs in [`MathMode::Fp32`] (no TF32), so tolerances are those of f32 with a
+//! different summation order (cuDNN picks its own algorithms).
+
+use std::sync::Arc;
+
+use simclr_nn::cuda::CudaBackend;
+use simclr_nn::dist::{train_step_dp, DataParallel, ThreadComm};
+use simclr_nn::grad_cache::train_step_cached;
+use simclr_nn::layers::BatchNorm;
+use simclr_nn::{
+    ops, ContrastiveLoss, Device, HeadConfig, Lars, Module, NnError, Optimizer, ResNetConfig, Sgd,
+    SimClr, SimClrConfig, Stem, Tensor,
+};
+
+fn cuda_or_skip(test: &str) -> Option<Device> {
+    if !simclr_kernels::cuda::gpu_available() {
+        println!("{test}: skipped (no CUDA driver or no GPU on this machine)");
+        return None;
+    }
+    match CudaBackend::get(0) {
+        Ok(_) => Some(Device::Cuda(0)),
+        Err(e) => panic!("{test}: a GPU is present but the CUDA backend could not start: {e}"),
+    }
+}
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn t(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::from_vec(shape, data(shape.iter().product(), seed)).unwrap()
+}
+
+/// max |a - b| / max(max |b|, 1e-3); fails naming `what` beyond `tol`.
+fn close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
+    assert_eq!(a.shape(), b.shape(), "{what}: shapes");
+    let (a, b) = (a.to_vec(), b.to_vec());
+    let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    let (i, d) = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .enumerate()
+        .fold((0, 0.0f32), |m, (i, d)| if d > m.1 { (i, d) } else { m });
+    assert!(
+        d / scale <= tol,
+        "{what}: relative difference {} at {i} (cuda {} vs cpu {})",
+        d / scale,
+        a[i],
+        b[i]
+    );
+}
+
+fn up(x: &Tensor, dev: Device) -> Tensor {
+    x.to_device(dev).unwrap()
+}
+
+#[test]
+fn cuda_ops_match_cpu() {
+    let Some(dev) = cuda_or_skip("cuda_ops_match_cpu") else {
+        return;
+    };
+    // Convolutions: the ImageNet stem, 3x3 stride 1 and 2, 1x1 projection.
+    for (i, (xs, ws, stride, pad)) in [
+        ([2, 32, 32, 3], [8, 7, 7, 3], 2, 3),
+        ([3, 9, 9, 8], [16, 3, 3, 8], 1, 1),
+        ([2, 10, 10, 16], [8, 3, 3, 16], 2, 1),
+        ([4, 8, 8, 16], [32, 1, 1, 16], 2, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (x, w) = (t(&xs, 10 + i as u64), t(&ws, 20 + i as u64));
+        let y = ops::conv2d(&x, &w, stride, pad).unwrap();
+        let yg = ops::conv2d(&up(&x, dev), &up(&w, dev), stride, pad).unwrap();
+        assert_eq!(yg.device(), dev);
+        close("conv2d", &yg, &y, 1e-4);
+        let dy = t(y.shape(), 30 + i as u64);
+        let (dw, dx) = ops::conv2d_backward(&x, &w, &dy, stride, pad, true).unwrap();
+        let (dwg, dxg) =
+            ops::conv2d_backward(&up(&x, dev), &up(&w, dev), &up(&dy, dev), stride, pad, true)
+                .unwrap();
+        close("conv2d dw", &dwg, &dw, 1e-4);
+        close("conv2d dx", &dxg.unwrap(), &dx.unwrap(), 1e-4);
+    }
+    // Linear with and without bias.
+    let (x, w, b) = (t(&[13, 24], 1), t(&[7, 24], 2), t(&[7], 3));
+    for bias in [Some(&b), None] {
+        let y = ops::linear(&x, &w, bias).unwrap();
+        let bg = bias.map(|b| up(b, dev));
+        let yg = ops::linear(&up(&x, dev), &up(&w, dev), bg.as_ref()).unwrap();
+        close("linear", &yg, &y, 1e-5);
+    }
+    let dy = t(&[13, 7], 4);
+    let (dx, dw, db) = ops::linear_backward(&x, &w, &dy, true).unwrap();
+    let (dxg, dwg, dbg) =
+        ops::linear_backward(&up(&x, dev), &up(&w, dev), &up(&dy, dev), true).unwrap();
+    close("linear dx", &dxg.unwrap(), &dx.unwrap(), 1e-5);
+    close("linear dw", &dwg, &dw, 1e-5);
+    close("linear db", &dbg, &db, 0.0);
+    // Element-wise, pooling, layouts.
+    let x = t(&[2, 9, 9, 6], 5);
+    let (mut r, mut rg) = (x.clone(), up(&x, dev));
+    ops::relu_(&mut r).unwrap();
+    ops::relu_(&mut rg).unwrap();
+    close("relu", &rg, &r, 0.0);
+    let (mut d, mut dg) = (t(x.shape(), 6), up(&t(x.shape(), 6), dev));
+    ops::relu_backward_(&mut d, &r).unwrap();
+    ops::relu_backward_(&mut dg, &rg).unwrap();
+    close("relu backward", &dg, &d, 0.0);
+    let (mut a, mut ag) = (x.clone(), up(&x, dev));
+    ops::add_(&mut a, &r).unwrap();
+    ops::add_(&mut ag, &rg).unwrap();
+    close("add", &ag, &a, 0.0);
+    let (y, arg) = ops::max_pool(&x, 3, 2, 1).unwrap();
+    let (yg, argg) = ops::max_pool(&up(&x, dev), 3, 2, 1).unwrap();
+    close("max pool", &yg, &y, 0.0);
+    assert_eq!(argg.to_vec().unwrap(), arg.to_vec().unwrap());
+    let dy = t(y.shape(), 7);
+    let dx = ops::max_pool_backward(&dy, &arg, x.shape(), 3, 2, 1).unwrap();
+    let dxg = ops::max_pool_backward(&up(&dy, dev), &argg, x.shape(), 3, 2, 1).unwrap();
+    close("max pool backward", &dxg, &dx, 0.0);
+    let g = ops::global_avg_pool(&x).unwrap();
+    close(
+        "gap",
+        &ops::global_avg_pool(&up(&x, dev)).unwrap(),
+        &g,
+        1e-6,
+    );
+    let dg = t(g.shape(), 8);
+    close(
+        "gap backward",
+        &ops::global_avg_pool_backward(&up(&dg, dev), x.shape()).unwrap(),
+        &ops::global_avg_pool_backward(&dg, x.shape()).unwrap(),
+        1e-6,
+    );
+    let n = t(&[2, 3, 5, 7], 9);
+    close(
+        "nchw_to_nhwc",
+        &ops::nchw_to_nhwc(&up(&n, dev)).unwrap(),
+        &ops::nchw_to_nhwc(&n).unwrap(),
+        0.0,
+    );
+    close(
+        "nhwc_to_nchw",
+        &ops::nhwc_to_nchw(&up(&x, dev)).unwrap(),
+        &ops::nhwc_to_nchw(&x).unwrap(),
+        0.0,
+    );
+    // NT-Xent, and the ablation losses (which run on the host for a device z).
+    let z = t(&[16, 8], 11);
+    for loss in [
+        ContrastiveLoss::NtXent { temperature: 0.5 },
+        ContrastiveLoss::NtLogistic { temperature: 0.5 },
+        ContrastiveLoss::MarginTriplet {
+            margin: 0.2,
+            semi_hard: true,
+        },
+    ] {
+        let (l, g) = loss.forward_backward(&z).unwrap();
+        let (lg, gg) = loss.forward_backward(&up(&z, dev)).unwrap();
+        assert!(
+            (l - lg).abs() <= 1e-5 * l.abs().max(1.0),
+            "{loss:?}: {lg} vs {l}"
+        );
+        assert_eq!(gg.device(), dev);
+        close("loss gradient", &gg, &g, 1e-4);
+    }
+    // Mixing devices is an error, not a crash.
+    assert!(matches!(
+        ops::conv2d(&up(&t(&[1, 4, 4, 2], 1), dev), &t(&[2, 3, 3, 2], 2), 1, 1),
+        Err(NnError::Device { .. })
+    ));
+}
+
+#[test]
+fn cuda_batch_norm_layer_matches_cpu() {
+    let Some(dev) = cuda_or_skip("cuda_batch_norm_layer_matches_cpu") else {
+        return;
+    };
+    for relu in [false, true] {
+        let mut cpu = BatchNorm::new(6, relu, Device::Cpu);
+        cpu.weight.value = t(&[6], 1);
+        cpu.bias.value = t(&[6], 2);
+        let mut gpu = cpu.clone();
+        gpu.to_device(dev).unwrap();
+        let x = t(&[4, 5, 5, 6], 3);
+        for step in 0..2 {
+            let y = cpu.forward(&x, true).unwrap();
+            let yg = gpu.forward(&up(&x, dev), true).unwrap();
+            close("bn forward", &yg, &y, 1e-5);
+            let dy = t(x.shape(), 4 + step);
+            let dx = cpu.backward(&dy).unwrap();
+            let dxg = gpu.backward(&up(&dy, dev)).unwrap();
+            close("bn dx", &dxg, &dx, 1e-4);
+        }
+        close("bn dgamma", &gpu.weight.grad, &cpu.weight.grad, 1e-4);
+        close("bn dbeta", &gpu.bias.grad, &cpu.bias.grad, 1e-4);
+        close("running mean", &gpu.running_mean, &cpu.running_mean, 1e-5);
+        close("running var", &gpu.running_var, &cpu.running_var, 1e-5);
+        assert_eq!(gpu.num_batches_tracked, cpu.num_batches_tracked);
+        let e = cpu.forward(&x, false).unwrap();
+        close(
+            "bn eval",
+            &gpu.forward(&up(&x, dev), false).unwrap(),
+            &e,
+            1e-5,
+        );
+    }
+}
+
+fn tiny(stem: Stem) -> SimClrConfig {
+    let mut encoder = ResNetConfig::resnet(18, 1, stem).unwrap();
+    encoder.layers = [1, 1, 1, 1];
+    encoder.base_width = 8;
+    SimClrConfig {
+        encoder,
+        head: HeadConfig::Mlp {
+            hidden_layers: 1,
+            hidden_dim: 32,
+            output_dim: 16,
+        },
+    }
+}
+
+fn params(m: &mut SimClr) -> Vec<(String, Tensor)> {
+    let mut v = Vec::new();
+    m.for_each_param(&mut |n, p| v.push((n.to_string(), p.value.clone())));
+    v
+}
+
+#[test]
+fn cuda_training_steps_match_cpu() {
+    let Some(dev) = cuda_or_skip("cuda_training_steps_match_cpu") else {
+        return;
+    };
+    // The ImageNet stem (with max pooling) on 32x32, and the CIFAR stem.
+    for (stem, side) in [(Stem::ImageNet, 32), (Stem::Cifar, 16)] {
+        let cfg = tiny(stem);
+        let mut cpu = SimClr::new(&cfg, Device::Cpu, 5).unwrap();
+        let mut gpu = SimClr::new(&cfg, dev, 5).unwrap();
+        assert_eq!(gpu.device(), dev);
+        let optims: [(Box<dyn Optimizer>, Box<dyn Optimizer>); 2] = [
+            (Box::new(Lars::default()), Box::new(Lars::default())),
+            (
+                Box::new(Sgd::new(0.9, true, 1e-4)),
+                Box::new(Sgd::new(0.9, true, 1e-4)),
+            ),
+        ];
+        for (k, (mut oc, mut og)) in optims.into_iter().enumerate() {
+            for step in 0..3 {
+                let views = t(&[8, 3, side, side], 100 + step + 10 * k as u64);
+                let a = simclr_nn::train_step(&mut cpu, &views, oc.as_mut(), 0.3, 0.5).unwrap();
+                // The views stay on the host: the model copies them to its device.
+                let b = simclr_nn::train_step(&mut gpu, &views, og.as_mut(), 0.3, 0.5).unwrap();
+                assert!(
+                    (a.loss - b.loss).abs() <= 1e-4 * a.loss.abs().max(1.0),
+                    "{stem:?} optimiser {k} step {step}: loss cuda {} vs cpu {}",
+                    b.loss,
+                    a.loss
+                );
+            }
+        }
+        for ((name, a), (_, b)) in params(&mut gpu).iter().zip(params(&mut cpu)) {
+            assert_eq!(a.device(), dev, "{name}");
+            close(
+                &format!("{stem:?} weight {name} after 6 steps"),
+                a,
+                &b,
+                2e-3,
+            );
+        }
+        // Evaluation mode (running statistics) agrees too.
+        let x = t(&[4, 3, side, side], 7);
+        let (hc, _) = cpu.forward(&x, false).unwrap();
+        let (hg, _) = gpu.forward(&x, false).unwrap();
+        close("h in evaluation mode", &hg, &hc, 2e-3);
+    }
+}
+
+#[test]
+fn cuda_checkpoint_round_trip_and_host_copies() {
+    let Some(dev) = cuda_or_skip("cuda_checkpoint_round_trip_and_host_copies") else {
+        return;
+    };
+    let cfg = tiny(Stem::Cifar);
+    let mut gpu = SimClr::new(&cfg, dev, 9).unwrap();
+    let mut lars = Lars::default();
+    simclr_nn::train_step(&mut gpu, &t(&[8, 3, 16, 16], 1), &mut lars, 0.3, 0.5).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    simclr_nn::Checkpoint {
+        tensors: simclr_nn::checkpoint::state_dict(&mut gpu, ""),
+        metadata: Default::default(),
+        path: path.clone(),
+    }
+    .save(&path)
+    .unwrap();
+    let mut cpu = SimClr::new(&cfg, Device::Cpu, 1).unwrap();
+    let ck = simclr_nn::Checkpoint::load(&path).unwrap();
+    assert!(ck.apply(&mut cpu, "").unwrap().is_empty());
+    let mut back = SimClr::new(&cfg, dev, 2).unwrap();
+    ck.apply(&mut back, "").unwrap();
+    assert_eq!(back.device(), dev, "loading keeps the model on its device");
+    let x = t(&[4, 3, 16, 16], 2);
+    let (h1, _) = gpu.forward(&x, false).unwrap();
+    let (h2, _) = cpu.forward(&x, false).unwrap();
+    let (h3, _) = back.forward(&x, false).unwrap();
+    close("h after a CUDA -> CPU checkpoint", &h2, &h1, 1e-4);
+    close("h after a CUDA -> CUDA checkpoint", &h3, &h1, 0.0);
+    // The whole model moves to the host and back.
+    let mut moved = gpu.clone();
+    moved.to_device(Device::Cpu).unwrap();
+    close(
+        "h after to_device(cpu)",
+        &moved.forward(&x, false).unwrap().0,
+        &h1,
+        1e-4,
+    );
+}
+
+#[test]
+fn cuda_gradient_caching_and_data_parallel_match_cpu() {
+    let Some(dev) = cuda_or_skip("cuda_gradient_caching_and_data_parallel_match_cpu") else {
+        return;
+    };
+    let cfg = tiny(Stem::Cifar);
+    let loss = ContrastiveLoss::NtXent { temperature: 0.5 };
+    let views = t(&[8, 3, 16, 16], 3);
+    let mut cpu = SimClr::new(&cfg, Device::Cpu, 4).unwrap();
+    let mut gpu = SimClr::new(&cfg, dev, 4).unwrap();
+    let (mut oc, mut og) = (Lars::default(), Lars::default());
+    let a = train_step_cached(&mut cpu, &views, 2, &mut oc, 0.3, &loss).unwrap();
+    let b = train_step_cached(&mut gpu, &views, 2, &mut og, 0.3, &loss).unwrap();
+    assert!(
+        (a.loss - b.loss).abs() <= 1e-4,
+        "cached: {} vs {}",
+        b.loss,
+        a.loss
+    );
+    for ((name, x), (_, y)) in params(&mut gpu).iter().zip(params(&mut cpu)) {
+        close(&format!("cached weight {name}"), x, &y, 2e-3);
+    }
+    // Two replicas on the one GPU (threads), global batch norm and gathered negatives, against
+    // the same on the CPU.
+    let run = |device: Device| -> (Vec<f32>, Vec<(String, Tensor)>) {
+        let comms = ThreadComm::group(2, std::time::Duration::from_secs(60));
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let (cfg, views, loss) = (cfg.clone(), views.clone(), loss);
+                std::thread::spawn(move || {
+                    let comm: Arc<dyn simclr_nn::dist::Communicator> = Arc::new(comm);
+                    let rank = comm.rank();
+                    let mut m = SimClr::new(&cfg, device, 4).unwrap();
+                    let dp = DataParallel::new(comm);
+                    let local = local_views(&views, rank, 2);
+                    let mut lars = Lars::default();
+                    let mut losses = Vec::new();
+                    for _ in 0..2 {
+                        let (s, _) =
+                            train_step_dp(&mut m, &local, &mut lars, 0.3, &loss, &dp).unwrap();
+                        losses.push(s.loss);
+                    }
+                    (losses, params(&mut m))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .next()
+            .unwrap()
+    };
+    let (lc, pc) = run(Device::Cpu);
+    let (lg, pg) = run(dev);
+    for (x, y) in lg.iter().zip(&lc) {
+        assert!(
+            (x - y).abs() <= 1e-4,
+            "data-parallel loss: cuda {x} vs cpu {y}"
+        );
+    }
+    for ((name, x), (_, y)) in pg.iter().zip(&pc) {
+        close(&format!("data-parallel weight {name}"), x, y, 2e-3);
+    }
+}
+
+/// Replica `rank`'s share of `[2N, ...]` views: its images' first views, then their second.
+fn local_views(views: &Tensor, rank: usize, world: usize) -> Tensor {
+    let s = views.shape();
+    let (n, per) = (s[0] / 2, s[1..].iter().product::<usize>());
+    let b = n / world;
+    let v = views.to_vec();
+    let mut out = Vec::new();
+    for half in 0..2 {
+        let lo = half * n + rank * b;
+        out.extend_from_slice(&v[lo * per..(lo + b) * per]);
+    }
+    let mut shape = s.to_vec();
+    shape[0] = 2 * b;
+    Tensor::from_vec(&shape, out).unwrap()
+}
+
+#[test]
+fn devices_parse_and_a_missing_gpu_is_an_error_not_a_panic() {
+    assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+    assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+    assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+    assert_eq!(Device::Cuda(3).to_string(), "cuda:3");
+    let e = "gpu".parse::<Device>().unwrap_err().to_string();
+    assert!(e.contains("`gpu`") && e.contains("cuda:N"), "{e}");
+    assert!("cuda:x".parse::<Device>().is_err());
+    let auto = "auto".parse::<Device>().unwrap();
+    if simclr_kernels::cuda::gpu_available() {
+        // A machine with a GPU: an ordinal past the last device is the error.
+        let e = SimClr::new(&tiny(Stem::Cifar), Device::Cuda(1 << 20), 0).unwrap_err();
+        assert!(matches!(e, NnError::Cuda(_)), "{e}");
+        return;
+    }
+    assert_eq!(auto, Device::Cpu, "auto falls back to the CPU");
+    let e = SimClr::new(&tiny(Stem::Cifar), Device::Cuda(0), 0).unwrap_err();
+    assert!(matches!(e, NnError::Cuda(_)), "{e}");
+    assert!(e.to_string().contains("CUDA"), "{e}");
+    assert!(Tensor::try_full(&[3], 1.0, Device::Cuda(0)).is_err());
+    assert!(Device::Cuda(0).ensure_usable().is_err());
+    let mut m = SimClr::new(&tiny(Stem::Cifar), Device::Cpu, 0).unwrap();
+    assert!(m.to_device(Device::Cuda(0)).is_err());
+    // The model is untouched by the failed move.
+    assert_eq!(m.device(), Device::Cpu);
+}
