@@ -290,6 +290,67 @@ fn training(gpu: &Gpu, r: &mut Report, quick: bool) -> Result<(), GpuError> {
     Ok(())
 }
 
+/// Max pooling of the ImageNet stem (256 views at 112x112x64), the input permute, and the
+/// linear layer's bias kernels at the projection head's size.
+fn layout(gpu: &Gpu, r: &mut Report, quick: bool) -> Result<(), GpuError> {
+    use simclr::kernels::cpu::pooling::PoolGeom;
+    use simclr::kernels::cuda::layout as l;
+    let reps = if quick { 5 } else { 15 };
+    let g = PoolGeom {
+        n: 256,
+        h: 112,
+        w: 112,
+        c: 64,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    };
+    let (nin, nout) = (g.n * g.h * g.w * g.c, g.n * g.oh() * g.ow() * g.c);
+    let xd = gpu.zeros::<f32>(nin)?;
+    let mut yd = gpu.zeros::<f32>(nout)?;
+    let mut ad = gpu.zeros::<u32>(nout)?;
+    let s = time(gpu, reps, 10, || {
+        l::maxpool_forward(gpu, &xd, &g, &mut yd, &mut ad)
+    })?;
+    r.add(
+        "layout/maxpool-fwd/256x112x112x64",
+        &[
+            ("us", s * 1e6),
+            ("gb_per_s", (nin * 4 + nout * 8) as f64 / s / 1e9),
+        ],
+    );
+    let mut dxd = gpu.zeros::<f32>(nin)?;
+    let s = time(gpu, reps, 10, || {
+        l::maxpool_backward(gpu, &yd, &ad, &g, &mut dxd)
+    })?;
+    r.add(
+        "layout/maxpool-bwd/256x112x112x64",
+        &[
+            ("us", s * 1e6),
+            ("gb_per_s", (nin * 4 + nout * 8) as f64 / s / 1e9),
+        ],
+    );
+    let n = 3 * 224 * 224 * 256;
+    let xd = gpu.zeros::<f32>(n)?;
+    let mut yd = gpu.zeros::<f32>(n)?;
+    let s = time(gpu, reps, 10, || {
+        l::nchw_to_nhwc(gpu, &xd, 256, 3, 224 * 224, &mut yd)
+    })?;
+    r.add(
+        "layout/nchw-to-nhwc/256x3x224x224",
+        &[("us", s * 1e6), ("gb_per_s", (n * 8) as f64 / s / 1e9)],
+    );
+    let (rows, c) = (512, 2048);
+    let bd = gpu.zeros::<f32>(c)?;
+    let mut md = gpu.zeros::<f32>(rows * c)?;
+    let s = time(gpu, reps, 20, || l::broadcast_rows(gpu, &bd, &mut md))?;
+    r.add("layout/broadcast-rows/512x2048", &[("us", s * 1e6)]);
+    let mut sd = gpu.zeros::<f32>(c)?;
+    let s = time(gpu, reps, 20, || l::column_sums(gpu, &md, &mut sd, true))?;
+    r.add("layout/column-sums/512x2048", &[("us", s * 1e6)]);
+    Ok(())
+}
+
 mod cudarc_slice {
     pub use simclr::kernels::cuda::cudarc::driver::CudaSlice;
 }
@@ -328,6 +389,7 @@ fn main() {
         ),
         ("augment", augment),
         ("train", training),
+        ("layout", layout),
     ] {
         if let Err(e) = f(&gpu, &mut r, quick) {
             eprintln!("gpu_kernels: {name}: {e}");

@@ -40,5 +40,14 @@ timeout 240 "$HERE/bin/bench-gpu_kernels" --json "$OUT/gpu_kernels.json" ${QUICK
 echo "== PyTorch on the same GPU" | tee "$OUT/torch.txt"
 timeout 240 "$PY" "$HERE/torch_gpu_compare.py" ${QUICK:+--quick} --json "$OUT/torch.json" --ours "$OUT/gpu_kernels.json" 2>&1 | tee -a "$OUT/torch.txt" || status=1
 
+echo "== training step on the CUDA backend" | tee "$OUT/step.txt"
+timeout 300 "$HERE/bin/bench-gpu_train_step" --json "$OUT/step.json" ${QUICK:+--quick} 2>&1 | tee -a "$OUT/step.txt" || status=1
+
+if [ -f "$HERE/torch_gpu_baseline.py" ]; then
+  echo "== PyTorch training step on the same GPU (no torch.compile)" | tee "$OUT/torch_step.txt"
+  timeout 300 "$PY" "$HERE/torch_gpu_baseline.py" --only step --no-compile --section-timeout 240 \
+    ${QUICK:+--quick} --json "$OUT/torch_step.json" 2>&1 | tee -a "$OUT/torch_step.txt" || status=1
+fi
+
 echo "== done in $(( $(date +%s) - START )) s, status $status"
 exit $status

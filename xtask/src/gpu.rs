@@ -183,6 +183,16 @@ pub fn gpu_check(_args: &[String]) -> Result<(), String> {
         "--test",
         "gpu",
     ]))?;
+    let nn_tests = built_executables(cargo().args([
+        "test",
+        "--release",
+        "--no-run",
+        "--message-format=json",
+        "-p",
+        "simclr-nn",
+        "--test",
+        "cuda",
+    ]))?;
     let benches = built_executables(cargo().args([
         "bench",
         "--no-run",
@@ -191,19 +201,25 @@ pub fn gpu_check(_args: &[String]) -> Result<(), String> {
         "simclr",
         "--bench",
         "gpu_kernels",
+        "--bench",
+        "gpu_train_step",
     ]))?;
     let mut n = 0;
     for (name, exe) in &tests {
         copy_exe(exe, &bin.join(format!("test-kernels-{name}")))?;
         n += 1;
     }
+    for (name, exe) in &nn_tests {
+        copy_exe(exe, &bin.join(format!("test-nn-{name}")))?;
+        n += 1;
+    }
     for (name, exe) in &benches {
         copy_exe(exe, &bin.join(format!("bench-{name}")))?;
         n += 1;
     }
-    if n < 2 {
+    if n < 4 {
         return Err(format!(
-            "expected the GPU test and benchmark binaries, cargo built {n}"
+            "expected the 2 GPU test and 2 benchmark binaries, cargo built {n}"
         ));
     }
     let script = dir.join("run.sh");
@@ -212,6 +228,17 @@ pub fn gpu_check(_args: &[String]) -> Result<(), String> {
     let cmp = root().join("benches/torch_gpu_compare.py");
     std::fs::copy(&cmp, dir.join("torch_gpu_compare.py"))
         .map_err(|e| format!("{}: {e}", cmp.display()))?;
+    // The team's PyTorch baseline of the training step, when the shared folder is beside us.
+    let baseline = root().join("../shared/baselines/torch_gpu_baseline.py");
+    if baseline.exists() {
+        std::fs::copy(&baseline, dir.join("torch_gpu_baseline.py"))
+            .map_err(|e| format!("{}: {e}", baseline.display()))?;
+    } else {
+        println!(
+            "note: {} not found; run.sh will skip the PyTorch training-step baseline",
+            baseline.display()
+        );
+    }
     let size: u64 = std::fs::read_dir(&bin)
         .map_err(|e| e.to_string())?
         .filter_map(|e| e.ok()?.metadata().ok())

@@ -460,6 +460,9 @@ pub struct TrainConfig {
     /// chunk (a batch larger than memory allows; batch norm then normalises each chunk with its
     /// own statistics, and the online probe is off). 1: off.
     pub grad_cache_chunks: usize,
+    /// Where to train: `auto` (the GPU of this rank, `LOCAL_RANK`, when CUDA is usable, else
+    /// the CPU), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
 }
 
 impl Default for TrainConfig {
@@ -487,6 +490,7 @@ impl Default for TrainConfig {
             online_probe: true,
             probe_lr: 0.1,
             grad_cache_chunks: 1,
+            device: "auto".into(),
         }
     }
 }
@@ -739,6 +743,13 @@ impl Config {
                 "{} is not between 1 and the batch size {}",
                 t.grad_cache_chunks, t.batch_size
             ),
+        )?;
+        let cuda_ordinal = t.device.strip_prefix("cuda:").map(str::parse::<usize>);
+        check(
+            matches!(t.device.as_str(), "auto" | "cpu" | "cuda")
+                || matches!(cuda_ordinal, Some(Ok(_))),
+            "train.device",
+            format!("`{}` is not one of auto, cpu, cuda, cuda:N", t.device),
         )?;
         check(
             t.epochs >= 1 || t.max_steps >= 1,

@@ -225,7 +225,8 @@ impl Trainer {
                 ),
             });
         }
-        let mut model = SimClr::new(&cfg.model.simclr()?, Device::Cpu, cfg.train.seed)?;
+        let device = train_device(&cfg.train.device)?;
+        let mut model = SimClr::new(&cfg.model.simclr()?, device, cfg.train.seed)?;
         let mut opt = optimizer(&cfg);
         let classes = splits.train.num_classes();
         let mut probe = (cfg.train.online_probe && splits.pretrain.num_classes() > 0).then(|| {
@@ -470,7 +471,10 @@ impl Trainer {
                     return Err(self.diverged(step, format!("loss {}", stats.loss)));
                 }
                 let probe_top1 = match (&batch.labels, &h) {
-                    (Some(labels), Some(h)) => self.probe_step(h, labels, lr)?,
+                    // The probe is small and lives on the host.
+                    (Some(labels), Some(h)) => {
+                        self.probe_step(&h.to_device(Device::Cpu)?, labels, lr)?
+                    }
                     _ => None,
                 };
                 last_loss = stats.loss;
@@ -565,4 +569,20 @@ impl Trainer {
             },
         }
     }
+}
+
+/// The device of `train.device`: `auto` is this rank's GPU (`LOCAL_RANK`, or SLURM's
+/// `SLURM_LOCALID`) when CUDA is usable, else the CPU.
+pub fn train_device(spec: &str) -> Result<Device> {
+    if spec != "auto" {
+        return Ok(spec.parse::<Device>()?);
+    }
+    if Device::auto() == Device::Cpu {
+        return Ok(Device::Cpu);
+    }
+    let local = ["LOCAL_RANK", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
+        .unwrap_or(0);
+    Ok(Device::Cuda(local % simclr_nn::cuda::device_count().max(1)))
 }

@@ -148,6 +148,14 @@ impl CudaBackend {
     }
 }
 
+/// The number of CUDA devices the driver sees (0 without a driver).
+pub fn device_count() -> usize {
+    if !simclr_kernels::cuda::gpu_available() {
+        return 0;
+    }
+    simclr_kernels::cuda::cudarc::driver::CudaContext::device_count().map_or(0, |n| n as usize)
+}
+
 fn math_mode_from_env() -> Result<MathMode> {
     match std::env::var("SIMCLR_CUDA_MATH").as_deref() {
         Err(_) | Ok("") | Ok("fp32") => Ok(MathMode::Fp32),

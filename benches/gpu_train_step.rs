@@ -1,0 +1,159 @@
+//! One SimCLR training step on the CUDA backend, in source images per second (1 image = 2
+//! views), for the workloads of `torch_gpu_baseline.py --only step` run on the same GPU:
+//!
+//! - `r50`: ResNet-50 + MLP head 2048-2048(BN, ReLU)-128 at 224x224, batch 256 (512 views),
+//!   temperature 0.1;
+//! - `r18`: ResNet-18 with the CIFAR stem + MLP head 512-512-128 at 32x32, batch 512 (1024
+//!   views), temperature 0.5.
+//!
+//! Both with SGD (momentum 0.9, weight decay 1e-6, as the baseline) in f32 and TF32 math, and
+//! with LARS in TF32. The views are already on the device, as in the baseline.
+//!
+//! `cargo bench --bench gpu_train_step [-- --json FILE] [--quick]`. Without a GPU it says so
+//! and exits successfully. Each figure is the median of timed steps after warm-up steps (the
+//! first builds cuDNN plans and compiles the kernels).
+
+use std::time::Instant;
+
+use simclr::nn::cuda::{CudaBackend, MathMode};
+use simclr::nn::{
+    Device, HeadConfig, Lars, Optimizer, ResNetConfig, Sgd, SimClr, SimClrConfig, Stem, Tensor,
+};
+
+struct Case {
+    name: &'static str,
+    depth: usize,
+    stem: Stem,
+    side: usize,
+    batch: usize,
+    temperature: f32,
+}
+
+fn config(c: &Case) -> SimClrConfig {
+    let encoder = ResNetConfig::resnet(c.depth, 1, c.stem).expect("a known depth");
+    let h = encoder.feature_dim();
+    SimClrConfig {
+        encoder,
+        head: HeadConfig::Mlp {
+            hidden_layers: 1,
+            hidden_dim: h,
+            output_dim: 128,
+        },
+    }
+}
+
+fn run(
+    backend: &CudaBackend,
+    c: &Case,
+    math: MathMode,
+    lars: bool,
+    quick: bool,
+) -> Result<(f64, f32), simclr::nn::NnError> {
+    backend.set_math_mode(math);
+    let dev = Device::Cuda(backend.ordinal());
+    let mut model = SimClr::new(&config(c), dev, 0)?;
+    let views = 2 * c.batch;
+    let n = views * 3 * c.side * c.side;
+    let host: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let x = Tensor::from_vec(&[views, 3, c.side, c.side], host)?.to_device(dev)?;
+    let mut opt: Box<dyn Optimizer> = if lars {
+        Box::new(Lars::default())
+    } else {
+        Box::new(Sgd::new(0.9, false, 1e-6))
+    };
+    let (warmup, timed) = if quick { (1, 3) } else { (2, 10) };
+    let mut loss = 0.0;
+    for _ in 0..warmup {
+        loss = simclr::nn::train_step(&mut model, &x, opt.as_mut(), 1e-3, c.temperature)?.loss;
+    }
+    backend.synchronize()?;
+    let mut times = Vec::new();
+    for _ in 0..timed {
+        let s = Instant::now();
+        loss = simclr::nn::train_step(&mut model, &x, opt.as_mut(), 1e-3, c.temperature)?.loss;
+        backend.synchronize()?;
+        times.push(s.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok((c.batch as f64 / times[times.len() / 2], loss))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let json = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    if !simclr::kernels::cuda::gpu_available() {
+        println!("gpu_train_step: skipped (no CUDA driver or no GPU on this machine)");
+        return;
+    }
+    let backend = match CudaBackend::get(0) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("gpu_train_step: {e}");
+            std::process::exit(1);
+        }
+    };
+    let cases = [
+        Case {
+            name: "r18",
+            depth: 18,
+            stem: Stem::Cifar,
+            side: 32,
+            batch: 512,
+            temperature: 0.5,
+        },
+        Case {
+            name: "r50",
+            depth: 50,
+            stem: Stem::ImageNet,
+            side: 224,
+            batch: 256,
+            temperature: 0.1,
+        },
+    ];
+    let mut rows = Vec::new();
+    let mut failed = false;
+    for c in &cases {
+        for (variant, math, lars) in [
+            ("fp32-sgd", MathMode::Fp32, false),
+            ("tf32-sgd", MathMode::Tf32, false),
+            ("tf32-lars", MathMode::Tf32, true),
+        ] {
+            if quick && variant == "fp32-sgd" && c.name == "r50" {
+                continue;
+            }
+            match run(&backend, c, math, lars, quick) {
+                Ok((ips, loss)) => {
+                    println!(
+                        "step/{}/{variant:<10} {ips:10.1} images/s   (loss {loss:.4})",
+                        c.name
+                    );
+                    rows.push(format!(
+                        "{{\"name\": \"step/{}/{variant}\", \"images_per_s\": {ips}, \"loss\": {loss}}}",
+                        c.name
+                    ));
+                }
+                Err(e) => {
+                    println!("step/{}/{variant}: failed: {e}", c.name);
+                    failed = true;
+                }
+            }
+        }
+    }
+    if let Some(path) = json {
+        let body = format!("[\n  {}\n]\n", rows.join(",\n  "));
+        if let Err(e) = std::fs::write(&path, body) {
+            eprintln!("gpu_train_step: {path}: {e}");
+            failed = true;
+        }
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}
