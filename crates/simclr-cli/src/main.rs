@@ -175,13 +175,14 @@ enum Command {
         #[arg(long)]
         run: PathBuf,
     },
-    /// List the presets, or print one as TOML.
     /// Data-parallel training on this machine: runs a `simclr` command (after `--`) in N
     /// processes, one replica each, with global batch norm and negatives gathered from every
-    /// replica (`simclr launch --procs 4 -- pretrain --preset quickstart`). CPU replicas today.
+    /// replica (`simclr launch --procs 4 -- pretrain --preset quickstart`). With
+    /// `train.device = auto` each process takes the GPU of its `LOCAL_RANK` when there is one
+    /// (and the replicas then talk through NCCL), so `--gpus N` is the same option.
     Launch {
         /// Number of processes (replicas); `train.batch_size` must divide among them.
-        #[arg(long)]
+        #[arg(long, visible_alias = "gpus")]
         procs: usize,
         /// Rendezvous port of rank 0 (default: a free one).
         #[arg(long)]
@@ -190,6 +191,7 @@ enum Command {
         #[arg(last = true, required = true)]
         args: Vec<String>,
     },
+    /// List the presets, or print one as TOML.
     Presets {
         /// The preset to print, with every setting.
         show: Option<String>,

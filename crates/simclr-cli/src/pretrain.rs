@@ -227,6 +227,18 @@ impl Trainer {
         }
         let device = train_device(&cfg.train.device)?;
         let mut model = SimClr::new(&cfg.model.simclr()?, device, cfg.train.seed)?;
+        // GPU replicas talk through NCCL; the TCP group of the rendezvous carries its id.
+        let comm = match (comm, device) {
+            (Some(tcp), Device::Cuda(_)) if tcp.world_size() > 1 => {
+                let nccl = simclr_nn::dist::NcclComm::new(
+                    tcp.as_ref(),
+                    device,
+                    simclr_nn::dist::default_timeout(),
+                )?;
+                Some(Arc::new(nccl) as Arc<dyn Communicator>)
+            }
+            (c, _) => c,
+        };
         let mut opt = optimizer(&cfg);
         let classes = splits.train.num_classes();
         let mut probe = (cfg.train.online_probe && splits.pretrain.num_classes() > 0).then(|| {

@@ -441,3 +441,41 @@ fn devices_parse_and_a_missing_gpu_is_an_error_not_a_panic() {
     // The model is untouched by the failed move.
     assert_eq!(m.device(), Device::Cpu);
 }
+
+#[test]
+fn nccl_single_rank_collectives_and_step() {
+    let Some(dev) = cuda_or_skip("nccl_single_rank_collectives_and_step") else {
+        return;
+    };
+    use simclr_nn::dist::{Communicator, NcclComm};
+    // One rank still exercises the unique-id exchange, initialisation and every collective.
+    let boot = ThreadComm::group(1, std::time::Duration::from_secs(60)).remove(0);
+    let nccl = match NcclComm::new(&boot, dev, std::time::Duration::from_secs(60)) {
+        Ok(c) => c,
+        Err(e) => panic!("NCCL could not start on a machine with a GPU: {e}"),
+    };
+    assert_eq!((nccl.rank(), nccl.world_size()), (0, 1));
+    let parts = nccl.all_gather_bytes(b"hello", "test").unwrap();
+    assert_eq!(parts, vec![b"hello".to_vec()]);
+    let mut v = [1.5f64, -2.0];
+    nccl.all_reduce_f64(&mut v).unwrap();
+    assert_eq!(v, [1.5, -2.0]);
+    let mut f = vec![0.25f32; 1000];
+    nccl.all_reduce_f32(&mut f).unwrap();
+    assert!(f.iter().all(|&x| x == 0.25));
+    nccl.barrier().unwrap();
+    // A data-parallel step over NCCL with one replica is the plain step.
+    let cfg = tiny(Stem::Cifar);
+    let loss = ContrastiveLoss::NtXent { temperature: 0.5 };
+    let views = t(&[8, 3, 16, 16], 5);
+    let mut plain = SimClr::new(&cfg, dev, 6).unwrap();
+    let mut dp_model = SimClr::new(&cfg, dev, 6).unwrap();
+    let (mut o1, mut o2) = (Lars::default(), Lars::default());
+    let a = simclr_nn::train_step(&mut plain, &views, &mut o1, 0.3, 0.5).unwrap();
+    let dp = DataParallel::new(Arc::new(nccl));
+    let (b, _) = train_step_dp(&mut dp_model, &views, &mut o2, 0.3, &loss, &dp).unwrap();
+    assert!((a.loss - b.loss).abs() <= 1e-5, "{} vs {}", b.loss, a.loss);
+    for ((name, x), (_, y)) in params(&mut dp_model).iter().zip(params(&mut plain)) {
+        close(&format!("NCCL step weight {name}"), x, &y, 1e-4);
+    }
+}

@@ -7,20 +7,23 @@
 //! the same blobs, so every replica gets the same bits and the weights of the replicas never
 //! drift apart.
 //!
-//! Two implementations here, both for the CPU: [`ThreadComm`] (replicas as threads of one
-//! process) and [`TcpComm`] (one process per replica over TCP, star-shaped through rank 0). A rank
+//! Three implementations: [`ThreadComm`] (replicas as threads of one process) and [`TcpComm`]
+//! (one process per replica over TCP, star-shaped through rank 0) for the CPU, and
+//! [`NcclComm`] (one process per GPU, NCCL, its unique id sent over a `TcpComm`). A rank
 //! that dies or never arrives makes every other rank's next collective fail with a
 //! [`CommError`] within the timeout, never hang.
 //!
 //! - [`train_step_dp`]: the data-parallel training step (global batch norm, gathered negatives, the
 //!   gradient all-reduce).
 
+mod nccl;
 mod step;
 mod tcp;
 mod thread;
 
 use std::time::Duration;
 
+pub use nccl::NcclComm;
 pub use step::{broadcast_state, forward_backward_dp, train_step_dp, DataParallel};
 pub use tcp::{RendezvousConfig, TcpComm};
 pub use thread::ThreadComm;
@@ -152,6 +155,12 @@ pub trait Communicator: Send + Sync + std::fmt::Debug {
     /// Waits until every rank gets here.
     fn barrier(&self) -> Result<(), CommError> {
         self.all_gather_bytes(&[], "barrier").map(|_| ())
+    }
+
+    /// The NCCL communicator behind this one, when the replicas are GPUs joined by NCCL (device
+    /// buffers are then reduced on the device, without a trip through the host).
+    fn nccl(&self) -> Option<&NcclComm> {
+        None
     }
 }
 

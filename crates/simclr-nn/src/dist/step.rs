@@ -122,6 +122,9 @@ fn visit_values(
 /// Sums every parameter gradient over the replicas, in one all-reduce of the concatenated
 /// gradients.
 fn all_reduce_grads(model: &mut dyn Module, comm: &dyn Communicator) -> Result<()> {
+    if let Some(nccl) = comm.nccl() {
+        return all_reduce_grads_nccl(model, nccl);
+    }
     let mut flat = Vec::new();
     let mut err = None;
     // On a GPU this goes through the host: the CPU communicators' path (NCCL is not built yet).
@@ -142,6 +145,32 @@ fn all_reduce_grads(model: &mut dyn Module, comm: &dyn Communicator) -> Result<(
         at += n;
     });
     err.map_or(Ok(()), Err)
+}
+
+/// The gradient all-reduce on the GPUs: every gradient reduced in place by one grouped NCCL
+/// call (not yet overlapped with the backward pass).
+fn all_reduce_grads_nccl(model: &mut dyn Module, nccl: &super::NcclComm) -> Result<()> {
+    // The gradients are taken out of the model so that all can be borrowed at once.
+    let mut grads = Vec::new();
+    model.for_each_param(&mut |_, p| {
+        let empty = Tensor::from_vec(&[0], Vec::new()).expect("an empty tensor");
+        grads.push(std::mem::replace(&mut p.grad, empty));
+    });
+    let reduced = (|| -> Result<()> {
+        let mut bufs = Vec::with_capacity(grads.len());
+        for g in grads.iter_mut() {
+            bufs.push(g.cuda_mut()?);
+        }
+        nccl.all_reduce_many_f32(&mut bufs)?;
+        Ok(())
+    })();
+    let mut it = grads.into_iter();
+    model.for_each_param(&mut |_, p| {
+        if let Some(g) = it.next() {
+            p.grad = g;
+        }
+    });
+    reduced
 }
 
 /// Whether any replica saw a non-finite value (every replica gets the same answer, so they stop

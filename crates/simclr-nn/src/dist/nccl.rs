@@ -1,0 +1,301 @@
+//! [`NcclComm`]: replicas on GPUs exchanging device buffers through NCCL, one process per GPU.
+//!
+//! The NCCL unique id travels over a bootstrap [`Communicator`] (the [`super::TcpComm`] of the
+//! rendezvous at `MASTER_ADDR`), which also serves as the barrier proving every rank is alive
+//! before NCCL's own initialisation blocks on them.
+//!
+//! NCCL collectives do not time out by themselves: every collective here records an event after
+//! its launch and polls it, so a rank that died makes the others fail with
+//! [`CommError::Timeout`] after the timeout (the communicator is aborted then, and unusable).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use simclr_kernels::cuda::cudarc::driver::CudaSlice;
+use simclr_kernels::cuda::cudarc::nccl::{self, Comm, Id, ReduceOp};
+
+use super::{CommError, Communicator};
+use crate::cuda::CudaBackend;
+use crate::error::{NnError, Result};
+use crate::tensor::Device;
+
+/// A NCCL communicator for this process's GPU.
+pub struct NcclComm {
+    comm: Mutex<Option<Comm>>,
+    backend: Arc<CudaBackend>,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+}
+
+// SAFETY: a NCCL communicator may be used from any thread, one call at a time; every use goes
+// through the mutex.
+unsafe impl Send for NcclComm {}
+// SAFETY: as above.
+unsafe impl Sync for NcclComm {}
+
+impl std::fmt::Debug for NcclComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "NcclComm(rank {} of {}, cuda:{})",
+            self.rank,
+            self.world,
+            self.backend.ordinal()
+        )
+    }
+}
+
+fn nccl_err(op: &str) -> impl Fn(nccl::result::NcclError) -> CommError + '_ {
+    move |e| CommError::Mismatch {
+        op: op.to_string(),
+        msg: format!("NCCL: {e:?}"),
+    }
+}
+
+fn cuda_err(op: &str) -> impl Fn(simclr_kernels::cuda::GpuError) -> CommError + '_ {
+    move |e| CommError::Mismatch {
+        op: op.to_string(),
+        msg: format!("CUDA: {e}"),
+    }
+}
+
+impl NcclComm {
+    /// Joins the NCCL group of the ranks of `bootstrap` on `device` (`Device::Cuda(i)`, this
+    /// rank's GPU). Every rank must call it at the same point.
+    pub fn new(bootstrap: &dyn Communicator, device: Device, timeout: Duration) -> Result<Self> {
+        let Device::Cuda(ordinal) = device else {
+            return Err(NnError::Invalid {
+                op: "NcclComm",
+                msg: format!("NCCL needs a CUDA device, got {device}"),
+            });
+        };
+        let backend = CudaBackend::get(ordinal)?;
+        // SAFETY: only tries to dlopen the library under its usual names.
+        if !unsafe { nccl::sys::is_culib_present() } {
+            return Err(NnError::Cuda(
+                "NCCL (libnccl.so.2) could not be loaded: install nvidia-nccl-cu13 and put its \
+                 lib folder on LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        let (rank, world) = (bootstrap.rank(), bootstrap.world_size());
+        let mine: Vec<u8> = if rank == 0 {
+            let id = Id::new().map_err(|e| NnError::Cuda(format!("ncclGetUniqueId: {e:?}")))?;
+            id.internal().iter().map(|&c| c as u8).collect()
+        } else {
+            Vec::new()
+        };
+        let parts = bootstrap.all_gather_bytes(&mine, "NCCL unique id")?;
+        let id_bytes = &parts[0];
+        if id_bytes.len() != 128 {
+            return Err(CommError::Mismatch {
+                op: "NCCL unique id".into(),
+                msg: format!("rank 0 sent {} bytes, expected 128", id_bytes.len()),
+            }
+            .into());
+        }
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (d, &s) in internal.iter_mut().zip(id_bytes) {
+            *d = s as std::ffi::c_char;
+        }
+        backend
+            .gpu()
+            .context()
+            .bind_to_thread()
+            .map_err(simclr_kernels::cuda::GpuError::from)?;
+        let comm = Comm::from_rank(
+            backend.gpu().stream().clone(),
+            rank,
+            world,
+            Id::uninit(internal),
+        )
+        .map_err(|e| NnError::Cuda(format!("ncclCommInitRank (rank {rank} of {world}): {e:?}")))?;
+        Ok(NcclComm {
+            comm: Mutex::new(Some(comm)),
+            backend,
+            rank,
+            world,
+            timeout,
+        })
+    }
+
+    /// Runs `f` with the communicator, then waits (polling, up to the timeout) for what it
+    /// queued; on timeout the communicator is aborted and every later call fails.
+    fn run<T>(
+        &self,
+        op: &str,
+        f: impl FnOnce(&Comm) -> Result<T, CommError>,
+    ) -> Result<T, CommError> {
+        let mut guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(comm) = guard.as_ref() else {
+            return Err(CommError::RankLost {
+                rank: self.rank,
+                world: self.world,
+                op: op.into(),
+                why: "an earlier collective timed out and the NCCL communicator was aborted".into(),
+            });
+        };
+        self.backend
+            .gpu()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| cuda_err(op)(e.into()))?;
+        let out = f(comm)?;
+        let stream = self.backend.gpu().stream();
+        let event = stream
+            .record_event(None)
+            .map_err(|e| cuda_err(op)(e.into()))?;
+        let start = Instant::now();
+        loop {
+            match event.try_is_complete() {
+                Ok(true) => return Ok(out),
+                Ok(false) => {}
+                Err(e) => return Err(cuda_err(op)(e.into())),
+            }
+            if start.elapsed() > self.timeout {
+                // Dropping the communicator aborts it, which also releases the stuck kernels.
+                guard.take();
+                return Err(CommError::Timeout {
+                    rank: (self.rank + 1) % self.world.max(1),
+                    world: self.world,
+                    op: op.into(),
+                    timeout: self.timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Sums `buf` over the ranks in place, on the device.
+    pub fn all_reduce_device_f32(&self, buf: &mut CudaSlice<f32>) -> Result<(), CommError> {
+        let op = "all_reduce (device)";
+        self.run(op, |c| {
+            c.all_reduce_in_place(buf, &ReduceOp::Sum)
+                .map(|_| ())
+                .map_err(nccl_err(op))
+        })
+    }
+
+    /// Sums every buffer of `bufs` over the ranks in place, as one NCCL group (NCCL fuses the
+    /// group's reductions, so many small gradients cost about one large all-reduce).
+    pub fn all_reduce_many_f32(&self, bufs: &mut [&mut CudaSlice<f32>]) -> Result<(), CommError> {
+        let op = "all_reduce (device, grouped)";
+        self.run(op, |c| {
+            nccl::group_start().map_err(nccl_err(op))?;
+            let mut first_err = None;
+            for b in bufs.iter_mut() {
+                if let Err(e) = c.all_reduce_in_place(&mut **b, &ReduceOp::Sum) {
+                    first_err.get_or_insert(e);
+                }
+            }
+            let end = nccl::group_end();
+            if let Some(e) = first_err {
+                return Err(nccl_err(op)(e));
+            }
+            end.map(|_| ()).map_err(nccl_err(op))
+        })
+    }
+
+    fn upload<T: simclr_kernels::cuda::cudarc::driver::DeviceRepr>(
+        &self,
+        v: &[T],
+        op: &str,
+    ) -> Result<CudaSlice<T>, CommError> {
+        self.backend.gpu().upload(v).map_err(cuda_err(op))
+    }
+
+    fn download<T: simclr_kernels::cuda::cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        v: &CudaSlice<T>,
+        op: &str,
+    ) -> Result<Vec<T>, CommError> {
+        self.backend.gpu().download(v).map_err(cuda_err(op))
+    }
+
+    fn all_reduce_host<T>(&self, buf: &mut [T], op: &str) -> Result<(), CommError>
+    where
+        T: simclr_kernels::cuda::cudarc::driver::DeviceRepr
+            + simclr_kernels::cuda::cudarc::driver::ValidAsZeroBits
+            + nccl::NcclType
+            + Default
+            + Clone
+            + Copy,
+    {
+        if buf.is_empty() {
+            return self.barrier();
+        }
+        let mut d = self.upload(buf, op)?;
+        self.run(op, |c| {
+            c.all_reduce_in_place(&mut d, &ReduceOp::Sum)
+                .map(|_| ())
+                .map_err(nccl_err(op))
+        })?;
+        buf.copy_from_slice(&self.download(&d, op)?);
+        Ok(())
+    }
+}
+
+impl Communicator for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// Through the device: the lengths are all-gathered first, then the blobs padded to the
+    /// longest.
+    fn all_gather_bytes(&self, blob: &[u8], op: &str) -> Result<Vec<Vec<u8>>, CommError> {
+        let len = self.upload(&[blob.len() as u64], op)?;
+        let mut lens = self
+            .backend
+            .gpu()
+            .zeros::<u64>(self.world)
+            .map_err(cuda_err(op))?;
+        self.run(op, |c| {
+            c.all_gather(&len, &mut lens)
+                .map(|_| ())
+                .map_err(nccl_err(op))
+        })?;
+        let lens = self.download(&lens, op)?;
+        let max = lens.iter().copied().max().unwrap_or(0) as usize;
+        if max == 0 {
+            return Ok(vec![Vec::new(); self.world]);
+        }
+        let mut padded = blob.to_vec();
+        padded.resize(max, 0);
+        let mine = self.upload(&padded, op)?;
+        let mut all = self
+            .backend
+            .gpu()
+            .zeros::<u8>(max * self.world)
+            .map_err(cuda_err(op))?;
+        self.run(op, |c| {
+            c.all_gather(&mine, &mut all)
+                .map(|_| ())
+                .map_err(nccl_err(op))
+        })?;
+        let all = self.download(&all, op)?;
+        Ok(lens
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| all[r * max..r * max + n as usize].to_vec())
+            .collect())
+    }
+
+    // NCCL's reductions give every rank the same bits (each element is reduced once and then
+    // distributed), as the trait requires.
+    fn all_reduce_f32(&self, buf: &mut [f32]) -> Result<(), CommError> {
+        self.all_reduce_host(buf, "all_reduce_f32")
+    }
+
+    fn all_reduce_f64(&self, buf: &mut [f64]) -> Result<(), CommError> {
+        self.all_reduce_host(buf, "all_reduce_f64")
+    }
+
+    fn nccl(&self) -> Option<&NcclComm> {
+        Some(self)
+    }
+}
