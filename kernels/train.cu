@@ -19,7 +19,7 @@ extern "C" __global__ void relu_f32(const float* x, float* y, u64 n) {
 // dx = dy where the ReLU's output y > 0, else 0 (dx may alias dy).
 extern "C" __global__ void relu_backward_f32(const float* dy, const float* y, float* dx, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        dx[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+        dx[i] = y[i] <= 0.0f ? 0.0f : dy[i];  // NaN in y keeps dy, as the CPU twin
 }
 
 // a += b (the residual add), optionally followed by a ReLU.

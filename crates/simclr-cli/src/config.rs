@@ -86,6 +86,11 @@ pub struct DataConfig {
     pub prefetch: usize,
     /// Skip unreadable images (counted in the log) instead of stopping.
     pub skip_bad_images: bool,
+    /// Colour jitter, grayscale, blur, cutout, noise and normalisation of the pre-training views
+    /// on the GPU (when `train.device` is one): the loader threads then only crop, resize, flip
+    /// and rotate, and hand 8-bit crops over. Same pictures as the CPU path, from the same
+    /// random parameters. Not with Sobel filtering (CPU only).
+    pub gpu_augment: bool,
 }
 
 impl Default for DataConfig {
@@ -105,6 +110,7 @@ impl Default for DataConfig {
             threads: 0,
             prefetch: 4,
             skip_bad_images: false,
+            gpu_augment: false,
         }
     }
 }
@@ -752,6 +758,11 @@ impl Config {
             format!("`{}` is not one of auto, cpu, cuda, cuda:N", t.device),
         )?;
         check(
+            !(self.data.gpu_augment && t.device == "cpu"),
+            "data.gpu_augment",
+            "the GPU colour stage needs train.device = auto, cuda or cuda:N, not cpu".into(),
+        )?;
+        check(
             t.epochs >= 1 || t.max_steps >= 1,
             "train.epochs",
             "0 epochs and no max_steps".into(),
@@ -900,6 +911,32 @@ mod tests {
         assert_eq!(c.train.epochs, 3);
         assert_eq!(c.augment.crop_scale, [0.2, 1.0]);
         assert_eq!(c.output.dir, PathBuf::from("out/x"));
+    }
+
+    #[test]
+    fn devices_are_checked_by_name() {
+        for ok in ["auto", "cpu", "cuda", "cuda:3"] {
+            let c = Config::build(None, None, &[format!("train.device=\"{ok}\"")]).unwrap();
+            assert_eq!(c.train.device, ok);
+        }
+        assert_eq!(Config::build(None, None, &[]).unwrap().train.device, "auto");
+        for bad in ["gpu", "cuda:", "cuda:x", "CUDA"] {
+            let e = Config::build(None, None, &[format!("train.device=\"{bad}\"")])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("train.device") && e.contains(bad), "{e}");
+        }
+        let e = Config::build(
+            None,
+            None,
+            &[
+                "train.device=\"cpu\"".into(),
+                "data.gpu_augment=true".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("data.gpu_augment"), "{e}");
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub mod evaluate;
 pub mod export;
 pub mod features;
 pub mod finetune;
+pub mod gpu_augment;
 pub mod knn;
 pub mod launch;
 pub mod plot;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use simclr_data::{Augmentation, Loader, LoaderConfig};
+use simclr_data::{Augmentation, Loader, LoaderConfig, OutputFormat};
 use simclr_nn::dist::{broadcast_state, Communicator, DataParallel};
 use simclr_nn::layers::Linear;
 use simclr_nn::{
@@ -20,6 +20,7 @@ use crate::config::{Config, OptimizerKind};
 use crate::data::{self, DataSplits};
 use crate::error::{io_err, CliError, Result};
 use crate::features::{extract, Representation};
+use crate::gpu_augment::GpuAugment;
 use crate::knn::knn_accuracy;
 use crate::state::{self, Progress};
 
@@ -96,6 +97,8 @@ pub struct Trainer {
     last_knn: Option<f64>,
     /// The replicas of a data-parallel run.
     dp: Option<DataParallel>,
+    /// The colour stage on the GPU (`data.gpu_augment`).
+    gpu_augment: Option<GpuAugment>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -200,7 +203,22 @@ impl Trainer {
             });
         }
         let splits = data::open(&cfg.data, cfg.train.seed)?;
-        let aug = Augmentation::new(cfg.augment.to_augment(cfg.data.image_size))?;
+        let aug_cfg = cfg.augment.to_augment(cfg.data.image_size);
+        let device = train_device(&cfg.train.device)?;
+        let gpu_augment = if cfg.data.gpu_augment {
+            if cfg.augment.sobel > 0.0 {
+                return Err(CliError::Config {
+                    source_name: "settings".into(),
+                    msg: "data.gpu_augment: Sobel filtering (augment.sobel) runs on the CPU only"
+                        .into(),
+                });
+            }
+            let n = &aug_cfg.normalize;
+            Some(GpuAugment::new(device, n.mean, n.std)?)
+        } else {
+            None
+        };
+        let aug = Augmentation::new(aug_cfg)?;
         let loader = Loader::new(
             splits.pretrain.clone(),
             aug,
@@ -212,6 +230,11 @@ impl Trainer {
                 threads: cfg.data.threads,
                 prefetch: cfg.data.prefetch.max(1),
                 errors: cfg.data.error_policy(),
+                output: if gpu_augment.is_some() {
+                    OutputFormat::U8Geometry
+                } else {
+                    OutputFormat::F32
+                },
                 ..LoaderConfig::default()
             },
         )?;
@@ -225,7 +248,6 @@ impl Trainer {
                 ),
             });
         }
-        let device = train_device(&cfg.train.device)?;
         let mut model = SimClr::new(&cfg.model.simclr()?, device, cfg.train.seed)?;
         // GPU replicas talk through NCCL; the TCP group of the rendezvous carries its id.
         let comm = match (comm, device) {
@@ -286,6 +308,7 @@ impl Trainer {
             metrics,
             last_knn: None,
             dp,
+            gpu_augment,
         })
     }
 
@@ -434,13 +457,13 @@ impl Trainer {
             for batch in batches {
                 let batch = batch?;
                 let [n, c, hh, ww] = batch.shape();
-                let pixels = match &batch.data {
-                    simclr_data::BatchData::F32(d) => d,
-                    simclr_data::BatchData::U8(_) => {
+                let views = match (&batch.data, &mut self.gpu_augment) {
+                    (simclr_data::BatchData::F32(d), _) => Tensor::from_slice(&[n, c, hh, ww], d)?,
+                    (simclr_data::BatchData::U8(_), Some(g)) => g.views(&batch)?,
+                    (simclr_data::BatchData::U8(_), None) => {
                         return Err(CliError::Usage("the loader gave 8-bit pixels".into()))
                     }
                 };
-                let views = Tensor::from_slice(&[n, c, hh, ww], pixels)?;
                 let lr = schedule.lr(self.progress.step);
                 let step = self.progress.step;
                 let chunks = self.cfg.train.grad_cache_chunks;
@@ -583,18 +606,27 @@ impl Trainer {
     }
 }
 
-/// The device of `train.device`: `auto` is this rank's GPU (`LOCAL_RANK`, or SLURM's
-/// `SLURM_LOCALID`) when CUDA is usable, else the CPU.
+/// The device of `train.device` for this rank. `auto` and `cuda` take the GPU of the rank's
+/// `LOCAL_RANK` (or SLURM's `SLURM_LOCALID`), modulo the GPUs present, so the processes of one
+/// node spread over its GPUs; `auto` falls back to the CPU when CUDA cannot be used.
 pub fn train_device(spec: &str) -> Result<Device> {
-    if spec != "auto" {
+    if spec != "auto" && spec != "cuda" {
         return Ok(spec.parse::<Device>()?);
     }
-    if Device::auto() == Device::Cpu {
-        return Ok(Device::Cpu);
-    }
+    let count = simclr_nn::cuda::device_count();
     let local = ["LOCAL_RANK", "SLURM_LOCALID"]
         .iter()
         .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
         .unwrap_or(0);
-    Ok(Device::Cuda(local % simclr_nn::cuda::device_count().max(1)))
+    let mine = Device::Cuda(local % count.max(1));
+    if spec == "cuda" {
+        return Ok(mine);
+    }
+    // Only this rank's GPU is opened (a context on GPU 0 from every rank would waste memory
+    // and fail on exclusive-process GPUs).
+    if count > 0 && mine.ensure_usable().is_ok() {
+        Ok(mine)
+    } else {
+        Ok(Device::Cpu)
+    }
 }

@@ -376,6 +376,8 @@ pub fn linear_backward(
     need_dx: bool,
 ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
     let (n, i, o) = (x.shape()[0], x.shape()[1], w.shape()[0]);
+    x.expect_rank("linear_backward", 2)?;
+    w.expect_shape("linear_backward (weight)", &[o, i])?;
     dy.expect_shape("linear_backward (dy)", &[n, o])?;
     if let Device::Cuda(_) = same_device("linear_backward", x, dy)? {
         return gpu::linear_backward(x, w, dy, (n, i, o), need_dx);

@@ -154,6 +154,26 @@ impl Tensor {
         }
     }
 
+    /// A tensor over values already on a GPU (`data` must hold at least the shape's count; the
+    /// rest is ignored).
+    pub fn from_cuda_slice(
+        shape: &[usize],
+        backend: Arc<CudaBackend>,
+        data: simclr_kernels::cuda::cudarc::driver::CudaSlice<f32>,
+    ) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if data.len() < n {
+            return Err(NnError::Invalid {
+                op: "Tensor::from_cuda_slice",
+                msg: format!(
+                    "shape {shape:?} holds {n} values, the buffer {}",
+                    data.len()
+                ),
+            });
+        }
+        Ok(Tensor::from_cuda(shape, backend, data))
+    }
+
     /// The same values on `device` (shared, not copied, when already there).
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
         if self.device() == device {
@@ -271,6 +291,33 @@ impl Tensor {
             *b = Arc::new(b.duplicate()?);
         }
         Ok(&mut Arc::get_mut(b).expect("unique after the copy").data)
+    }
+
+    /// Overwrites the values with `v` (as many as the tensor holds), in place on its device.
+    pub fn copy_from_host_(&mut self, v: &[f32]) -> Result<()> {
+        if v.len() != self.numel() {
+            return Err(NnError::Shape {
+                op: "copy_from_host_",
+                expected: self.shape.clone(),
+                got: vec![v.len()],
+            });
+        }
+        match &self.storage {
+            Storage::Cpu(_) => self.as_mut_slice()?.copy_from_slice(v),
+            Storage::Cuda(b) => {
+                let backend = b.backend.clone();
+                let dst = self.cuda_mut()?;
+                if !v.is_empty() {
+                    let mut view = dst.slice_mut(0..v.len());
+                    backend
+                        .gpu()
+                        .stream()
+                        .memcpy_htod(v, &mut view)
+                        .map_err(simclr_kernels::cuda::GpuError::from)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The values copied to a host vector, whatever the device.

@@ -17,6 +17,11 @@ fn gemm(
     (c, ldc): (&mut CudaSlice<f32>, usize),
     beta: f32,
 ) -> Result<()> {
+    // cuBLAS runs in the thread's current context: make it this GPU's.
+    b.gpu()
+        .context()
+        .bind_to_thread()
+        .map_err(simclr_kernels::cuda::GpuError::from)?;
     let cfg = GemmConfig {
         transa: ta,
         transb: tb,

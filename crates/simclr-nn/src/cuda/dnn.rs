@@ -143,12 +143,16 @@ impl Dnn {
         })
     }
 
-    /// The plan of `g` and a workspace large enough for it.
+    /// The plan of `g` and a workspace large enough for it; binds the GPU's context to this
+    /// thread, as cuDNN runs in the current one.
     fn plan_and_workspace(
         &mut self,
         gpu: &Gpu,
         g: &ConvGeom,
     ) -> Result<(&Plan, &mut CudaSlice<u8>)> {
+        gpu.context()
+            .bind_to_thread()
+            .map_err(simclr_kernels::cuda::GpuError::from)?;
         let need = self.plan(g)?.workspace.max(1);
         if self.workspace.as_ref().is_none_or(|w| w.len() < need) {
             self.workspace = None;

@@ -85,6 +85,9 @@ impl CudaBackend {
                     .into(),
             ));
         }
+        // Compile the training kernels now, so a missing or broken NVRTC is an error here
+        // (and `Device::auto` falls back to the CPU) rather than at the first step.
+        gpu.function(simclr_kernels::cuda::Module::Train, "relu_f32")?;
         let blas = CudaBlas::new(gpu.stream().clone()).map_err(cuda_err("cuBLAS init"))?;
         let dnn = dnn::Dnn::new(&gpu, math_mode_from_env()?)?;
         Ok(CudaBackend {
@@ -196,6 +199,14 @@ impl CudaBuffer {
             backend: self.backend.clone(),
             data,
         })
+    }
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        // The device memory is freed right after this, in the thread's current context: make
+        // sure it is this GPU's (a tensor may be dropped on any thread).
+        let _ = self.backend.gpu().context().bind_to_thread();
     }
 }
 

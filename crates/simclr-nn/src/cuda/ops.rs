@@ -45,7 +45,23 @@ fn upload(b: &CudaBackend, v: &[f32]) -> Result<CudaSlice<f32>> {
     Ok(b.gpu().upload(v)?)
 }
 
+/// cuDNN's 4-D descriptors hold fewer than 2^31 values per tensor.
+fn fits_cudnn(g: &ConvGeom) -> Result<()> {
+    let biggest = (g.n * g.h * g.w * g.cin).max(g.n * g.oh() * g.ow() * g.cout);
+    if biggest > i32::MAX as usize {
+        return Err(NnError::Invalid {
+            op: "conv2d (cuDNN)",
+            msg: format!(
+                "a tensor of {biggest} values exceeds cuDNN's 2^31 limit ({g:?}); use a smaller \
+                 batch or train.grad_cache_chunks"
+            ),
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn conv2d(x: &Tensor, w: &Tensor, g: &ConvGeom) -> Result<Tensor> {
+    fits_cudnn(g)?;
     let (b, xs) = dev(x)?;
     let ws = on(b, w, "conv2d (weight)")?;
     let shape = [g.n, g.oh(), g.ow(), g.cout];
@@ -64,6 +80,7 @@ pub(crate) fn conv2d_backward(
     g: &ConvGeom,
     need_dx: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    fits_cudnn(g)?;
     let (b, xs) = dev(x)?;
     let ws = on(b, w, "conv2d_backward (weight)")?;
     let dys = on(b, dy, "conv2d_backward (dy)")?;
@@ -239,7 +256,7 @@ pub(crate) struct BnTensors<'a> {
 /// A batch-norm layer's own device workspace (never shared, so replicas on one GPU in threads
 /// do not race; a clone starts empty).
 #[derive(Default)]
-pub(crate) struct BnWorkspace(Option<BatchNormGpu>);
+pub(crate) struct BnWorkspace(Option<(usize, BatchNormGpu)>);
 
 impl Clone for BnWorkspace {
     fn clone(&self) -> Self {
@@ -263,10 +280,11 @@ fn with_bn<T>(
     c: usize,
     f: impl FnOnce(&mut BatchNormGpu) -> Result<T, GpuError>,
 ) -> Result<T> {
-    if ws.0.is_none() {
-        ws.0 = Some(BatchNormGpu::new(b.gpu(), c)?);
+    // Made on the device of its first use; a model moved to another GPU gets a new one.
+    if !matches!(&ws.0, Some((o, _)) if *o == b.ordinal()) {
+        ws.0 = Some((b.ordinal(), BatchNormGpu::new(b.gpu(), c)?));
     }
-    Ok(f(ws.0.as_mut().expect("allocated above"))?)
+    Ok(f(&mut ws.0.as_mut().expect("allocated above").1)?)
 }
 
 /// Hands each per-channel sum to the communicator (through the host) for global batch norm.

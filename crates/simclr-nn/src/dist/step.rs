@@ -85,9 +85,17 @@ pub fn broadcast_state(model: &mut dyn Module, comm: &dyn Communicator, root: us
 
 /// Overwrites `t`'s values with host values, on its device.
 fn set_values(t: &mut Tensor, v: &[f32]) -> Result<()> {
+    if t.numel() != v.len() {
+        return Err(NnError::Shape {
+            op: "set_values",
+            expected: t.shape().to_vec(),
+            got: vec![v.len()],
+        });
+    }
     match t.device() {
         Device::Cpu => t.as_mut_slice()?.copy_from_slice(v),
-        dev => *t = Tensor::from_slice(t.shape(), v)?.to_device(dev)?,
+        // In place: the buffer keeps its address (the GPU LARS tables are keyed by it).
+        _ => t.copy_from_host_(v)?,
     }
     Ok(())
 }
