@@ -88,6 +88,7 @@ impl CudaBackend {
         // Compile the training kernels now, so a missing or broken NVRTC is an error here
         // (and `Device::auto` falls back to the CPU) rather than at the first step.
         gpu.function(simclr_kernels::cuda::Module::Train, "relu_f32")?;
+        keep_freed_memory(&gpu)?;
         let blas = CudaBlas::new(gpu.stream().clone()).map_err(cuda_err("cuBLAS init"))?;
         let dnn = dnn::Dnn::new(&gpu, math_mode_from_env()?)?;
         Ok(CudaBackend {
@@ -149,6 +150,36 @@ impl CudaBackend {
         }
         f(map.get_mut(&(rows, dim)).expect("inserted above"))
     }
+}
+
+/// Lets the device's stream-ordered memory pool keep what is freed instead of handing it back
+/// to the driver at every synchronisation (CUDA's default), so from the second training step
+/// on the buffers of a step come from the pool, not from new device allocations.
+fn keep_freed_memory(gpu: &Gpu) -> Result<()> {
+    use simclr_kernels::cuda::cudarc::driver::sys;
+    let ctx = gpu.context();
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    ctx.bind_to_thread().map_err(GpuError::from)?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: plain driver calls on this context's device; `pool` and `threshold` outlive them.
+    unsafe {
+        let r = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(NnError::Cuda(format!("cuDeviceGetDefaultMemPool: {r:?}")));
+        }
+        let mut threshold = u64::MAX;
+        let r = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        );
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(NnError::Cuda(format!("cuMemPoolSetAttribute: {r:?}")));
+        }
+    }
+    Ok(())
 }
 
 /// The number of CUDA devices the driver sees (0 without a driver).
