@@ -630,3 +630,23 @@ pub fn train_device(spec: &str) -> Result<Device> {
         Ok(Device::Cpu)
     }
 }
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn train_devices_resolve() {
+        assert_eq!(train_device("cpu").unwrap(), Device::Cpu);
+        assert_eq!(train_device("cuda:2").unwrap(), Device::Cuda(2));
+        assert!(matches!(train_device("cuda").unwrap(), Device::Cuda(_)));
+        assert!(train_device("tpu").is_err());
+        if simclr_nn::cuda::device_count() == 0 {
+            assert_eq!(
+                train_device("auto").unwrap(),
+                Device::Cpu,
+                "no GPU: the CPU"
+            );
+        }
+    }
+}

@@ -427,3 +427,50 @@ impl Tensor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeroing_and_host_writes_leave_sharers_alone() {
+        let a = Tensor::from_vec(&[2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let mut b = a.clone();
+        b.fill_zero_().unwrap();
+        assert_eq!(b.to_vec(), vec![0.0; 4]);
+        assert_eq!(
+            a.to_vec(),
+            vec![1.0, 2.0, 3.0, 4.0],
+            "the sharer keeps its values"
+        );
+        let mut c = a.clone();
+        c.copy_from_host_(&[5.0, 6.0, 7.0, 8.0]).unwrap();
+        assert_eq!(c.to_vec(), vec![5.0, 6.0, 7.0, 8.0]);
+        assert_eq!(a.to_vec(), vec![1.0, 2.0, 3.0, 4.0]);
+        let e = c.copy_from_host_(&[1.0]).unwrap_err();
+        assert!(matches!(e, NnError::Shape { .. }), "{e}");
+        // In place when not shared: the same allocation.
+        let mut d = Tensor::from_vec(&[3], vec![1.0; 3]).unwrap();
+        let before = d.as_slice().unwrap().as_ptr();
+        d.fill_zero_().unwrap();
+        assert_eq!(d.as_slice().unwrap().as_ptr(), before);
+    }
+
+    #[test]
+    fn moving_to_the_host_shares_and_device_errors_are_clear() {
+        let a = Tensor::from_vec(&[3], vec![1.0, 2.0, 3.0]).unwrap();
+        let b = a.to_device(Device::Cpu).unwrap();
+        assert_eq!(
+            a.as_slice().unwrap().as_ptr(),
+            b.as_slice().unwrap().as_ptr(),
+            "no copy"
+        );
+        assert_eq!(a.try_to_vec().unwrap(), vec![1.0, 2.0, 3.0]);
+        let e = a.cuda().unwrap_err();
+        assert!(e.to_string().contains("cpu"), "{e}");
+        if !simclr_kernels::cuda::gpu_available() {
+            let e = a.to_device(Device::Cuda(0)).unwrap_err();
+            assert!(matches!(e, NnError::Cuda(_)), "{e}");
+        }
+    }
+}
