@@ -11,7 +11,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use simclr_kernels::cuda::cudarc::driver::CudaSlice;
+use simclr_kernels::cuda::cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use simclr_kernels::cuda::cudarc::nccl::{self, Comm, Id, ReduceOp};
 
 use super::{CommError, Communicator};
@@ -174,6 +174,29 @@ impl NcclComm {
             c.all_reduce_in_place(buf, &ReduceOp::Sum)
                 .map(|_| ())
                 .map_err(nccl_err(op))
+        })
+    }
+
+    /// Every rank's `src` (of one length) concatenated in rank order into `dst`, on the device.
+    pub fn all_gather_view(
+        &self,
+        src: &CudaView<'_, f32>,
+        dst: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), CommError> {
+        let op = "all_gather (device)";
+        if dst.len() != src.len() * self.world {
+            return Err(CommError::Mismatch {
+                op: op.into(),
+                msg: format!(
+                    "{} values gathered from {} ranks of {}",
+                    dst.len(),
+                    self.world,
+                    src.len()
+                ),
+            });
+        }
+        self.run(op, |c| {
+            c.all_gather(src, dst).map(|_| ()).map_err(nccl_err(op))
         })
     }
 

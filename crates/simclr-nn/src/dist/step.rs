@@ -198,6 +198,13 @@ fn global_row(rank: usize, i: usize, b: usize, world: usize) -> usize {
 /// The loss (of the whole data-parallel batch, or of this replica's batch when negatives are not
 /// gathered, then averaged over replicas) and its gradient with respect to this replica's z.
 fn loss_and_grad(z: &Tensor, loss: &ContrastiveLoss, dp: &DataParallel) -> Result<(f32, Tensor)> {
+    if let (Some(nccl), ContrastiveLoss::NtXent { temperature }, true) =
+        (dp.comm.nccl(), loss, dp.gather_negatives)
+    {
+        if z.device() != Device::Cpu {
+            return nt_xent_nccl(z, *temperature, nccl);
+        }
+    }
     if z.device() != Device::Cpu {
         // The gather and the anchor-sharded loss run on the host with the CPU communicators.
         let (l, dz) = loss_and_grad(&z.to_device(Device::Cpu)?, loss, dp)?;
@@ -272,6 +279,67 @@ fn loss_and_grad(z: &Tensor, loss: &ContrastiveLoss, dp: &DataParallel) -> Resul
         dz[i * dim..(i + 1) * dim].copy_from_slice(&grad_all[g * dim..(g + 1) * dim]);
     }
     Ok((total, Tensor::from_vec(&[rows, dim], dz)?))
+}
+
+/// The data-parallel NT-Xent on the GPUs: z gathered with NCCL (first views, then second
+/// views, so the rows are in the single-batch order without a permute), this replica's anchors
+/// through the fused kernel, the gradient all-reduced on the devices and this replica's rows
+/// kept. Only the loss (one number) goes through the host.
+fn nt_xent_nccl(z: &Tensor, temperature: f32, nccl: &super::NcclComm) -> Result<(f32, Tensor)> {
+    use simclr_kernels::cuda::GpuError;
+    let (rows, dim) = match z.shape() {
+        [r, d] if r % 2 == 0 && *r > 0 => (*r, *d),
+        s => {
+            return Err(NnError::Shape {
+                op: "data-parallel loss (z: [2b, dim])",
+                expected: vec![2, dim_of(s)],
+                got: s.to_vec(),
+            })
+        }
+    };
+    let (world, rank) = (nccl.world_size(), nccl.rank());
+    let (b, big_b) = (rows / 2, world * rows / 2);
+    let m = 2 * big_b;
+    let buf = z.cuda()?;
+    let backend = buf.backend().clone();
+    let gpu = backend.gpu();
+    let mut all = backend.zeros(m * dim)?;
+    for half in 0..2 {
+        let src = buf.slice().slice(half * b * dim..(half + 1) * b * dim);
+        let mut dst = all.slice_mut(half * big_b * dim..(half + 1) * big_b * dim);
+        nccl.all_gather_view(&src, &mut dst)?;
+    }
+    let (mut grad, mut part) = (backend.zeros(m * dim)?, backend.zeros(m * dim)?);
+    let mine = [
+        rank * b..(rank + 1) * b,
+        big_b + rank * b..big_b + (rank + 1) * b,
+    ];
+    let mut local = 0.0f64;
+    backend.with_loss(m, dim, |ws| {
+        for (k, anchors) in mine.iter().enumerate() {
+            let out = if k == 0 { &mut grad } else { &mut part };
+            local += ws
+                .forward_backward_anchors(gpu, &all, anchors.clone(), temperature, out)
+                .map_err(|e| NnError::NtXent(e.to_string()))? as f64;
+        }
+        Ok(())
+    })?;
+    simclr_kernels::cuda::train::add(gpu, &mut grad, &part, false)?;
+    nccl.all_reduce_device_f32(&mut grad)?;
+    let mut lv = [local];
+    nccl.all_reduce_f64(&mut lv)?;
+    let mut dz = backend.zeros(rows * dim)?;
+    for (half, r) in mine.iter().enumerate() {
+        let src = grad.slice(r.start * dim..r.end * dim);
+        let mut dst = dz.slice_mut(half * b * dim..(half + 1) * b * dim);
+        gpu.stream()
+            .memcpy_dtod(&src, &mut dst)
+            .map_err(GpuError::from)?;
+    }
+    Ok((
+        lv[0] as f32,
+        Tensor::from_cuda_slice(&[rows, dim], backend.clone(), dz)?,
+    ))
 }
 
 fn dim_of(shape: &[usize]) -> usize {
