@@ -15,6 +15,14 @@ for sp in $("$PY" -c 'import site, sys; print(" ".join(site.getsitepackages() + 
     [ -d "$lib" ] && LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}"
   done
 done
+# cudarc looks for libnccl.so, the wheel ships libnccl.so.2: link it in a private folder.
+mkdir -p "$HERE/lib"
+for d in ${LD_LIBRARY_PATH//:/ }; do
+  if [ -e "$d/libnccl.so.2" ] && [ ! -e "$HERE/lib/libnccl.so" ]; then
+    ln -sf "$d/libnccl.so.2" "$HERE/lib/libnccl.so"
+  fi
+done
+LD_LIBRARY_PATH="$HERE/lib:${LD_LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH
 export RUST_BACKTRACE=1
 

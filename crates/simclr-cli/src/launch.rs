@@ -8,7 +8,8 @@
 //! failed; a rank that dies mid-run makes the others fail within the collective timeout
 //! (`SIMCLR_DIST_TIMEOUT` seconds, 300 by default).
 //!
-//! The replicas run on the CPU today: the CUDA backend and NCCL are not built yet.
+//! With `train.device = auto` each process trains on the GPU of its `LOCAL_RANK` when the
+//! machine has GPUs, and the replicas then exchange gradients through NCCL.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};

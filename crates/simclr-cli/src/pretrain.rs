@@ -249,7 +249,24 @@ impl Trainer {
             });
         }
         let mut model = SimClr::new(&cfg.model.simclr()?, device, cfg.train.seed)?;
-        // GPU replicas talk through NCCL; the TCP group of the rendezvous carries its id.
+        // GPU replicas talk through NCCL; the TCP group of the rendezvous carries its id. The
+        // ranks first agree that all train on GPUs or all on the CPU (a mix would leave the GPU
+        // ranks waiting in NCCL's initialisation for one that never comes).
+        if let Some(c) = &comm {
+            let kind = [u8::from(matches!(device, Device::Cuda(_)))];
+            let kinds = c
+                .all_gather_bytes(&kind, "device kinds")
+                .map_err(NnError::from)?;
+            if kinds.iter().any(|k| k.as_slice() != kind) {
+                return Err(CliError::Config {
+                    source_name: "settings".into(),
+                    msg: format!(
+                        "train.device: some ranks train on a GPU and others on the CPU (this \
+                         rank: {device}); give every rank a GPU or set train.device = \"cpu\""
+                    ),
+                });
+            }
+        }
         let comm = match (comm, device) {
             (Some(tcp), Device::Cuda(_)) if tcp.world_size() > 1 => {
                 let nccl = simclr_nn::dist::NcclComm::new(

@@ -64,6 +64,19 @@ pub enum CommError {
         /// What differs.
         msg: String,
     },
+    /// A NCCL collective did not complete within the timeout (some peer is gone or stuck;
+    /// NCCL cannot say which), or the communicator was aborted by an earlier such failure.
+    #[error("rank {rank} of {world}: NCCL {op}: {why}")]
+    Nccl {
+        /// This rank.
+        rank: usize,
+        /// World size.
+        world: usize,
+        /// The collective.
+        op: String,
+        /// What happened.
+        why: String,
+    },
     /// The rendezvous could not be set up (bad address, port in use, bad environment).
     #[error("rendezvous: {0}")]
     Rendezvous(String),

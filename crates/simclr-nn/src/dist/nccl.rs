@@ -5,8 +5,9 @@
 //! before NCCL's own initialisation blocks on them.
 //!
 //! NCCL collectives do not time out by themselves: every collective here records an event after
-//! its launch and polls it, so a rank that died makes the others fail with
-//! [`CommError::Timeout`] after the timeout (the communicator is aborted then, and unusable).
+//! its launch and polls it, so a rank that died makes the others fail with [`CommError::Nccl`]
+//! after the timeout (the communicator is aborted then, and unusable). `ncclCommInitRank` itself
+//! still blocks without a timeout if a peer dies between the id exchange and its own init.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +19,14 @@ use super::{CommError, Communicator};
 use crate::cuda::CudaBackend;
 use crate::error::{NnError, Result};
 use crate::tensor::Device;
+
+/// Aborts (drops) a communicator; cudarc's drop panics if the abort itself fails (a device
+/// already in a failed state), which must not turn an error report into a crash.
+fn abort(comm: Option<Comm>) {
+    if let Some(c) = comm {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(c)));
+    }
+}
 
 /// A NCCL communicator for this process's GPU.
 pub struct NcclComm {
@@ -33,6 +42,17 @@ pub struct NcclComm {
 unsafe impl Send for NcclComm {}
 // SAFETY: as above.
 unsafe impl Sync for NcclComm {}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        abort(
+            self.comm
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+    }
+}
 
 impl std::fmt::Debug for NcclComm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -74,8 +94,9 @@ impl NcclComm {
         // SAFETY: only tries to dlopen the library under its usual names.
         if !unsafe { nccl::sys::is_culib_present() } {
             return Err(NnError::Cuda(
-                "NCCL (libnccl.so.2) could not be loaded: install nvidia-nccl-cu13 and put its \
-                 lib folder on LD_LIBRARY_PATH"
+                "NCCL could not be loaded: cudarc looks for libnccl.so (not the libnccl.so.2 that \
+                 NCCL installs), so link it, e.g. `ln -s .../nvidia/nccl/lib/libnccl.so.2 \
+                 DIR/libnccl.so` with DIR on LD_LIBRARY_PATH (gpu-check/run.sh does this)"
                     .into(),
             ));
         }
@@ -111,13 +132,18 @@ impl NcclComm {
             Id::uninit(internal),
         )
         .map_err(|e| NnError::Cuda(format!("ncclCommInitRank (rank {rank} of {world}): {e:?}")))?;
-        Ok(NcclComm {
+        let nccl = NcclComm {
             comm: Mutex::new(Some(comm)),
             backend,
             rank,
             world,
             timeout,
-        })
+        };
+        // NCCL connects its peers lazily, inside the first collectives, and allocates its
+        // buffers then: do it now, under the timeout, before the first step.
+        let mut probe = nccl.backend.zeros(1)?;
+        nccl.all_reduce_device_f32(&mut probe)?;
+        Ok(nccl)
     }
 
     /// Runs `f` with the communicator, then waits (polling, up to the timeout) for what it
@@ -129,11 +155,11 @@ impl NcclComm {
     ) -> Result<T, CommError> {
         let mut guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
         let Some(comm) = guard.as_ref() else {
-            return Err(CommError::RankLost {
+            return Err(CommError::Nccl {
                 rank: self.rank,
                 world: self.world,
                 op: op.into(),
-                why: "an earlier collective timed out and the NCCL communicator was aborted".into(),
+                why: "an earlier collective timed out and the communicator was aborted".into(),
             });
         };
         self.backend
@@ -153,17 +179,27 @@ impl NcclComm {
                 Ok(false) => {}
                 Err(e) => return Err(cuda_err(op)(e.into())),
             }
-            if start.elapsed() > self.timeout {
-                // Dropping the communicator aborts it, which also releases the stuck kernels.
-                guard.take();
-                return Err(CommError::Timeout {
-                    rank: (self.rank + 1) % self.world.max(1),
+            let waited = start.elapsed();
+            if waited > self.timeout {
+                // Aborting the communicator also releases the stuck kernels.
+                abort(guard.take());
+                return Err(CommError::Nccl {
+                    rank: self.rank,
                     world: self.world,
                     op: op.into(),
-                    timeout: self.timeout,
+                    why: format!(
+                        "not complete after {:?}: a peer is gone or stuck (the communicator is \
+                         aborted)",
+                        self.timeout
+                    ),
                 });
             }
-            std::thread::sleep(Duration::from_micros(200));
+            // Most collectives finish within a millisecond: spin first, then sleep.
+            if waited < Duration::from_millis(2) {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
         }
     }
 

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use simclr_kernels::cpu::{nt_xent_forward_backward_anchors, NtXentConfig};
 
-use super::Communicator;
+use super::{CommError, Communicator};
 use crate::error::{NnError, Result};
 use crate::layers::BatchNorm;
 use crate::loss::ContrastiveLoss;
@@ -135,7 +135,7 @@ fn all_reduce_grads(model: &mut dyn Module, comm: &dyn Communicator) -> Result<(
     }
     let mut flat = Vec::new();
     let mut err = None;
-    // On a GPU this goes through the host: the CPU communicators' path (NCCL is not built yet).
+    // Without NCCL a GPU model's gradients go through the host, as the CPU communicators need.
     model.for_each_param(&mut |_, p| match p.grad.try_to_vec() {
         Ok(g) => flat.extend_from_slice(&g),
         Err(e) => err = err.take().or(Some(e)),
@@ -298,6 +298,21 @@ fn nt_xent_nccl(z: &Tensor, temperature: f32, nccl: &super::NcclComm) -> Result<
         }
     };
     let (world, rank) = (nccl.world_size(), nccl.rank());
+    // NCCL does not check counts: replicas with different batches (skipped images) would write
+    // past each other's buffers. Every rank learns whether all agree (sum and sum of squares of
+    // the row counts: equal exactly when all are) and they stop together.
+    let mut counts = [rows as f64, (rows * rows) as f64];
+    nccl.all_reduce_f64(&mut counts)?;
+    if counts[1] * world as f64 != counts[0] * counts[0] {
+        return Err(CommError::Mismatch {
+            op: "data-parallel NT-Xent".into(),
+            msg: format!(
+                "the replicas' batches differ in size (this one has {rows} views, {} in all)",
+                counts[0]
+            ),
+        }
+        .into());
+    }
     let (b, big_b) = (rows / 2, world * rows / 2);
     let m = 2 * big_b;
     let buf = z.cuda()?;
