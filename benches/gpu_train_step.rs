@@ -135,8 +135,8 @@ fn main() {
                         c.name
                     );
                     rows.push(format!(
-                        "{{\"name\": \"step/{}/{variant}\", \"images_per_s\": {ips}, \"loss\": {loss}}}",
-                        c.name
+                        "{{\"name\": \"step/{}/{variant}\", \"model\": \"{}\", \"variant\": \"{variant}\", \"batch\": {}, \"side\": {}, \"images_per_s\": {ips}, \"loss\": {loss}}}",
+                        c.name, c.name, c.batch, c.side
                     ));
                 }
                 Err(e) => {

@@ -57,5 +57,10 @@ if [ -f "$HERE/torch_gpu_baseline.py" ]; then
     ${QUICK:+--quick} --json "$OUT/torch_step.json" 2>&1 | tee -a "$OUT/torch_step.txt" || status=1
 fi
 
+if [ -f "$OUT/step.json" ] && [ -f "$OUT/torch_step.json" ]; then
+  echo "== training step: ours / PyTorch" | tee "$OUT/step_ratio.txt"
+  "$PY" "$HERE/step_ratio.py" "$OUT/step.json" "$OUT/torch_step.json" 2>&1 | tee -a "$OUT/step_ratio.txt"
+fi
+
 echo "== done in $(( $(date +%s) - START )) s, status $status"
 exit $status

@@ -228,6 +228,9 @@ pub fn gpu_check(_args: &[String]) -> Result<(), String> {
     let cmp = root().join("benches/torch_gpu_compare.py");
     std::fs::copy(&cmp, dir.join("torch_gpu_compare.py"))
         .map_err(|e| format!("{}: {e}", cmp.display()))?;
+    let ratio = root().join("benches/step_ratio.py");
+    std::fs::copy(&ratio, dir.join("step_ratio.py"))
+        .map_err(|e| format!("{}: {e}", ratio.display()))?;
     // The team's PyTorch baseline of the training step, when the shared folder is beside us.
     let baseline = root().join("../shared/baselines/torch_gpu_baseline.py");
     if baseline.exists() {

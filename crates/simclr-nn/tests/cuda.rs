@@ -457,6 +457,14 @@ fn devices_parse_and_a_missing_gpu_is_an_error_not_a_panic() {
     assert!(e.to_string().contains("CUDA"), "{e}");
     assert!(Tensor::try_full(&[3], 1.0, Device::Cuda(0)).is_err());
     assert!(Device::Cuda(0).ensure_usable().is_err());
+    let boot = ThreadComm::group(1, std::time::Duration::from_secs(5)).remove(0);
+    let e = simclr_nn::dist::NcclComm::new(&boot, Device::Cpu, std::time::Duration::from_secs(5))
+        .unwrap_err();
+    assert!(e.to_string().contains("NCCL needs a CUDA device"), "{e}");
+    let e =
+        simclr_nn::dist::NcclComm::new(&boot, Device::Cuda(0), std::time::Duration::from_secs(5))
+            .unwrap_err();
+    assert!(matches!(e, NnError::Cuda(_)), "{e}");
     let mut m = SimClr::new(&tiny(Stem::Cifar), Device::Cpu, 0).unwrap();
     assert!(m.to_device(Device::Cuda(0)).is_err());
     // The model is untouched by the failed move.
