@@ -469,6 +469,9 @@ pub struct TrainConfig {
     /// Where to train: `auto` (the GPU of this rank, `LOCAL_RANK`, when CUDA is usable, else
     /// the CPU), `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// The math of the convolutions on a GPU: `tf32` (TF32 tensor cores, PyTorch's default for
+    /// cuDNN), `bf16` (bf16 tensor cores, f32 accumulation, f32 everywhere else) or `fp32`.
+    pub cuda_math: String,
 }
 
 impl Default for TrainConfig {
@@ -497,6 +500,7 @@ impl Default for TrainConfig {
             probe_lr: 0.1,
             grad_cache_chunks: 1,
             device: "auto".into(),
+            cuda_math: "tf32".into(),
         }
     }
 }
@@ -758,6 +762,11 @@ impl Config {
             format!("`{}` is not one of auto, cpu, cuda, cuda:N", t.device),
         )?;
         check(
+            matches!(t.cuda_math.as_str(), "fp32" | "tf32" | "bf16"),
+            "train.cuda_math",
+            format!("`{}` is not one of fp32, tf32, bf16", t.cuda_math),
+        )?;
+        check(
             !(self.data.gpu_augment && t.device == "cpu"),
             "data.gpu_augment",
             "the GPU colour stage needs train.device = auto, cuda or cuda:N, not cpu".into(),
@@ -937,6 +946,10 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("data.gpu_augment"), "{e}");
+        let e = Config::build(None, None, &["train.cuda_math=\"fp16\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.cuda_math") && e.contains("fp16"), "{e}");
     }
 
     #[test]

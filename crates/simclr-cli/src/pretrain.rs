@@ -249,6 +249,10 @@ impl Trainer {
             });
         }
         let mut model = SimClr::new(&cfg.model.simclr()?, device, cfg.train.seed)?;
+        if let Device::Cuda(i) = device {
+            let math: simclr_nn::cuda::MathMode = cfg.train.cuda_math.parse()?;
+            simclr_nn::cuda::CudaBackend::get(i)?.set_math_mode(math);
+        }
         // GPU replicas talk through NCCL; the TCP group of the rendezvous carries its id. The
         // ranks first agree that all train on GPUs or all on the CPU (a mix would leave the GPU
         // ranks waiting in NCCL's initialisation for one that never comes).

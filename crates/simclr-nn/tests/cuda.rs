@@ -17,16 +17,22 @@ use simclr_nn::{
     SimClr, SimClrConfig, Stem, Tensor,
 };
 
-fn cuda_or_skip(test: &str) -> Option<Device> {
+/// The tests share one backend (and its math mode): they take turns.
+static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+type Turn = std::sync::MutexGuard<'static, ()>;
+
+fn cuda_or_skip(test: &str) -> Option<(Device, Turn)> {
     if !simclr_kernels::cuda::gpu_available() {
         println!("{test}: skipped (no CUDA driver or no GPU on this machine)");
         return None;
     }
     match CudaBackend::get(0) {
         Ok(b) => {
+            let turn = GPU.lock().unwrap_or_else(|e| e.into_inner());
             // The tolerances are f32's: TF32 (SIMCLR_CUDA_MATH=tf32) would not meet them.
             b.set_math_mode(simclr_nn::cuda::MathMode::Fp32);
-            Some(Device::Cuda(0))
+            Some((Device::Cuda(0), turn))
         }
         Err(e) => panic!("{test}: a GPU is present but the CUDA backend could not start: {e}"),
     }
@@ -86,7 +92,7 @@ fn up(x: &Tensor, dev: Device) -> Tensor {
 
 #[test]
 fn cuda_ops_match_cpu() {
-    let Some(dev) = cuda_or_skip("cuda_ops_match_cpu") else {
+    let Some((dev, _turn)) = cuda_or_skip("cuda_ops_match_cpu") else {
         return;
     };
     // Convolutions: the ImageNet stem, 3x3 stride 1 and 2, 1x1 projection.
@@ -204,7 +210,7 @@ fn cuda_ops_match_cpu() {
 
 #[test]
 fn cuda_batch_norm_layer_matches_cpu() {
-    let Some(dev) = cuda_or_skip("cuda_batch_norm_layer_matches_cpu") else {
+    let Some((dev, _turn)) = cuda_or_skip("cuda_batch_norm_layer_matches_cpu") else {
         return;
     };
     for relu in [false, true] {
@@ -260,7 +266,7 @@ fn params(m: &mut SimClr) -> Vec<(String, Tensor)> {
 
 #[test]
 fn cuda_training_steps_match_cpu() {
-    let Some(dev) = cuda_or_skip("cuda_training_steps_match_cpu") else {
+    let Some((dev, _turn)) = cuda_or_skip("cuda_training_steps_match_cpu") else {
         return;
     };
     // The ImageNet stem (with max pooling) on 32x32, and the CIFAR stem.
@@ -309,7 +315,7 @@ fn cuda_training_steps_match_cpu() {
 
 #[test]
 fn cuda_checkpoint_round_trip_and_host_copies() {
-    let Some(dev) = cuda_or_skip("cuda_checkpoint_round_trip_and_host_copies") else {
+    let Some((dev, _turn)) = cuda_or_skip("cuda_checkpoint_round_trip_and_host_copies") else {
         return;
     };
     let cfg = tiny(Stem::Cifar);
@@ -350,7 +356,8 @@ fn cuda_checkpoint_round_trip_and_host_copies() {
 
 #[test]
 fn cuda_gradient_caching_and_data_parallel_match_cpu() {
-    let Some(dev) = cuda_or_skip("cuda_gradient_caching_and_data_parallel_match_cpu") else {
+    let Some((dev, _turn)) = cuda_or_skip("cuda_gradient_caching_and_data_parallel_match_cpu")
+    else {
         return;
     };
     let cfg = tiny(Stem::Cifar);
@@ -473,7 +480,7 @@ fn devices_parse_and_a_missing_gpu_is_an_error_not_a_panic() {
 
 #[test]
 fn nccl_single_rank_collectives_and_step() {
-    let Some(dev) = cuda_or_skip("nccl_single_rank_collectives_and_step") else {
+    let Some((dev, _turn)) = cuda_or_skip("nccl_single_rank_collectives_and_step") else {
         return;
     };
     use simclr_nn::dist::{Communicator, NcclComm};
@@ -507,4 +514,48 @@ fn nccl_single_rank_collectives_and_step() {
     for ((name, x), (_, y)) in params(&mut dp_model).iter().zip(params(&mut plain)) {
         close(&format!("NCCL step weight {name}"), x, &y, 1e-4);
     }
+}
+
+#[test]
+fn cuda_tf32_and_bf16_convolutions_stay_close_to_f32() {
+    let Some((dev, _turn)) = cuda_or_skip("cuda_tf32_and_bf16_convolutions_stay_close_to_f32")
+    else {
+        return;
+    };
+    use simclr_nn::cuda::MathMode;
+    let backend = CudaBackend::get(0).unwrap();
+    let (x, w) = (t(&[4, 16, 16, 32], 1), t(&[64, 3, 3, 32], 2));
+    let y = ops::conv2d(&x, &w, 1, 1).unwrap();
+    let dy = t(y.shape(), 3);
+    let (dw, dx) = ops::conv2d_backward(&x, &w, &dy, 1, 1, true).unwrap();
+    let cfg = tiny(Stem::Cifar);
+    let views = t(&[8, 3, 16, 16], 4);
+    let mut cpu = SimClr::new(&cfg, Device::Cpu, 8).unwrap();
+    let reference = simclr_nn::train_step(&mut cpu, &views, &mut Lars::default(), 0.3, 0.5)
+        .unwrap()
+        .loss;
+    // bf16 rounds inputs to 8 bits of mantissa (relative 2^-9 each), TF32 to 11.
+    for (math, tol) in [(MathMode::Tf32, 5e-3), (MathMode::Bf16, 3e-2)] {
+        backend.set_math_mode(math);
+        let yg = ops::conv2d(&up(&x, dev), &up(&w, dev), 1, 1).unwrap();
+        close(&format!("{math:?} conv2d"), &yg, &y, tol);
+        let (dwg, dxg) =
+            ops::conv2d_backward(&up(&x, dev), &up(&w, dev), &up(&dy, dev), 1, 1, true).unwrap();
+        close(&format!("{math:?} conv2d dw"), &dwg, &dw, tol);
+        close(
+            &format!("{math:?} conv2d dx"),
+            &dxg.unwrap(),
+            dx.as_ref().unwrap(),
+            tol,
+        );
+        let mut gpu = SimClr::new(&cfg, dev, 8).unwrap();
+        let l = simclr_nn::train_step(&mut gpu, &views, &mut Lars::default(), 0.3, 0.5)
+            .unwrap()
+            .loss;
+        assert!(
+            (l - reference).abs() <= 10.0 * tol * reference.abs(),
+            "{math:?}: loss {l} vs f32 {reference}"
+        );
+    }
+    backend.set_math_mode(MathMode::Fp32);
 }

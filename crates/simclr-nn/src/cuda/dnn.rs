@@ -2,16 +2,18 @@
 //! neither needs a transpose.
 //!
 //! A plan (descriptors and the three algorithms cuDNN's heuristics pick) is made once per
-//! geometry and kept; one workspace, grown to the largest plan's need, serves them all.
+//! geometry and element type (f32, or bf16 with f32 accumulation) and kept; one workspace,
+//! grown to the largest plan's need, serves them all.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use half::bf16;
 use simclr_kernels::cuda::cudarc::cudnn::{
-    sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn,
+    sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
     FilterDescriptor, TensorDescriptor,
 };
-use simclr_kernels::cuda::cudarc::driver::CudaSlice;
+use simclr_kernels::cuda::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use simclr_kernels::cuda::Gpu;
 
 use super::{cuda_err, MathMode};
@@ -22,7 +24,8 @@ use crate::error::Result;
 /// be used by two at once: the backend keeps this behind a mutex.
 pub(crate) struct Dnn {
     handle: Arc<Cudnn>,
-    plans: HashMap<ConvGeom, Plan>,
+    plans_f32: HashMap<ConvGeom, Plan<f32>>,
+    plans_bf16: HashMap<ConvGeom, Plan<bf16>>,
     workspace: Option<CudaSlice<u8>>,
     pub(crate) math: MathMode,
 }
@@ -31,20 +34,129 @@ pub(crate) struct Dnn {
 // two threads use it at once; every access goes through the backend's mutex.
 unsafe impl Send for Dnn {}
 
-struct Plan {
+pub(crate) struct Plan<T> {
     conv: ConvDescriptor<f32>,
-    x: TensorDescriptor<f32>,
-    w: FilterDescriptor<f32>,
-    y: TensorDescriptor<f32>,
+    x: TensorDescriptor<T>,
+    w: FilterDescriptor<T>,
+    y: TensorDescriptor<T>,
     fwd: sys::cudnnConvolutionFwdAlgo_t,
     bwd_data: sys::cudnnConvolutionBwdDataAlgo_t,
     bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t,
     workspace: usize,
 }
 
+/// The element types the convolutions run in, with their plan cache.
+pub(crate) trait ConvType: CudnnDataType + Sized {
+    /// This type's plans, out of the two caches.
+    fn plans<'a>(
+        f32s: &'a mut HashMap<ConvGeom, Plan<f32>>,
+        bf16s: &'a mut HashMap<ConvGeom, Plan<bf16>>,
+    ) -> &'a mut HashMap<ConvGeom, Plan<Self>>;
+    /// A scaling factor (alpha, beta) in this type.
+    fn scalar(v: f32) -> Self;
+}
+
+impl ConvType for f32 {
+    fn plans<'a>(
+        f32s: &'a mut HashMap<ConvGeom, Plan<f32>>,
+        _: &'a mut HashMap<ConvGeom, Plan<bf16>>,
+    ) -> &'a mut HashMap<ConvGeom, Plan<f32>> {
+        f32s
+    }
+    fn scalar(v: f32) -> f32 {
+        v
+    }
+}
+
+impl ConvType for bf16 {
+    fn plans<'a>(
+        _: &'a mut HashMap<ConvGeom, Plan<f32>>,
+        bf16s: &'a mut HashMap<ConvGeom, Plan<bf16>>,
+    ) -> &'a mut HashMap<ConvGeom, Plan<bf16>> {
+        bf16s
+    }
+    fn scalar(v: f32) -> bf16 {
+        bf16::from_f32(v)
+    }
+}
+
 fn dim(v: usize) -> i32 {
-    // Geometry was checked against i32 by the caller (`ops::conv_geom` sizes fit memory).
+    // `ops::fits_cudnn` checked every tensor of the geometry against 2^31 values.
     v as i32
+}
+
+fn make_plan<T: ConvType>(h: &Arc<Cudnn>, g: &ConvGeom, math: MathMode) -> Result<Plan<T>> {
+    let nhwc = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+    // Accumulation is f32 in every mode (bf16 inputs: cuDNN's "pseudo-bf16" configuration).
+    let mut conv = h
+        .create_conv2d::<f32>(
+            [dim(g.pad), dim(g.pad)],
+            [dim(g.stride), dim(g.stride)],
+            [1, 1],
+            sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+        )
+        .map_err(cuda_err("cudnnSetConvolution2dDescriptor"))?;
+    conv.set_math_type(match math {
+        MathMode::Fp32 => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+        MathMode::Tf32 => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        MathMode::Bf16 => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+    })
+    .map_err(cuda_err("cudnnSetConvolutionMathType"))?;
+    let x = h
+        .create_4d_tensor::<T>(nhwc, [dim(g.n), dim(g.cin), dim(g.h), dim(g.w)])
+        .map_err(cuda_err("cudnnSetTensor4dDescriptor (x)"))?;
+    let w = h
+        .create_4d_filter::<T>(nhwc, [dim(g.cout), dim(g.cin), dim(g.kh), dim(g.kw)])
+        .map_err(cuda_err("cudnnSetFilter4dDescriptor"))?;
+    let y = h
+        .create_4d_tensor::<T>(nhwc, [dim(g.n), dim(g.cout), dim(g.oh()), dim(g.ow())])
+        .map_err(cuda_err("cudnnSetTensor4dDescriptor (y)"))?;
+    let fwd_op = ConvForward {
+        conv: &conv,
+        x: &x,
+        w: &w,
+        y: &y,
+    };
+    let fwd = fwd_op
+        .pick_algorithm()
+        .map_err(cuda_err("cudnnGetConvolutionForwardAlgorithm_v7"))?;
+    let ws_fwd = fwd_op
+        .get_workspace_size(fwd)
+        .map_err(cuda_err("cudnnGetConvolutionForwardWorkspaceSize"))?;
+    let data_op = ConvBackwardData {
+        conv: &conv,
+        dx: &x,
+        w: &w,
+        dy: &y,
+    };
+    let bwd_data = data_op
+        .pick_algorithm()
+        .map_err(cuda_err("cudnnGetConvolutionBackwardDataAlgorithm_v7"))?;
+    let ws_data = data_op
+        .get_workspace_size(bwd_data)
+        .map_err(cuda_err("cudnnGetConvolutionBackwardDataWorkspaceSize"))?;
+    let filter_op = ConvBackwardFilter {
+        conv: &conv,
+        x: &x,
+        dw: &w,
+        dy: &y,
+    };
+    let bwd_filter = filter_op
+        .pick_algorithm()
+        .map_err(cuda_err("cudnnGetConvolutionBackwardFilterAlgorithm_v7"))?;
+    let ws_filter = filter_op
+        .get_workspace_size(bwd_filter)
+        .map_err(cuda_err("cudnnGetConvolutionBackwardFilterWorkspaceSize"))?;
+    Ok(Plan {
+        conv,
+        x,
+        w,
+        y,
+        fwd,
+        bwd_data,
+        bwd_filter,
+        workspace: ws_fwd.max(ws_data).max(ws_filter),
+    })
 }
 
 impl Dnn {
@@ -52,150 +164,80 @@ impl Dnn {
         let handle = Cudnn::new(gpu.stream().clone()).map_err(cuda_err("cuDNN init"))?;
         Ok(Dnn {
             handle,
-            plans: HashMap::new(),
+            plans_f32: HashMap::new(),
+            plans_bf16: HashMap::new(),
             workspace: None,
             math,
         })
     }
 
     pub(crate) fn clear_plans(&mut self) {
-        self.plans.clear();
+        self.plans_f32.clear();
+        self.plans_bf16.clear();
     }
 
-    fn plan(&mut self, g: &ConvGeom) -> Result<&Plan> {
-        if !self.plans.contains_key(g) {
-            let plan = self.make_plan(g)?;
-            self.plans.insert(*g, plan);
-        }
-        Ok(&self.plans[g])
-    }
-
-    fn make_plan(&self, g: &ConvGeom) -> Result<Plan> {
-        let h = &self.handle;
-        let nhwc = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
-        let mut conv = h
-            .create_conv2d::<f32>(
-                [dim(g.pad), dim(g.pad)],
-                [dim(g.stride), dim(g.stride)],
-                [1, 1],
-                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-            )
-            .map_err(cuda_err("cudnnSetConvolution2dDescriptor"))?;
-        conv.set_math_type(match self.math {
-            MathMode::Fp32 => sys::cudnnMathType_t::CUDNN_FMA_MATH,
-            MathMode::Tf32 => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
-        })
-        .map_err(cuda_err("cudnnSetConvolutionMathType"))?;
-        let x = h
-            .create_4d_tensor::<f32>(nhwc, [dim(g.n), dim(g.cin), dim(g.h), dim(g.w)])
-            .map_err(cuda_err("cudnnSetTensor4dDescriptor (x)"))?;
-        let w = h
-            .create_4d_filter::<f32>(nhwc, [dim(g.cout), dim(g.cin), dim(g.kh), dim(g.kw)])
-            .map_err(cuda_err("cudnnSetFilter4dDescriptor"))?;
-        let y = h
-            .create_4d_tensor::<f32>(nhwc, [dim(g.n), dim(g.cout), dim(g.oh()), dim(g.ow())])
-            .map_err(cuda_err("cudnnSetTensor4dDescriptor (y)"))?;
-        let fwd_op = ConvForward {
-            conv: &conv,
-            x: &x,
-            w: &w,
-            y: &y,
-        };
-        let fwd = fwd_op
-            .pick_algorithm()
-            .map_err(cuda_err("cudnnGetConvolutionForwardAlgorithm_v7"))?;
-        let ws_fwd = fwd_op
-            .get_workspace_size(fwd)
-            .map_err(cuda_err("cudnnGetConvolutionForwardWorkspaceSize"))?;
-        let data_op = ConvBackwardData {
-            conv: &conv,
-            dx: &x,
-            w: &w,
-            dy: &y,
-        };
-        let bwd_data = data_op
-            .pick_algorithm()
-            .map_err(cuda_err("cudnnGetConvolutionBackwardDataAlgorithm_v7"))?;
-        let ws_data = data_op
-            .get_workspace_size(bwd_data)
-            .map_err(cuda_err("cudnnGetConvolutionBackwardDataWorkspaceSize"))?;
-        let filter_op = ConvBackwardFilter {
-            conv: &conv,
-            x: &x,
-            dw: &w,
-            dy: &y,
-        };
-        let bwd_filter = filter_op
-            .pick_algorithm()
-            .map_err(cuda_err("cudnnGetConvolutionBackwardFilterAlgorithm_v7"))?;
-        let ws_filter = filter_op
-            .get_workspace_size(bwd_filter)
-            .map_err(cuda_err("cudnnGetConvolutionBackwardFilterWorkspaceSize"))?;
-        Ok(Plan {
-            conv,
-            x,
-            w,
-            y,
-            fwd,
-            bwd_data,
-            bwd_filter,
-            workspace: ws_fwd.max(ws_data).max(ws_filter),
-        })
-    }
-
-    /// The plan of `g` and a workspace large enough for it; binds the GPU's context to this
-    /// thread, as cuDNN runs in the current one.
-    fn plan_and_workspace(
+    /// The plan of `g` in `T` and a workspace large enough for it; binds the GPU's context to
+    /// this thread, as cuDNN runs in the current one.
+    fn plan_and_workspace<T: ConvType>(
         &mut self,
         gpu: &Gpu,
         g: &ConvGeom,
-    ) -> Result<(&Plan, &mut CudaSlice<u8>)> {
+    ) -> Result<(&Plan<T>, &mut CudaSlice<u8>)> {
         gpu.context()
             .bind_to_thread()
             .map_err(simclr_kernels::cuda::GpuError::from)?;
-        let need = self.plan(g)?.workspace.max(1);
-        if self.workspace.as_ref().is_none_or(|w| w.len() < need) {
-            self.workspace = None;
-            self.workspace = Some(gpu.zeros::<u8>(need)?);
+        let Dnn {
+            handle,
+            plans_f32,
+            plans_bf16,
+            workspace,
+            math,
+        } = self;
+        let plans = T::plans(plans_f32, plans_bf16);
+        if !plans.contains_key(g) {
+            plans.insert(*g, make_plan::<T>(handle, g, *math)?);
         }
-        Ok((
-            &self.plans[g],
-            self.workspace.as_mut().expect("allocated above"),
-        ))
+        let plan = &plans[g];
+        let need = plan.workspace.max(1);
+        if workspace.as_ref().is_none_or(|w| w.len() < need) {
+            *workspace = None;
+            *workspace = Some(gpu.zeros::<u8>(need)?);
+        }
+        Ok((plan, workspace.as_mut().expect("allocated above")))
     }
 
     /// `y = conv(x, w)`.
-    pub(crate) fn forward(
+    pub(crate) fn forward<T: ConvType>(
         &mut self,
         gpu: &Gpu,
         g: &ConvGeom,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        x: &impl DevicePtr<T>,
+        w: &impl DevicePtr<T>,
+        y: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        let (p, ws) = self.plan_and_workspace(gpu, g)?;
+        let (p, ws) = self.plan_and_workspace::<T>(gpu, g)?;
         let op = ConvForward {
             conv: &p.conv,
             x: &p.x,
             w: &p.w,
             y: &p.y,
         };
-        // SAFETY: x, w and y hold n*h*w*cin, cout*kh*kw*cin and n*oh*ow*cout f32 values in the
+        // SAFETY: x, w and y hold n*h*w*cin, cout*kh*kw*cin and n*oh*ow*cout values of T in the
         // NHWC / KRSC layouts the descriptors of this plan describe (checked by the caller).
-        unsafe { op.launch(p.fwd, Some(ws), (1.0f32, 0.0f32), x, w, y) }
+        unsafe { op.launch(p.fwd, Some(ws), (T::scalar(1.0), T::scalar(0.0)), x, w, y) }
             .map_err(cuda_err("cudnnConvolutionForward"))
     }
 
     /// `dx = conv_transpose(dy, w)`.
-    pub(crate) fn backward_data(
+    pub(crate) fn backward_data<T: ConvType>(
         &mut self,
         gpu: &Gpu,
         g: &ConvGeom,
-        w: &CudaSlice<f32>,
-        dy: &CudaSlice<f32>,
-        dx: &mut CudaSlice<f32>,
+        w: &impl DevicePtr<T>,
+        dy: &impl DevicePtr<T>,
+        dx: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        let (p, ws) = self.plan_and_workspace(gpu, g)?;
+        let (p, ws) = self.plan_and_workspace::<T>(gpu, g)?;
         let op = ConvBackwardData {
             conv: &p.conv,
             dx: &p.x,
@@ -203,21 +245,30 @@ impl Dnn {
             dy: &p.y,
         };
         // SAFETY: as in `forward`, dx shaped as x and dy as y.
-        unsafe { op.launch(p.bwd_data, Some(ws), (1.0f32, 0.0f32), dx, w, dy) }
-            .map_err(cuda_err("cudnnConvolutionBackwardData"))
+        unsafe {
+            op.launch(
+                p.bwd_data,
+                Some(ws),
+                (T::scalar(1.0), T::scalar(0.0)),
+                dx,
+                w,
+                dy,
+            )
+        }
+        .map_err(cuda_err("cudnnConvolutionBackwardData"))
     }
 
     /// `dw = beta * dw + dL/dw` (beta 1 accumulates into a gradient).
-    pub(crate) fn backward_filter(
+    pub(crate) fn backward_filter<T: ConvType>(
         &mut self,
         gpu: &Gpu,
         g: &ConvGeom,
-        x: &CudaSlice<f32>,
-        dy: &CudaSlice<f32>,
-        dw: &mut CudaSlice<f32>,
+        x: &impl DevicePtr<T>,
+        dy: &impl DevicePtr<T>,
+        dw: &mut impl DevicePtrMut<T>,
         beta: f32,
     ) -> Result<()> {
-        let (p, ws) = self.plan_and_workspace(gpu, g)?;
+        let (p, ws) = self.plan_and_workspace::<T>(gpu, g)?;
         let op = ConvBackwardFilter {
             conv: &p.conv,
             x: &p.x,
@@ -225,7 +276,16 @@ impl Dnn {
             dy: &p.y,
         };
         // SAFETY: as in `forward`, dw shaped as w and dy as y.
-        unsafe { op.launch(p.bwd_filter, Some(ws), (1.0f32, beta), x, dw, dy) }
-            .map_err(cuda_err("cudnnConvolutionBackwardFilter"))
+        unsafe {
+            op.launch(
+                p.bwd_filter,
+                Some(ws),
+                (T::scalar(1.0), T::scalar(beta)),
+                x,
+                dw,
+                dy,
+            )
+        }
+        .map_err(cuda_err("cudnnConvolutionBackwardFilter"))
     }
 }

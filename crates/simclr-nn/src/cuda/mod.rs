@@ -31,6 +31,26 @@ pub enum MathMode {
     /// TF32 tensor cores for convolutions (10-bit mantissa inputs, f32 accumulation), as
     /// PyTorch's `allow_tf32` for cuDNN: faster, looser.
     Tf32,
+    /// bf16 tensor cores for convolutions: inputs, weights and output gradients rounded to bf16
+    /// for cuDNN, f32 accumulation; master weights, activations between layers, batch norm
+    /// and the loss stay f32 (what `torch.autocast(bfloat16)` does to a convolution).
+    Bf16,
+}
+
+impl std::str::FromStr for MathMode {
+    type Err = NnError;
+
+    fn from_str(s: &str) -> Result<MathMode> {
+        match s {
+            "fp32" => Ok(MathMode::Fp32),
+            "tf32" => Ok(MathMode::Tf32),
+            "bf16" => Ok(MathMode::Bf16),
+            other => Err(NnError::Invalid {
+                op: "CUDA math",
+                msg: format!("`{other}` is not one of fp32, tf32, bf16"),
+            }),
+        }
+    }
 }
 
 /// One GPU as the training backend sees it: the kernels, cuBLAS, cuDNN and the plans and
@@ -192,11 +212,10 @@ pub fn device_count() -> usize {
 
 fn math_mode_from_env() -> Result<MathMode> {
     match std::env::var("SIMCLR_CUDA_MATH").as_deref() {
-        Err(_) | Ok("") | Ok("fp32") => Ok(MathMode::Fp32),
-        Ok("tf32") => Ok(MathMode::Tf32),
-        Ok(other) => Err(NnError::Invalid {
+        Err(_) | Ok("") => Ok(MathMode::Fp32),
+        Ok(s) => s.parse().map_err(|_| NnError::Invalid {
             op: "SIMCLR_CUDA_MATH",
-            msg: format!("`{other}` is not one of fp32, tf32"),
+            msg: format!("`{s}` is not one of fp32, tf32, bf16"),
         }),
     }
 }

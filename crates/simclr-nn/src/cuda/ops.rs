@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
+use half::bf16;
 use simclr_kernels::cpu::pooling::PoolGeom;
-use simclr_kernels::cuda::cudarc::driver::CudaSlice;
+use simclr_kernels::cuda::cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use simclr_kernels::cuda::train::{self as k, BatchNormGpu, BnParams, BnSaved};
 use simclr_kernels::cuda::{layout, GpuError};
 
-use super::{blas, CudaBackend};
+use super::{blas, CudaBackend, MathMode};
 use crate::cpu::conv::ConvGeom;
 use crate::dist::Communicator;
 use crate::error::{NnError, Result};
@@ -60,16 +61,52 @@ fn fits_cudnn(g: &ConvGeom) -> Result<()> {
     Ok(())
 }
 
+/// `x` rounded to bf16 (raw bits), for cuDNN's bf16 convolutions.
+fn to_bf16(b: &CudaBackend, x: &CudaSlice<f32>) -> Result<CudaSlice<u16>> {
+    let mut y = b.gpu().zeros::<u16>(x.len())?;
+    k::cast_f32_to_bf16(b.gpu(), x, &mut y)?;
+    Ok(y)
+}
+
+/// bf16 bits back to f32.
+fn from_bf16(b: &CudaBackend, x: &CudaSlice<u16>) -> Result<CudaSlice<f32>> {
+    let mut y = b.zeros(x.len())?;
+    k::cast_bf16_to_f32(b.gpu(), x, &mut y)?;
+    Ok(y)
+}
+
+/// The bf16 view of raw bf16 bits (cuDNN's element type).
+fn bf16_view(x: &CudaSlice<u16>) -> CudaView<'_, bf16> {
+    // SAFETY: u16 and bf16 have the same size and any bits are a valid bf16.
+    unsafe { x.transmute::<bf16>(x.len()) }.expect("same size")
+}
+
+fn bf16_view_mut(x: &mut CudaSlice<u16>) -> CudaViewMut<'_, bf16> {
+    let n = x.len();
+    // SAFETY: as in `bf16_view`.
+    unsafe { x.transmute_mut::<bf16>(n) }.expect("same size")
+}
+
 pub(crate) fn conv2d(x: &Tensor, w: &Tensor, g: &ConvGeom) -> Result<Tensor> {
     fits_cudnn(g)?;
     let (b, xs) = dev(x)?;
     let ws = on(b, w, "conv2d (weight)")?;
     let shape = [g.n, g.oh(), g.ow(), g.cout];
+    let mut dnn = b.dnn.lock().unwrap_or_else(|e| e.into_inner());
+    if dnn.math == MathMode::Bf16 {
+        let (xb, wb) = (to_bf16(b, xs)?, to_bf16(b, ws)?);
+        let mut yb = b.gpu().zeros::<u16>(shape.iter().product())?;
+        dnn.forward::<bf16>(
+            b.gpu(),
+            g,
+            &bf16_view(&xb),
+            &bf16_view(&wb),
+            &mut bf16_view_mut(&mut yb),
+        )?;
+        return Ok(wrap(b, &shape, from_bf16(b, &yb)?));
+    }
     let mut y = new(b, &shape)?;
-    b.dnn
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .forward(b.gpu(), g, xs, ws, &mut y)?;
+    dnn.forward(b.gpu(), g, xs, ws, &mut y)?;
     Ok(wrap(b, &shape, y))
 }
 
@@ -85,6 +122,32 @@ pub(crate) fn conv2d_backward(
     let ws = on(b, w, "conv2d_backward (weight)")?;
     let dys = on(b, dy, "conv2d_backward (dy)")?;
     let mut dnn = b.dnn.lock().unwrap_or_else(|e| e.into_inner());
+    if dnn.math == MathMode::Bf16 {
+        let (xb, wb, dyb) = (to_bf16(b, xs)?, to_bf16(b, ws)?, to_bf16(b, dys)?);
+        let mut dwb = b.gpu().zeros::<u16>(w.numel())?;
+        dnn.backward_filter::<bf16>(
+            b.gpu(),
+            g,
+            &bf16_view(&xb),
+            &bf16_view(&dyb),
+            &mut bf16_view_mut(&mut dwb),
+            0.0,
+        )?;
+        let dx = if need_dx {
+            let mut dxb = b.gpu().zeros::<u16>(x.numel())?;
+            dnn.backward_data::<bf16>(
+                b.gpu(),
+                g,
+                &bf16_view(&wb),
+                &bf16_view(&dyb),
+                &mut bf16_view_mut(&mut dxb),
+            )?;
+            Some(wrap(b, x.shape(), from_bf16(b, &dxb)?))
+        } else {
+            None
+        };
+        return Ok((wrap(b, w.shape(), from_bf16(b, &dwb)?), dx));
+    }
     let mut dw = new(b, w.shape())?;
     dnn.backward_filter(b.gpu(), g, xs, dys, &mut dw, 0.0)?;
     let dx = if need_dx {
