@@ -58,7 +58,12 @@ proptest! {
         let dx = bn.backward(&filled(&[rows, c], seed + 7)).unwrap().to_vec();
         for ch in 0..c {
             let s: f64 = (0..rows).map(|r| dx[r * c + ch] as f64).sum();
-            prop_assert!(s.abs() < 1e-3, "sum of dx {}", s);
+            let a: f64 = (0..rows).map(|r| (dx[r * c + ch] as f64).abs()).sum();
+            // Relative to the gradient's size: the batch mean is kept in f32, as PyTorch keeps
+            // it, and with an offset far above the spread (36.7 +- 0.1) its rounding alone
+            // leaves sum(x_hat) at ~1e-4 and the sum of dx at a few 1e-3 of sum |dx|. A
+            // missing term of the formula would leave a sum of order sum |dx|.
+            prop_assert!(s.abs() <= 2e-2 * a + 1e-6, "sum of dx {} (sum of |dx| {})", s, a);
         }
     }
 
