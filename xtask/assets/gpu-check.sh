@@ -17,11 +17,13 @@ for sp in $("$PY" -c 'import site, sys; print(" ".join(site.getsitepackages() + 
 done
 # cudarc looks for libnccl.so, the wheel ships libnccl.so.2: link it in a private folder.
 mkdir -p "$HERE/lib"
-for d in ${LD_LIBRARY_PATH//:/ }; do
+IFS_SAVED=$IFS; IFS=:
+for d in ${LD_LIBRARY_PATH:-}; do
   if [ -e "$d/libnccl.so.2" ] && [ ! -e "$HERE/lib/libnccl.so" ]; then
     ln -sf "$d/libnccl.so.2" "$HERE/lib/libnccl.so"
   fi
 done
+IFS=$IFS_SAVED
 LD_LIBRARY_PATH="$HERE/lib:${LD_LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH
 export RUST_BACKTRACE=1
