@@ -365,73 +365,52 @@ fn reducer<'a>(
     }
 }
 
-/// Training-mode batch norm of `x` (`[rows, c]` in effect) over `count` rows in all.
-pub(crate) fn batch_norm_train(
+/// Batch norm of `x` (`[rows, c]` in effect): with the batch statistics over `count` rows in
+/// all, updating the running ones, when `train` is `Some((count, sync))`; with the running
+/// statistics otherwise. Returns what the backward pass needs in training mode.
+pub(crate) fn batch_norm_forward(
     x: &Tensor,
     p: BnTensors<'_>,
     relu: bool,
-    count: usize,
-    sync: Option<&dyn Communicator>,
-) -> Result<(Tensor, BnStats)> {
+    train: Option<(usize, Option<&dyn Communicator>)>,
+) -> Result<(Tensor, Option<BnStats>)> {
+    let BnTensors {
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        workspace,
+    } = p;
     let (b, xs) = dev(x)?;
-    let c = p.gamma.numel();
+    let c = gamma.numel();
     let rows = x.numel() / c;
-    let gamma = on(b, p.gamma, "BatchNorm (weight)")?;
-    let beta = on(b, p.beta, "BatchNorm (bias)")?;
+    let params = BnParams {
+        gamma: on(b, gamma, "BatchNorm (weight)")?,
+        beta: on(b, beta, "BatchNorm (bias)")?,
+        running_mean: running_mean.cuda_mut()?,
+        running_var: running_var.cuda_mut()?,
+        momentum,
+        eps,
+    };
     let mut y = new(b, x.shape())?;
-    let running_mean = p.running_mean.cuda_mut()?;
-    let running_var = p.running_var.cuda_mut()?;
-    let mut reduce = reducer(b, sync);
-    let saved = with_bn(b, p.workspace, c, |bn| {
-        bn.forward_train(
-            b.gpu(),
-            xs,
-            rows,
-            count,
-            BnParams {
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                momentum: p.momentum,
-                eps: p.eps,
-            },
-            relu,
-            &mut y,
-            &mut reduce,
-        )
-    })?;
-    Ok((wrap(b, x.shape(), y), Arc::new(saved)))
-}
-
-/// Evaluation-mode batch norm with the running statistics.
-pub(crate) fn batch_norm_eval(x: &Tensor, p: BnTensors<'_>, relu: bool) -> Result<Tensor> {
-    let (b, xs) = dev(x)?;
-    let c = p.gamma.numel();
-    let rows = x.numel() / c;
-    let gamma = on(b, p.gamma, "BatchNorm (weight)")?;
-    let beta = on(b, p.beta, "BatchNorm (bias)")?;
-    let mut y = new(b, x.shape())?;
-    let running_mean = p.running_mean.cuda_mut()?;
-    let running_var = p.running_var.cuda_mut()?;
-    with_bn(b, p.workspace, c, |bn| {
-        bn.forward_eval(
-            b.gpu(),
-            xs,
-            rows,
-            BnParams {
-                gamma,
-                beta,
-                running_mean,
-                running_var,
-                momentum: p.momentum,
-                eps: p.eps,
-            },
-            relu,
-            &mut y,
-        )
-    })?;
-    Ok(wrap(b, x.shape(), y))
+    let saved = match train {
+        Some((count, sync)) => {
+            let mut reduce = reducer(b, sync);
+            let s = with_bn(b, workspace, c, |bn| {
+                bn.forward_train(b.gpu(), xs, rows, count, params, relu, &mut y, &mut reduce)
+            })?;
+            Some(Arc::new(s))
+        }
+        None => {
+            with_bn(b, workspace, c, |bn| {
+                bn.forward_eval(b.gpu(), xs, rows, params, relu, &mut y)
+            })?;
+            None
+        }
+    };
+    Ok((wrap(b, x.shape(), y), saved))
 }
 
 /// Batch-norm backward: dL/dx, and dL/dgamma, dL/dbeta added to the gradients.

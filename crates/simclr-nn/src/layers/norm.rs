@@ -166,7 +166,7 @@ impl BatchNorm {
         };
         if !train {
             self.saved = None;
-            return cuda::batch_norm_eval(x, p, self.relu);
+            return cuda::batch_norm_forward(x, p, self.relu, None).map(|(y, _)| y);
         }
         if count < 2 {
             return Err(NnError::Invalid {
@@ -178,7 +178,9 @@ impl BatchNorm {
                 ),
             });
         }
-        let (y, stats) = cuda::batch_norm_train(x, p, self.relu, count, self.sync.as_deref())?;
+        let (y, stats) =
+            cuda::batch_norm_forward(x, p, self.relu, Some((count, self.sync.as_deref())))?;
+        let stats = stats.ok_or(NnError::NoForward("BatchNorm (no statistics)"))?;
         self.num_batches_tracked += 1;
         self.saved = Some(Saved {
             x: x.clone(),
