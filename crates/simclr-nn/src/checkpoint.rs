@@ -75,19 +75,25 @@ fn oihw_to_ohwi(src: &[f32], s: &[usize]) -> Vec<f32> {
     d
 }
 
+/// A parameter's shape in PyTorch's layout (convolution kernels OIHW).
+fn torch_shape(p: &Param) -> Vec<usize> {
+    let s = p.value.shape();
+    match p.kind {
+        ParamKind::ConvWeight => vec![s[0], s[3], s[1], s[2]],
+        _ => s.to_vec(),
+    }
+}
+
 /// A parameter's values in PyTorch's layout.
 pub fn param_to_torch(p: &Param) -> NamedTensor {
-    let s = p.value.shape();
     let v = p.value.to_vec();
-    match p.kind {
-        ParamKind::ConvWeight => NamedTensor {
-            shape: vec![s[0], s[3], s[1], s[2]],
-            data: TensorData::F32(ohwi_to_oihw(&v, s)),
-        },
-        _ => NamedTensor {
-            shape: s.to_vec(),
-            data: TensorData::F32(v),
-        },
+    let data = match p.kind {
+        ParamKind::ConvWeight => ohwi_to_oihw(&v, p.value.shape()),
+        _ => v,
+    };
+    NamedTensor {
+        shape: torch_shape(p),
+        data: TensorData::F32(data),
     }
 }
 
@@ -265,8 +271,8 @@ impl Checkpoint {
         }
         impl StateVisitor for V<'_> {
             fn param(&mut self, name: &str, p: &mut Param) {
-                let torch = param_to_torch(p);
-                let Some(t) = self.get(name, &torch.shape).cloned() else {
+                // Only the shape is needed: no copy of the values (from a GPU, a download).
+                let Some(t) = self.get(name, &torch_shape(p)).cloned() else {
                     return;
                 };
                 let Some(v) = self.f32s(name, &t) else { return };
