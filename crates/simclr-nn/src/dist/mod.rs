@@ -80,6 +80,14 @@ pub enum CommError {
     /// The rendezvous could not be set up (bad address, port in use, bad environment).
     #[error("rendezvous: {0}")]
     Rendezvous(String),
+    /// This communicator cannot do what was asked.
+    #[error("{comm} cannot {op}")]
+    Unsupported {
+        /// The communicator.
+        comm: String,
+        /// What it was asked.
+        op: String,
+    },
 }
 
 /// A group of `world_size` replicas. Collectives must be called by every rank in the same order.
@@ -168,6 +176,17 @@ pub trait Communicator: Send + Sync + std::fmt::Debug {
     /// Waits until every rank gets here.
     fn barrier(&self) -> Result<(), CommError> {
         self.all_gather_bytes(&[], "barrier").map(|_| ())
+    }
+
+    /// A communicator over the same ranks whose collectives never mix with this one's, so that
+    /// the two can run at once from different threads: the gradient all-reduce overlapped with
+    /// the backward pass runs on a duplicate while global batch norm synchronises on the
+    /// original. A collective: every rank calls it at the same point.
+    fn duplicate(&self) -> Result<std::sync::Arc<dyn Communicator>, CommError> {
+        Err(CommError::Unsupported {
+            comm: format!("{self:?}"),
+            op: "duplicate itself".into(),
+        })
     }
 
     /// The NCCL communicator behind this one, when the replicas are GPUs joined by NCCL (device

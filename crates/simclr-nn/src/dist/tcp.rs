@@ -189,12 +189,9 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, CommError> {
         .ok_or_else(|| CommError::Rendezvous(format!("{host}:{port} resolves to no address")))
 }
 
-fn accept_all(
-    addr: SocketAddr,
-    cfg: &RendezvousConfig,
-    deadline: Instant,
-) -> Result<Vec<TcpStream>, CommError> {
-    // Listen on every interface at the port: MASTER_ADDR names this host to the others.
+/// Rank 0's listener at `addr`'s port on every interface (the address names this host to the
+/// others); port 0 picks a free one.
+fn listen(addr: SocketAddr) -> Result<TcpListener, CommError> {
     let bind: SocketAddr = if addr.is_ipv4() {
         ([0, 0, 0, 0], addr.port()).into()
     } else {
@@ -206,6 +203,23 @@ fn accept_all(
     listener
         .set_nonblocking(true)
         .map_err(|e| CommError::Rendezvous(e.to_string()))?;
+    Ok(listener)
+}
+
+fn accept_all(
+    addr: SocketAddr,
+    cfg: &RendezvousConfig,
+    deadline: Instant,
+) -> Result<Vec<TcpStream>, CommError> {
+    accept_on(&listen(addr)?, addr, cfg, deadline)
+}
+
+fn accept_on(
+    listener: &TcpListener,
+    addr: SocketAddr,
+    cfg: &RendezvousConfig,
+    deadline: Instant,
+) -> Result<Vec<TcpStream>, CommError> {
     let mut peers: Vec<Option<TcpStream>> = (1..cfg.world_size).map(|_| None).collect();
     while peers.iter().any(Option::is_none) {
         match listener.accept() {
@@ -476,6 +490,69 @@ impl Communicator for TcpComm {
             }
         }
     }
+
+    /// New connections: rank 0 listens on a free port, which it sends over this group; the
+    /// others connect to it at the address they reach rank 0 at.
+    fn duplicate(&self) -> Result<std::sync::Arc<dyn Communicator>, CommError> {
+        let op = "duplicate";
+        let mut cfg = RendezvousConfig {
+            rank: self.rank,
+            world_size: self.world,
+            host: String::new(),
+            port: 0,
+            rendezvous_timeout: self.timeout,
+            timeout: self.timeout,
+        };
+        let root_ip = {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            match &inner.links {
+                Links::Root(_) => None,
+                Links::Leaf(s) => Some(
+                    s.peer_addr()
+                        .map_err(|e| CommError::Rendezvous(format!("{op}: {e}")))?
+                        .ip(),
+                ),
+            }
+        };
+        let links = match root_ip {
+            None => {
+                let listener = listen(([0, 0, 0, 0], 0).into())?;
+                let at = listener
+                    .local_addr()
+                    .map_err(|e| CommError::Rendezvous(format!("{op}: {e}")))?;
+                self.all_gather_bytes(&at.port().to_le_bytes(), op)?;
+                Links::Root(accept_on(
+                    &listener,
+                    at,
+                    &cfg,
+                    Instant::now() + self.timeout,
+                )?)
+            }
+            Some(ip) => {
+                let parts = self.all_gather_bytes(&[], op)?;
+                let port = parts[0]
+                    .get(..2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .ok_or_else(|| CommError::Mismatch {
+                        op: op.into(),
+                        msg: format!("rank 0 sent {} bytes for a port", parts[0].len()),
+                    })?;
+                cfg.host = ip.to_string();
+                cfg.port = port;
+                Links::Leaf(join(
+                    SocketAddr::new(ip, port),
+                    &cfg,
+                    Instant::now() + self.timeout,
+                )?)
+            }
+        };
+        Ok(std::sync::Arc::new(TcpComm {
+            rank: self.rank,
+            world: self.world,
+            timeout: self.timeout,
+            inner: Mutex::new(Inner { links, seq: 0 }),
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -524,6 +601,42 @@ mod tests {
         });
         for o in &out {
             assert_eq!(o, &vec![4.5, 6.0, 2.0, 2.0, 2.0]);
+        }
+    }
+
+    #[test]
+    fn a_duplicate_has_its_own_connections() {
+        let port = free_port();
+        let out: Vec<(f64, f64)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3)
+                .map(|r| {
+                    s.spawn(move || {
+                        let c =
+                            TcpComm::connect(&cfg(r, 3, port, Duration::from_secs(20))).unwrap();
+                        let d = c.duplicate().unwrap();
+                        assert_eq!((d.rank(), d.world_size()), (r, 3));
+                        std::thread::scope(|s2| {
+                            // Collectives on both at once, from two threads of each rank.
+                            let h = s2.spawn(|| {
+                                let mut v = [10.0 * r as f64];
+                                for _ in 0..3 {
+                                    d.all_reduce_f64(&mut v).unwrap();
+                                }
+                                v[0]
+                            });
+                            let mut v = [r as f64];
+                            for _ in 0..2 {
+                                c.all_reduce_f64(&mut v).unwrap();
+                            }
+                            (v[0], h.join().unwrap())
+                        })
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for o in &out {
+            assert_eq!(*o, (9.0, 270.0));
         }
     }
 

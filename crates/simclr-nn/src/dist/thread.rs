@@ -1,5 +1,6 @@
 //! [`ThreadComm`]: replicas as threads of one process.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,25 @@ struct Hub {
     state: Mutex<State>,
     cv: Condvar,
     timeout: Duration,
+    /// The hubs of this group's duplicates, the `k`-th duplicate at index `k` (made by the
+    /// first rank to ask for it).
+    dups: Mutex<Vec<Arc<Hub>>>,
+}
+
+impl Hub {
+    fn new(world: usize, timeout: Duration) -> Hub {
+        Hub {
+            state: Mutex::new(State {
+                generation: 0,
+                slots: vec![None; world],
+                last: Arc::new(Vec::new()),
+                left: vec![false; world],
+            }),
+            cv: Condvar::new(),
+            timeout,
+            dups: Mutex::new(Vec::new()),
+        }
+    }
 }
 
 /// One rank of a group of threads. Made by [`ThreadComm::group`]; move each handle into its
@@ -33,27 +53,21 @@ pub struct ThreadComm {
     rank: usize,
     world: usize,
     hub: Arc<Hub>,
+    /// How many duplicates this handle has made.
+    dups_made: AtomicUsize,
 }
 
 impl ThreadComm {
     /// `world` connected handles, rank `i` at index `i`; collectives wait at most `timeout` for
     /// the other ranks.
     pub fn group(world: usize, timeout: Duration) -> Vec<ThreadComm> {
-        let hub = Arc::new(Hub {
-            state: Mutex::new(State {
-                generation: 0,
-                slots: vec![None; world],
-                last: Arc::new(Vec::new()),
-                left: vec![false; world],
-            }),
-            cv: Condvar::new(),
-            timeout,
-        });
+        let hub = Arc::new(Hub::new(world, timeout));
         (0..world)
             .map(|rank| ThreadComm {
                 rank,
                 world,
                 hub: hub.clone(),
+                dups_made: AtomicUsize::new(0),
             })
             .collect()
     }
@@ -123,6 +137,32 @@ impl Communicator for ThreadComm {
                 .unwrap_or_else(|e| e.into_inner().0);
         }
     }
+
+    /// A new hub for the same threads; the ranks check that they make the same duplicate.
+    fn duplicate(&self) -> Result<Arc<dyn Communicator>, CommError> {
+        let op = "duplicate";
+        let k = self.dups_made.fetch_add(1, Ordering::Relaxed);
+        let parts = self.all_gather_bytes(&(k as u64).to_le_bytes(), op)?;
+        if let Some(r) = parts.iter().position(|p| p[..] != (k as u64).to_le_bytes()) {
+            return Err(CommError::Mismatch {
+                op: op.into(),
+                msg: format!("rank {r} is making another duplicate than this rank's number {k}"),
+            });
+        }
+        let hub = {
+            let mut dups = self.hub.dups.lock().unwrap_or_else(|e| e.into_inner());
+            while dups.len() <= k {
+                dups.push(Arc::new(Hub::new(self.world, self.hub.timeout)));
+            }
+            dups[k].clone()
+        };
+        Ok(Arc::new(ThreadComm {
+            rank: self.rank,
+            world: self.world,
+            hub,
+            dups_made: AtomicUsize::new(0),
+        }))
+    }
 }
 
 impl Drop for ThreadComm {
@@ -181,6 +221,38 @@ mod tests {
         let e = c0.all_reduce_f32(&mut v).unwrap_err();
         assert!(matches!(e, CommError::RankLost { rank: 1, .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_duplicate_runs_its_collectives_beside_the_original() {
+        let comms = ThreadComm::group(2, Duration::from_secs(10));
+        let out: Vec<(f32, f32)> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let dup = c.duplicate().unwrap();
+                        assert_eq!((dup.rank(), dup.world_size()), (c.rank(), 2));
+                        // The duplicate's collective runs on another thread while the original
+                        // does its own: neither sees the other's data.
+                        let r = c.rank() as f32;
+                        let side = std::thread::scope(|s2| {
+                            let h = s2.spawn(|| {
+                                let mut v = [100.0 + r];
+                                dup.all_reduce_f32(&mut v).unwrap();
+                                v[0]
+                            });
+                            let mut v = [r];
+                            c.all_reduce_f32(&mut v).unwrap();
+                            (v[0], h.join().unwrap())
+                        });
+                        side
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(out, vec![(1.0, 201.0), (1.0, 201.0)]);
     }
 
     #[test]
