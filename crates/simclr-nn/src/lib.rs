@@ -50,6 +50,6 @@ pub use loss::{nt_xent, ContrastiveLoss};
 pub use model::{SimClr, SimClrConfig};
 pub use optim::{Lars, LrScaling, Optimizer, Sgd, WarmupCosine};
 pub use param::{Module, Param, ParamKind, StateVisitor};
-pub use resnet::{Block, BlockKind, ResNet, ResNetConfig, Stem};
+pub use resnet::{Block, BlockKind, GradsReady, ResNet, ResNetConfig, Stem};
 pub use tensor::{Device, Storage, Tensor};
 pub use train::{train_step, train_step_with_h, StepStats};

@@ -6,7 +6,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::Result;
 use crate::head::{HeadConfig, ProjectionHead};
 use crate::param::{Module, StateVisitor};
-use crate::resnet::{ResNet, ResNetConfig};
+use crate::resnet::{GradsReady, ResNet, ResNetConfig};
 use crate::tensor::{Device, Tensor};
 
 /// The architecture of a SimCLR model.
@@ -51,8 +51,16 @@ impl SimClr {
 
     /// Backward from dL/dz through head and encoder, adding every gradient.
     pub fn backward(&mut self, dz: &Tensor) -> Result<()> {
+        self.backward_with(dz, &mut |_| Ok(()))
+    }
+
+    /// [`SimClr::backward`], handing each part of the model to `ready` as soon as its
+    /// parameters' gradients are final (the head first, then the encoder's parts as
+    /// [`ResNet::backward_with`] does). Every parameter is handed over exactly once.
+    pub fn backward_with(&mut self, dz: &Tensor, ready: &mut GradsReady<'_>) -> Result<()> {
         let dh = self.head.backward(dz)?;
-        self.encoder.backward(&dh)
+        ready(&mut self.head)?;
+        self.encoder.backward_with(&dh, ready)
     }
 }
 

@@ -195,6 +195,9 @@ impl Module for Block {
     }
 }
 
+/// Called during a backward pass with a part of the model whose parameter gradients are final.
+pub type GradsReady<'a> = dyn FnMut(&mut dyn Module) -> Result<()> + 'a;
+
 /// A ResNet encoder f: NCHW images to the representation h after global average pooling.
 #[derive(Clone, Debug)]
 pub struct ResNet {
@@ -293,18 +296,28 @@ impl ResNet {
 
     /// Backward from dL/dh; adds every parameter's gradient. The input gets no gradient.
     pub fn backward(&mut self, dh: &Tensor) -> Result<()> {
+        self.backward_with(dh, &mut |_| Ok(()))
+    }
+
+    /// [`ResNet::backward`], handing each part of the network to `ready` as soon as its
+    /// parameters' gradients are final: every block from the last to the first, then the stem's
+    /// batch norm and its convolution. The data-parallel step reduces those gradients while the
+    /// rest of the backward pass runs.
+    pub fn backward_with(&mut self, dh: &Tensor, ready: &mut GradsReady<'_>) -> Result<()> {
         let mut g = self.pool.backward(dh)?;
         for stage in self.stages.iter_mut().rev() {
             for block in stage.iter_mut().rev() {
                 g = block.backward(g)?;
+                ready(block)?;
             }
         }
         if let Some(mp) = &mut self.maxpool {
             g = mp.backward(&g)?;
         }
         let g = self.bn1.backward(&g)?;
+        ready(&mut self.bn1)?;
         self.conv1.backward(&g, false)?;
-        Ok(())
+        ready(&mut self.conv1)
     }
 
     /// The block kind of each block, for diagnostics.

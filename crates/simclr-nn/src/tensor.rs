@@ -194,6 +194,14 @@ impl Tensor {
         }
     }
 
+    /// A host tensor of no values (shape `[0]`): a placeholder for one taken out.
+    pub fn empty() -> Tensor {
+        Tensor {
+            shape: vec![0],
+            storage: Storage::Cpu(Arc::new(Vec::new())),
+        }
+    }
+
     /// A CPU tensor from values; fails if their count does not fit the shape.
     pub fn from_vec(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
         let n: usize = shape.iter().product();

@@ -134,30 +134,42 @@ fn replica(
     loss: &ContrastiveLoss,
     gather: bool,
     global_bn: bool,
+    bucket_mib: Option<f64>,
 ) -> Run {
     let rank = comm.rank();
     let world = comm.world_size();
     // Different seeds: the broadcast must make the replicas start from rank 0's weights.
     let mut m = model(rank as u64 * 1000);
     broadcast_state(&mut m, comm.as_ref(), 0).unwrap();
-    let dp = DataParallel {
-        comm,
-        gather_negatives: gather,
-        global_batch_norm: global_bn,
-    };
+    let mut dp = DataParallel::new(comm);
+    dp.gather_negatives = gather;
+    dp.global_batch_norm = global_bn;
+    if let Some(mib) = bucket_mib {
+        dp = dp.with_overlap(mib).unwrap();
+    }
     run_steps(m, rank, world, |m, views| {
         forward_backward_dp(m, views, loss, &dp).unwrap().0
     })
 }
 
 fn data_parallel(world: usize, loss: &ContrastiveLoss, gather: bool, global_bn: bool) -> Vec<Run> {
+    data_parallel_with(world, loss, gather, global_bn, None)
+}
+
+fn data_parallel_with(
+    world: usize,
+    loss: &ContrastiveLoss,
+    gather: bool,
+    global_bn: bool,
+    bucket_mib: Option<f64>,
+) -> Vec<Run> {
     let comms = ThreadComm::group(world, Duration::from_secs(60));
     std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .into_iter()
             .map(|c| {
                 let loss = *loss;
-                s.spawn(move || replica(Arc::new(c), &loss, gather, global_bn))
+                s.spawn(move || replica(Arc::new(c), &loss, gather, global_bn, bucket_mib))
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -250,6 +262,61 @@ fn without_global_batch_norm_or_gathered_negatives_the_result_differs() {
     println!("per-replica BN: loss {bn_l:.2e}, grads {bn_g:.2e}; local negatives: loss {neg_l:.2e}, grads {neg_g:.2e}");
 }
 
+/// The all-reduce overlapped with the backward pass, in many small buckets or in one, sums the
+/// same values in the same order as the one after the backward pass: the same bits.
+#[test]
+fn the_overlapped_all_reduce_gives_the_same_bits() {
+    for world in [2, 4] {
+        let plain = data_parallel(world, &NT_XENT, true, true);
+        // 0.0005 MiB is 131 values: a bucket or more for every block.
+        for mib in [0.0005, 64.0] {
+            let over = data_parallel_with(world, &NT_XENT, true, true, Some(mib));
+            for (r, (o, p)) in over.iter().zip(&plain).enumerate() {
+                assert_eq!(o.losses, p.losses, "K={world} rank {r}, {mib} MiB: losses");
+                assert_eq!(o.grads, p.grads, "K={world} rank {r}, {mib} MiB: gradients");
+                assert_eq!(
+                    o.weights, p.weights,
+                    "K={world} rank {r}, {mib} MiB: weights"
+                );
+            }
+        }
+    }
+}
+
+/// Parameters that the backward pass never hands over are still reduced, at the end.
+#[test]
+fn gradients_never_handed_over_are_reduced_at_the_end() {
+    let comms = ThreadComm::group(2, Duration::from_secs(60));
+    let grads: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let rank = c.rank();
+                    let mut m = model(0);
+                    let views = local_views(&batches()[0], rank, 2);
+                    let (_, z) = m.forward(&views, true).unwrap();
+                    let (_, dz) = NT_XENT.forward_backward(&z).unwrap();
+                    m.backward(&dz).unwrap();
+                    let mut want = flat(&mut m, true);
+                    c.all_reduce_f32(&mut want).unwrap();
+                    let buckets = simclr_nn::dist::GradBuckets::new(&c, 0.001).unwrap();
+                    let mut round = buckets.round();
+                    // Only the head is handed over; the encoder's gradients are left behind.
+                    round.ready(&mut m.head).unwrap();
+                    round.finish(&mut m).unwrap();
+                    (flat(&mut m, true), want)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (got, want) in &grads {
+        assert_eq!(got, want);
+    }
+    assert_eq!(grads[0].0, grads[1].0);
+}
+
 #[test]
 fn other_losses_are_exact_too() {
     let loss = ContrastiveLoss::NtLogistic { temperature: 0.5 };
@@ -280,7 +347,8 @@ fn k_replicas_over_tcp_equal_one_replica() {
                         timeout: Duration::from_secs(60),
                     };
                     let c = TcpComm::connect(&cfg).unwrap();
-                    replica(Arc::new(c), &NT_XENT, true, true)
+                    // Overlapped, in small buckets: over a second set of connections.
+                    replica(Arc::new(c), &NT_XENT, true, true, Some(0.002))
                 })
             })
             .collect();

@@ -15,15 +15,18 @@
 //!
 //! - [`train_step_dp`]: the data-parallel training step (global batch norm, gathered negatives, the
 //!   gradient all-reduce).
+//! - [`GradBuckets`]: that all-reduce in buckets, overlapped with the backward pass.
 
 mod nccl;
+mod overlap;
 mod step;
 mod tcp;
 mod thread;
 
 use std::time::Duration;
 
-pub use nccl::NcclComm;
+pub use nccl::{NcclComm, NcclPending};
+pub use overlap::{GradBuckets, Round, DEFAULT_BUCKET_MIB};
 pub use step::{broadcast_state, forward_backward_dp, train_step_dp, DataParallel};
 pub use tcp::{RendezvousConfig, TcpComm};
 pub use thread::ThreadComm;

@@ -6,13 +6,20 @@
 //!
 //! NCCL collectives do not time out by themselves: every collective here records an event after
 //! its launch and polls it, so a rank that died makes the others fail with [`CommError::Nccl`]
-//! after the timeout (the communicator is aborted then, and unusable). `ncclCommInitRank` itself
-//! still blocks without a timeout if a peer dies between the id exchange and its own init.
+//! after the timeout (the communicator is aborted then, and unusable). `ncclCommInitRank` runs
+//! on a helper thread that is left behind if it does not return within the timeout (a peer died
+//! between the id exchange and its own init), so that too ends in an error, not a hang.
+//!
+//! Collectives run on the communicator's own stream: the compute stream for the one made by
+//! [`NcclComm::new`], a new stream for each [`Communicator::duplicate`] (whose collectives then
+//! overlap the compute; cudarc orders the two streams' uses of a buffer by events).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use simclr_kernels::cuda::cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use simclr_kernels::cuda::cudarc::driver::{
+    CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut,
+};
 use simclr_kernels::cuda::cudarc::nccl::{self, Comm, Id, ReduceOp};
 
 use super::{CommError, Communicator};
@@ -32,6 +39,8 @@ fn abort(comm: Option<Comm>) {
 pub struct NcclComm {
     comm: Mutex<Option<Comm>>,
     backend: Arc<CudaBackend>,
+    /// The stream the collectives run on.
+    stream: Arc<CudaStream>,
     rank: usize,
     world: usize,
     timeout: Duration,
@@ -116,25 +125,72 @@ impl NcclComm {
             }
             .into());
         }
+        let stream = backend.gpu().stream().clone();
+        Self::init(backend, stream, rank, world, id_bytes, timeout)
+    }
+
+    /// `ncclCommInitRank` on a helper thread, waited for up to `timeout`, then a warm-up
+    /// all-reduce.
+    fn init(
+        backend: Arc<CudaBackend>,
+        stream: Arc<CudaStream>,
+        rank: usize,
+        world: usize,
+        id_bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<Self> {
         let mut internal = [0 as std::ffi::c_char; 128];
         for (d, &s) in internal.iter_mut().zip(id_bytes) {
             *d = s as std::ffi::c_char;
         }
-        backend
-            .gpu()
-            .context()
-            .bind_to_thread()
-            .map_err(simclr_kernels::cuda::GpuError::from)?;
-        let comm = Comm::from_rank(
-            backend.gpu().stream().clone(),
-            rank,
-            world,
-            Id::uninit(internal),
-        )
-        .map_err(|e| NnError::Cuda(format!("ncclCommInitRank (rank {rank} of {world}): {e:?}")))?;
+        /// A communicator handed from the init thread to this one.
+        struct Made(Comm);
+        // SAFETY: the communicator is used by one thread at a time: made there, used here.
+        unsafe impl Send for Made {}
+        let (tx, rx) = mpsc::channel();
+        let ctx = backend.gpu().context().clone();
+        let init_stream = stream.clone();
+        std::thread::Builder::new()
+            .name(format!("nccl-init-{rank}"))
+            .spawn(move || {
+                let made = ctx
+                    .bind_to_thread()
+                    .map_err(|e| format!("{e:?}"))
+                    .and_then(|_| {
+                        Comm::from_rank(init_stream, rank, world, Id::uninit(internal))
+                            .map(Made)
+                            .map_err(|e| format!("{e:?}"))
+                    });
+                if let Err(mpsc::SendError(Ok(late))) = tx.send(made) {
+                    // The caller gave up waiting: this communicator is not wanted.
+                    abort(Some(late.0));
+                }
+            })
+            .map_err(|e| NnError::Cuda(format!("cannot start the NCCL init thread: {e}")))?;
+        let comm = match rx.recv_timeout(timeout) {
+            Ok(Ok(Made(c))) => c,
+            Ok(Err(e)) => {
+                return Err(NnError::Cuda(format!(
+                    "ncclCommInitRank (rank {rank} of {world}): {e}"
+                )))
+            }
+            Err(_) => {
+                return Err(CommError::Nccl {
+                    rank,
+                    world,
+                    op: "ncclCommInitRank".into(),
+                    why: format!(
+                        "not complete after {timeout:?}: a peer died or never reached its own \
+                         init (the init thread is left behind)"
+                    ),
+                }
+                .into())
+            }
+        };
         let nccl = NcclComm {
             comm: Mutex::new(Some(comm)),
             backend,
+            stream,
             rank,
             world,
             timeout,
@@ -146,14 +202,23 @@ impl NcclComm {
         Ok(nccl)
     }
 
-    /// Runs `f` with the communicator, then waits (polling, up to the timeout) for what it
-    /// queued; on timeout the communicator is aborted and every later call fails.
-    fn run<T>(
+    /// The stream this communicator's collectives run on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The GPU this communicator's rank runs on.
+    pub fn backend(&self) -> &Arc<CudaBackend> {
+        &self.backend
+    }
+
+    /// Runs `f` with the communicator and records an event after what it queued.
+    fn launch<T>(
         &self,
         op: &str,
         f: impl FnOnce(&Comm) -> Result<T, CommError>,
-    ) -> Result<T, CommError> {
-        let mut guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+    ) -> Result<(T, CudaEvent), CommError> {
+        let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
         let Some(comm) = guard.as_ref() else {
             return Err(CommError::Nccl {
                 rank: self.rank,
@@ -168,21 +233,38 @@ impl NcclComm {
             .bind_to_thread()
             .map_err(|e| cuda_err(op)(e.into()))?;
         let out = f(comm)?;
-        let stream = self.backend.gpu().stream();
-        let event = stream
+        let event = self
+            .stream
             .record_event(None)
             .map_err(|e| cuda_err(op)(e.into()))?;
+        Ok((out, event))
+    }
+
+    /// Runs `f` with the communicator, then waits for what it queued.
+    fn run<T>(
+        &self,
+        op: &str,
+        f: impl FnOnce(&Comm) -> Result<T, CommError>,
+    ) -> Result<T, CommError> {
+        let (out, event) = self.launch(op, f)?;
+        self.wait_event(op, &event)?;
+        Ok(out)
+    }
+
+    /// Polls `event` up to the timeout; on timeout the communicator is aborted and every later
+    /// call fails.
+    fn wait_event(&self, op: &str, event: &CudaEvent) -> Result<(), CommError> {
         let start = Instant::now();
         loop {
             match event.try_is_complete() {
-                Ok(true) => return Ok(out),
+                Ok(true) => return Ok(()),
                 Ok(false) => {}
                 Err(e) => return Err(cuda_err(op)(e.into())),
             }
             let waited = start.elapsed();
             if waited > self.timeout {
                 // Aborting the communicator also releases the stuck kernels.
-                abort(guard.take());
+                abort(self.comm.lock().unwrap_or_else(|e| e.into_inner()).take());
                 return Err(CommError::Nccl {
                     rank: self.rank,
                     world: self.world,
@@ -239,8 +321,19 @@ impl NcclComm {
     /// Sums every buffer of `bufs` over the ranks in place, as one NCCL group (NCCL fuses the
     /// group's reductions, so many small gradients cost about one large all-reduce).
     pub fn all_reduce_many_f32(&self, bufs: &mut [&mut CudaSlice<f32>]) -> Result<(), CommError> {
+        let pending = self.start_all_reduce_many_f32(bufs)?;
+        self.wait(pending)
+    }
+
+    /// [`NcclComm::all_reduce_many_f32`] queued on this communicator's stream without waiting
+    /// for it: the host goes on (with the backward pass) and [`NcclComm::wait`] waits later. The
+    /// buffers must not be used before then.
+    pub fn start_all_reduce_many_f32(
+        &self,
+        bufs: &mut [&mut CudaSlice<f32>],
+    ) -> Result<NcclPending, CommError> {
         let op = "all_reduce (device, grouped)";
-        self.run(op, |c| {
+        let ((), event) = self.launch(op, |c| {
             nccl::group_start().map_err(nccl_err(op))?;
             let mut first_err = None;
             for b in bufs.iter_mut() {
@@ -253,7 +346,13 @@ impl NcclComm {
                 return Err(nccl_err(op)(e));
             }
             end.map(|_| ()).map_err(nccl_err(op))
-        })
+        })?;
+        Ok(NcclPending { event, op })
+    }
+
+    /// Waits (up to the timeout) for a collective started earlier.
+    pub fn wait(&self, pending: NcclPending) -> Result<(), CommError> {
+        self.wait_event(pending.op, &pending.event)
     }
 
     fn upload<T: simclr_kernels::cuda::cudarc::driver::DeviceRepr>(
@@ -354,7 +453,63 @@ impl Communicator for NcclComm {
         self.all_reduce_host(buf, "all_reduce_f64")
     }
 
+    /// A new NCCL communicator of the same ranks on a new stream of this GPU (its unique id
+    /// sent over this one), so its collectives overlap what runs on the compute stream.
+    fn duplicate(&self) -> Result<Arc<dyn Communicator>, CommError> {
+        let op = "duplicate";
+        let mine: Vec<u8> = if self.rank == 0 {
+            let id = Id::new().map_err(|e| CommError::Nccl {
+                rank: self.rank,
+                world: self.world,
+                op: op.into(),
+                why: format!("ncclGetUniqueId: {e:?}"),
+            })?;
+            id.internal().iter().map(|&c| c as u8).collect()
+        } else {
+            Vec::new()
+        };
+        let parts = self.all_gather_bytes(&mine, op)?;
+        if parts[0].len() != 128 {
+            return Err(CommError::Mismatch {
+                op: op.into(),
+                msg: format!("rank 0 sent {} bytes, expected 128", parts[0].len()),
+            });
+        }
+        let as_comm = |e: NnError| match e {
+            NnError::Comm(c) => c,
+            other => CommError::Nccl {
+                rank: self.rank,
+                world: self.world,
+                op: op.into(),
+                why: other.to_string(),
+            },
+        };
+        let stream = self
+            .backend
+            .gpu()
+            .context()
+            .new_stream()
+            .map_err(|e| cuda_err(op)(e.into()))?;
+        let dup = Self::init(
+            self.backend.clone(),
+            stream,
+            self.rank,
+            self.world,
+            &parts[0],
+            self.timeout,
+        )
+        .map_err(as_comm)?;
+        Ok(Arc::new(dup))
+    }
+
     fn nccl(&self) -> Option<&NcclComm> {
         Some(self)
     }
+}
+
+/// A NCCL collective queued and not yet waited for (see [`NcclComm::wait`]).
+#[derive(Debug)]
+pub struct NcclPending {
+    event: CudaEvent,
+    op: &'static str,
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use simclr_kernels::cpu::{nt_xent_forward_backward_anchors, NtXentConfig};
 
-use super::{CommError, Communicator};
+use super::{CommError, Communicator, GradBuckets};
 use crate::error::{NnError, Result};
 use crate::layers::BatchNorm;
 use crate::loss::ContrastiveLoss;
@@ -38,6 +38,9 @@ pub struct DataParallel {
     pub gather_negatives: bool,
     /// Batch-norm statistics over all replicas' batches (SimCLR's choice); `false`: per replica.
     pub global_batch_norm: bool,
+    /// The gradient all-reduce in buckets overlapped with the backward pass (over a duplicate
+    /// of `comm`); `None`: one all-reduce after the backward pass. The sums are the same bits.
+    pub overlap: Option<Arc<GradBuckets>>,
 }
 
 impl DataParallel {
@@ -47,7 +50,16 @@ impl DataParallel {
             comm,
             gather_negatives: true,
             global_batch_norm: true,
+            overlap: None,
         }
+    }
+
+    /// The gradient all-reduce overlapped with the backward pass in buckets of `bucket_mib`
+    /// MiB ([`super::DEFAULT_BUCKET_MIB`] is PyTorch DDP's). Duplicates the communicator: every
+    /// rank calls it at the same point.
+    pub fn with_overlap(mut self, bucket_mib: f64) -> Result<DataParallel> {
+        self.overlap = Some(Arc::new(GradBuckets::new(self.comm.as_ref(), bucket_mib)?));
+        Ok(self)
     }
 }
 
@@ -84,7 +96,7 @@ pub fn broadcast_state(model: &mut dyn Module, comm: &dyn Communicator, root: us
 }
 
 /// Overwrites `t`'s values with host values, on its device.
-fn set_values(t: &mut Tensor, v: &[f32]) -> Result<()> {
+pub(super) fn set_values(t: &mut Tensor, v: &[f32]) -> Result<()> {
     if t.numel() != v.len() {
         return Err(NnError::Shape {
             op: "set_values",
@@ -161,8 +173,7 @@ fn all_reduce_grads_nccl(model: &mut dyn Module, nccl: &super::NcclComm) -> Resu
     // The gradients are taken out of the model so that all can be borrowed at once.
     let mut grads = Vec::new();
     model.for_each_param(&mut |_, p| {
-        let empty = Tensor::from_vec(&[0], Vec::new()).expect("an empty tensor");
-        grads.push(std::mem::replace(&mut p.grad, empty));
+        grads.push(std::mem::replace(&mut p.grad, Tensor::empty()));
     });
     let reduced = (|| -> Result<()> {
         let mut bufs = Vec::with_capacity(grads.len());
@@ -389,10 +400,21 @@ pub fn forward_backward_dp(
         });
     }
     let (l, dz) = loss_and_grad(&z, loss, dp)?;
-    let back = model.backward(&dz);
-    set_batch_norm_sync(model, None);
+    let back = match &dp.overlap {
+        Some(buckets) => {
+            let mut round = buckets.round();
+            let back = model.backward_with(&dz, &mut |part| round.ready(part));
+            set_batch_norm_sync(model, None);
+            // A failed backward pass drops the round, which waits for the buckets it sent.
+            back.and_then(|()| round.finish(model))
+        }
+        None => {
+            let back = model.backward(&dz);
+            set_batch_norm_sync(model, None);
+            back.and_then(|()| all_reduce_grads(model, comm))
+        }
+    };
     back?;
-    all_reduce_grads(model, comm)?;
     // The gradients are the same on every replica after the all-reduce, so every replica stops
     // here together.
     check_finite_grads(model)?;
