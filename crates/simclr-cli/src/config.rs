@@ -472,6 +472,10 @@ pub struct TrainConfig {
     /// The math of the convolutions on a GPU: `tf32` (TF32 tensor cores, PyTorch's default for
     /// cuDNN), `bf16` (bf16 tensor cores, f32 accumulation, f32 everywhere else) or `fp32`.
     pub cuda_math: String,
+    /// Data-parallel training: the gradient all-reduce overlapped with the backward pass in
+    /// buckets of this many MiB (25, as PyTorch DDP); 0: one all-reduce after the backward pass.
+    /// The sums are the same bits either way.
+    pub allreduce_bucket_mib: f64,
 }
 
 impl Default for TrainConfig {
@@ -501,6 +505,7 @@ impl Default for TrainConfig {
             grad_cache_chunks: 1,
             device: "auto".into(),
             cuda_math: "tf32".into(),
+            allreduce_bucket_mib: simclr_nn::dist::DEFAULT_BUCKET_MIB,
         }
     }
 }
@@ -767,6 +772,14 @@ impl Config {
             format!("`{}` is not one of fp32, tf32, bf16", t.cuda_math),
         )?;
         check(
+            t.allreduce_bucket_mib.is_finite() && t.allreduce_bucket_mib >= 0.0,
+            "train.allreduce_bucket_mib",
+            format!(
+                "{} is not a size in MiB (0 turns the overlap off)",
+                t.allreduce_bucket_mib
+            ),
+        )?;
+        check(
             !(self.data.gpu_augment && t.device == "cpu"),
             "data.gpu_augment",
             "the GPU colour stage needs train.device = auto, cuda or cuda:N, not cpu".into(),
@@ -950,6 +963,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("train.cuda_math") && e.contains("fp16"), "{e}");
+        let e = Config::build(None, None, &["train.allreduce_bucket_mib=-1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train.allreduce_bucket_mib") && e.contains("-1"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -300,7 +300,12 @@ impl Trainer {
             )?,
             None => Progress::default(),
         };
-        let dp = comm.map(DataParallel::new);
+        let bucket_mib = cfg.train.allreduce_bucket_mib;
+        let dp = match comm.map(DataParallel::new) {
+            // Duplicates the communicator: every rank gets here at the same point.
+            Some(dp) if bucket_mib > 0.0 => Some(dp.with_overlap(bucket_mib)?),
+            dp => dp,
+        };
         if let Some(dp) = &dp {
             // Same seed, same checkpoint: the replicas already agree; the broadcast makes sure.
             broadcast_state(&mut model, dp.comm.as_ref(), 0)?;
