@@ -317,6 +317,43 @@ fn gradients_never_handed_over_are_reduced_at_the_end() {
     assert_eq!(grads[0].0, grads[1].0);
 }
 
+/// Replicas with batches of different sizes all stop with the same clear error before any
+/// collective could mix them.
+#[test]
+fn replicas_with_different_batches_all_stop_with_an_error() {
+    let comms = ThreadComm::group(2, Duration::from_secs(60));
+    let errs: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let rank = c.rank();
+                    let mut m = model(0);
+                    // Rank 1 lost an image: 3 images against rank 0's 4.
+                    let all = &batches()[0];
+                    let mut views = local_views(all, 0, 2);
+                    if rank == 1 {
+                        let img = 3 * SIDE * SIDE;
+                        let v = views.as_slice().unwrap();
+                        let mut short = v[..3 * img].to_vec();
+                        short.extend_from_slice(&v[4 * img..7 * img]);
+                        views = Tensor::from_vec(&[6, 3, SIDE, SIDE], short).unwrap();
+                    }
+                    let dp = DataParallel::new(Arc::new(c));
+                    forward_backward_dp(&mut m, &views, &NT_XENT, &dp)
+                        .unwrap_err()
+                        .to_string()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for e in &errs {
+        assert!(e.contains("batches differ in shape"), "{e}");
+    }
+    assert!(errs[1].contains("[6, 3, 8, 8]"), "{}", errs[1]);
+}
+
 #[test]
 fn other_losses_are_exact_too() {
     let loss = ContrastiveLoss::NtLogistic { temperature: 0.5 };

@@ -5,7 +5,7 @@
 //! Batch norm takes a `reduce` hook between its reductions and their use: the identity on one
 //! GPU, an all-reduce over the replicas for SimCLR's global batch norm.
 
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::{ensure, int, Gpu, GpuError, Module};
 
@@ -493,16 +493,27 @@ impl BatchNormGpu {
             // const double* sums, double count, float* dx); sizes checked above.
             unsafe { b.launch(grid_for(rows * c)) }?;
         }
-        let f = gpu.function(Module::Train, "f64_to_f32")?;
         for (range, out) in [(0..c, dbeta), (c..2 * c, dgamma)] {
-            let view = self.sums.slice(range);
-            let mut b = stream.launch_builder(&f);
-            b.arg(&view).arg(out).arg(&ci);
-            // SAFETY: f64_to_f32(const double*, float*, int) over c values.
-            unsafe { b.launch(grid_for(c)) }?;
+            cast_f64_to_f32(gpu, &self.sums.slice(range), out)?;
         }
         Ok(())
     }
+}
+
+/// `y[i] = x[i] as f32`: per-channel f64 sums (batch norm's) to f32 gradients.
+pub fn cast_f64_to_f32(
+    gpu: &Gpu,
+    x: &CudaView<'_, f64>,
+    y: &mut CudaSlice<f32>,
+) -> Result<(), GpuError> {
+    same_len(x.len(), y.len(), "cast")?;
+    let n = int(x.len(), "values")?;
+    let f = gpu.function(Module::Train, "f64_to_f32")?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x).arg(y).arg(&n);
+    // SAFETY: f64_to_f32(const double*, float*, int) over n values, both of length n.
+    unsafe { b.launch(grid_for(x.len())) }?;
+    Ok(())
 }
 
 /// torch.optim.SGD's update (dampening 0) of one parameter tensor, as

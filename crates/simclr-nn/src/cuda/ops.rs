@@ -350,13 +350,32 @@ fn with_bn<T>(
     Ok(f(&mut ws.0.as_mut().expect("allocated above").1)?)
 }
 
-/// Hands each per-channel sum to the communicator (through the host) for global batch norm.
+/// The NCCL communicator of `sync` when it runs on this GPU's compute stream: its reductions
+/// can then be queued in line with the kernels, without a wait.
+fn nccl_in_line<'a>(
+    b: &CudaBackend,
+    sync: Option<&'a dyn Communicator>,
+) -> Option<&'a crate::dist::NcclComm> {
+    sync?
+        .nccl()
+        .filter(|n| n.stream().cu_stream() == b.gpu().stream().cu_stream())
+}
+
+fn bn_comm_err(e: crate::dist::CommError) -> GpuError {
+    GpuError::Invalid(format!("global batch norm: {e}"))
+}
+
+/// Hands each per-channel sum to the communicator for global batch norm: queued on the device
+/// with NCCL, through the host with the CPU communicators.
 fn reducer<'a>(
     b: &'a CudaBackend,
     sync: Option<&'a dyn Communicator>,
 ) -> impl FnMut(&mut CudaSlice<f64>) -> Result<(), GpuError> + 'a {
     move |sums: &mut CudaSlice<f64>| {
         let Some(comm) = sync else { return Ok(()) };
+        if let Some(nccl) = nccl_in_line(b, sync) {
+            return nccl.queue_all_reduce_device_f64(sums).map_err(bn_comm_err);
+        }
         let mut host = b.gpu().download(sums)?;
         comm.all_reduce_f64(&mut host)
             .map_err(|e| GpuError::Invalid(format!("global batch norm: {e}")))?;
@@ -439,8 +458,14 @@ pub(crate) fn batch_norm_backward(
     // For global batch norm the sums are all-reduced for dx, but the parameter gradients take
     // this replica's own sums (the gradient all-reduce adds the others'), as on the CPU.
     let mut local: Option<Vec<f64>> = None;
+    let mut local_dev: Option<CudaSlice<f64>> = None;
+    let in_line = nccl_in_line(b, sync);
     let mut reduce = |sums: &mut CudaSlice<f64>| -> Result<(), GpuError> {
         let Some(comm) = sync else { return Ok(()) };
+        if let Some(nccl) = in_line {
+            local_dev = Some(sums.try_clone()?);
+            return nccl.queue_all_reduce_device_f64(sums).map_err(bn_comm_err);
+        }
         let mut host = b.gpu().download(sums)?;
         local = Some(host.clone());
         comm.all_reduce_f64(&mut host)
@@ -469,6 +494,10 @@ pub(crate) fn batch_norm_backward(
         let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         db = upload(b, &f32s(sum_g))?;
         dg = upload(b, &f32s(sum_gx))?;
+    }
+    if let Some(local) = local_dev {
+        k::cast_f64_to_f32(b.gpu(), &local.slice(0..c), &mut db)?;
+        k::cast_f64_to_f32(b.gpu(), &local.slice(c..2 * c), &mut dg)?;
     }
     k::add(b.gpu(), grads.0.cuda_mut()?, &dg, false)?;
     k::add(b.gpu(), grads.1.cuda_mut()?, &db, false)?;

@@ -295,6 +295,20 @@ impl NcclComm {
         })
     }
 
+    /// Sums `buf` over the ranks in place on the device, queued on this communicator's stream
+    /// without waiting for it (global batch norm's sums, which the next kernels on that stream
+    /// read: no round trip through the host). A peer that never comes is caught by the next
+    /// collective that is waited for, which queues behind this one.
+    pub fn queue_all_reduce_device_f64(&self, buf: &mut CudaSlice<f64>) -> Result<(), CommError> {
+        let op = "all_reduce (device, queued)";
+        self.launch(op, |c| {
+            c.all_reduce_in_place(buf, &ReduceOp::Sum)
+                .map(|_| ())
+                .map_err(nccl_err(op))
+        })
+        .map(|_| ())
+    }
+
     /// Every rank's `src` (of one length) concatenated in rank order into `dst`, on the device.
     pub fn all_gather_view(
         &self,

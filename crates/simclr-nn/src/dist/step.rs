@@ -63,7 +63,8 @@ impl DataParallel {
     }
 }
 
-/// Sets (or clears) the communicator of every batch-norm layer of `model`.
+/// Sets (or clears) the communicator of every batch-norm layer of `model`. Only called once
+/// every replica's views are known to have one shape, so every layer's input has one shape too.
 fn set_batch_norm_sync(model: &mut dyn Module, sync: Option<Arc<dyn Communicator>>) {
     struct V(Option<Arc<dyn Communicator>>);
     impl StateVisitor for V {
@@ -71,10 +72,42 @@ fn set_batch_norm_sync(model: &mut dyn Module, sync: Option<Arc<dyn Communicator
         fn buffer(&mut self, _: &str, _: &mut Tensor) {}
         fn counter(&mut self, _: &str, _: &mut i64) {}
         fn batch_norm(&mut self, _: &str, bn: &mut BatchNorm) {
+            bn.same_shape_everywhere = self.0.is_some();
             bn.sync = self.0.clone();
         }
     }
     model.visit("", &mut V(sync));
+}
+
+/// Every replica's views have this replica's shape, or every replica gets the same error (NCCL
+/// does not check counts, so replicas with different batches would write past each other's
+/// buffers; and global batch norm then knows every layer's row count without asking).
+fn check_same_shape(comm: &dyn Communicator, views: &Tensor) -> Result<()> {
+    let shape = views.shape();
+    // Sums of each extent and of its square are equal to world·d and world·d² for every rank
+    // exactly when all ranks agree.
+    let mut v: Vec<f64> = shape
+        .iter()
+        .flat_map(|&d| [d as f64, (d as f64) * (d as f64)])
+        .collect();
+    v.push(shape.len() as f64);
+    comm.all_reduce_f64(&mut v)?;
+    let world = comm.world_size() as f64;
+    let same = v[shape.len() * 2] == world * shape.len() as f64
+        && v.chunks_exact(2)
+            .take(shape.len())
+            .all(|p| p[1] * world == p[0] * p[0]);
+    if !same {
+        return Err(CommError::Mismatch {
+            op: "data-parallel step".into(),
+            msg: format!(
+                "the replicas' batches differ in shape (this one's views are {shape:?}; every \
+                 replica needs the same number of images of the same size)"
+            ),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Copies rank `root`'s parameters and batch-norm statistics to every replica (the start of a
@@ -308,22 +341,8 @@ fn nt_xent_nccl(z: &Tensor, temperature: f32, nccl: &super::NcclComm) -> Result<
             })
         }
     };
+    // Every replica's batch has this one's size: `check_same_shape` saw to it.
     let (world, rank) = (nccl.world_size(), nccl.rank());
-    // NCCL does not check counts: replicas with different batches (skipped images) would write
-    // past each other's buffers. Every rank learns whether all agree (sum and sum of squares of
-    // the row counts: equal exactly when all are) and they stop together.
-    let mut counts = [rows as f64, (rows * rows) as f64];
-    nccl.all_reduce_f64(&mut counts)?;
-    if counts[1] * world as f64 != counts[0] * counts[0] {
-        return Err(CommError::Mismatch {
-            op: "data-parallel NT-Xent".into(),
-            msg: format!(
-                "the replicas' batches differ in size (this one has {rows} views, {} in all)",
-                counts[0]
-            ),
-        }
-        .into());
-    }
     let (b, big_b) = (rows / 2, world * rows / 2);
     let m = 2 * big_b;
     let buf = z.cuda()?;
@@ -383,6 +402,7 @@ pub fn forward_backward_dp(
     dp: &DataParallel,
 ) -> Result<(f32, Tensor)> {
     let comm = dp.comm.as_ref();
+    check_same_shape(comm, views)?;
     set_batch_norm_sync(model, dp.global_batch_norm.then(|| dp.comm.clone()));
     model.zero_grad();
     let out = model.forward(views, true);

@@ -35,6 +35,10 @@ pub struct BatchNorm {
     /// Global batch norm: the replicas of data-parallel training whose batches this layer
     /// normalises as one (statistics and their gradients all-reduced). `None`: this batch only.
     pub sync: Option<Arc<dyn Communicator>>,
+    /// Every replica's input has this layer's shape (checked once per step by the
+    /// data-parallel step): the global row count is then the local one times the world size,
+    /// without a collective.
+    pub(crate) same_shape_everywhere: bool,
     saved: Option<Saved>,
     workspace: cuda::BnWorkspace,
 }
@@ -71,6 +75,7 @@ impl BatchNorm {
             eps: 1e-5,
             relu,
             sync: None,
+            same_shape_everywhere: false,
             saved: None,
             workspace: cuda::BnWorkspace::default(),
         }
@@ -143,6 +148,9 @@ impl BatchNorm {
         let Some(comm) = &self.sync else {
             return Ok(rows);
         };
+        if self.same_shape_everywhere {
+            return Ok(rows * comm.world_size());
+        }
         let mut n = [rows as f64];
         comm.all_reduce_f64(&mut n)?;
         Ok(n[0] as usize)
