@@ -48,8 +48,9 @@ fn run(
     math: MathMode,
     lars: bool,
     quick: bool,
-) -> Result<(f64, f32), simclr::nn::NnError> {
+) -> Result<(f64, f32, Memory), simclr::nn::NnError> {
     backend.set_math_mode(math);
+    backend.trim_pool()?;
     let dev = Device::Cuda(backend.ordinal());
     let mut model = SimClr::new(&config(c), dev, 0)?;
     let views = 2 * c.batch;
@@ -69,6 +70,7 @@ fn run(
         loss = simclr::nn::train_step(&mut model, &x, opt.as_mut(), 1e-3, c.temperature)?.loss;
     }
     backend.synchronize()?;
+    let before = backend.pool_stats()?;
     let mut times = Vec::new();
     for _ in 0..timed {
         let s = Instant::now();
@@ -76,8 +78,21 @@ fn run(
         backend.synchronize()?;
         times.push(s.elapsed().as_secs_f64());
     }
+    let after = backend.pool_stats()?;
     times.sort_by(|a, b| a.total_cmp(b));
-    Ok((c.batch as f64 / times[times.len() / 2], loss))
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let memory = Memory {
+        peak_mib: mib(after.reserved_peak),
+        growth_mib: mib(after.reserved.saturating_sub(before.reserved)),
+    };
+    Ok((c.batch as f64 / times[times.len() / 2], loss, memory))
+}
+
+/// Device memory of a case: the pool's peak, and what the timed (steady-state) steps added to
+/// it (0 when they take no new memory from the driver).
+struct Memory {
+    peak_mib: f64,
+    growth_mib: f64,
 }
 
 fn main() {
@@ -130,14 +145,15 @@ fn main() {
                 continue;
             }
             match run(&backend, c, math, lars, quick) {
-                Ok((ips, loss)) => {
+                Ok((ips, loss, mem)) => {
                     println!(
-                        "step/{}/{variant:<10} {ips:10.1} images/s   (loss {loss:.4})",
-                        c.name
+                        "step/{}/{variant:<10} {ips:10.1} images/s   (loss {loss:.4}, pool peak \
+                         {:.0} MiB, {:+.1} MiB in the steady state)",
+                        c.name, mem.peak_mib, mem.growth_mib
                     );
                     rows.push(format!(
-                        "{{\"name\": \"step/{}/{variant}\", \"model\": \"{}\", \"variant\": \"{variant}\", \"batch\": {}, \"side\": {}, \"images_per_s\": {ips}, \"loss\": {loss}}}",
-                        c.name, c.name, c.batch, c.side
+                        "{{\"name\": \"step/{}/{variant}\", \"model\": \"{}\", \"variant\": \"{variant}\", \"batch\": {}, \"side\": {}, \"images_per_s\": {ips}, \"loss\": {loss}, \"pool_peak_mib\": {}, \"steady_growth_mib\": {}}}",
+                        c.name, c.name, c.batch, c.side, mem.peak_mib, mem.growth_mib
                     ));
                 }
                 Err(e) => {

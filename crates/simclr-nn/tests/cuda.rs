@@ -541,6 +541,37 @@ fn nccl_single_rank_collectives_and_step() {
     }
 }
 
+/// From the third step on, a training step takes no new memory from the driver (everything
+/// comes from the pool, which keeps what is freed), and gives back all it takes: nothing leaks.
+#[test]
+fn cuda_steady_state_steps_take_no_new_device_memory() {
+    let Some((dev, _turn)) = cuda_or_skip("cuda_steady_state_steps_take_no_new_device_memory")
+    else {
+        return;
+    };
+    let backend = CudaBackend::get(0).unwrap();
+    let cfg = tiny(Stem::ImageNet);
+    let views = t(&[8, 3, 32, 32], 12);
+    let mut m = SimClr::new(&cfg, dev, 5).unwrap();
+    let mut lars = Lars::default();
+    for _ in 0..2 {
+        simclr_nn::train_step(&mut m, &views, &mut lars, 0.3, 0.5).unwrap();
+    }
+    backend.synchronize().unwrap();
+    let before = backend.pool_stats().unwrap();
+    for _ in 0..3 {
+        simclr_nn::train_step(&mut m, &views, &mut lars, 0.3, 0.5).unwrap();
+    }
+    backend.synchronize().unwrap();
+    let after = backend.pool_stats().unwrap();
+    println!("pool before {before:?}, after {after:?}");
+    assert_eq!(
+        after.reserved, before.reserved,
+        "steady-state steps took new memory"
+    );
+    assert_eq!(after.used, before.used, "steady-state steps leaked");
+}
+
 #[test]
 fn cuda_tf32_and_bf16_convolutions_stay_close_to_f32() {
     let Some((dev, _turn)) = cuda_or_skip("cuda_tf32_and_bf16_convolutions_stay_close_to_f32")

@@ -172,6 +172,99 @@ impl CudaBackend {
     }
 }
 
+/// What the device's stream-ordered memory pool holds, in bytes (see [`CudaBackend::pool_stats`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Memory the pool holds from the driver now.
+    pub reserved: u64,
+    /// The most it has held.
+    pub reserved_peak: u64,
+    /// Memory handed out and not yet freed.
+    pub used: u64,
+}
+
+/// The device's default memory pool, which cudarc's stream-ordered allocations draw on.
+fn default_pool(gpu: &Gpu) -> Result<simclr_kernels::cuda::cudarc::driver::sys::CUmemoryPool> {
+    use simclr_kernels::cuda::cudarc::driver::sys;
+    let ctx = gpu.context();
+    ctx.bind_to_thread().map_err(GpuError::from)?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a plain driver call on this context's device; `pool` outlives it.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(NnError::Cuda(format!("cuDeviceGetDefaultMemPool: {r:?}")));
+    }
+    Ok(pool)
+}
+
+impl CudaBackend {
+    /// The memory pool's figures. Between training steps, with the pool keeping what is freed,
+    /// `reserved` stays put once the first steps have run: the steady-state step takes no new
+    /// memory from the driver; and `used` comes back to where it was: nothing leaks.
+    pub fn pool_stats(&self) -> Result<PoolStats> {
+        use simclr_kernels::cuda::cudarc::driver::sys::{CUmemPool_attribute as A, CUresult};
+        if !self.gpu.context().has_async_alloc() {
+            return Err(NnError::Cuda(
+                "this device has no stream-ordered memory pool".into(),
+            ));
+        }
+        let pool = default_pool(&self.gpu)?;
+        let get = |attr: A| -> Result<u64> {
+            let mut v = 0u64;
+            // SAFETY: these attributes are 64-bit values written to `v`, which outlives the call.
+            let r = unsafe {
+                simclr_kernels::cuda::cudarc::driver::sys::cuMemPoolGetAttribute(
+                    pool,
+                    attr,
+                    (&mut v as *mut u64).cast(),
+                )
+            };
+            if r != CUresult::CUDA_SUCCESS {
+                return Err(NnError::Cuda(format!(
+                    "cuMemPoolGetAttribute({attr:?}): {r:?}"
+                )));
+            }
+            Ok(v)
+        };
+        Ok(PoolStats {
+            reserved: get(A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
+            reserved_peak: get(A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+            used: get(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+        })
+    }
+
+    /// Hands the pool's unused memory back to the driver and restarts its peak from what it
+    /// holds then (between benchmark cases, so each case's peak is its own). Waits for the
+    /// device first.
+    pub fn trim_pool(&self) -> Result<()> {
+        use simclr_kernels::cuda::cudarc::driver::sys::{self, CUmemPool_attribute as A, CUresult};
+        if !self.gpu.context().has_async_alloc() {
+            return Ok(());
+        }
+        self.synchronize()?;
+        let pool = default_pool(&self.gpu)?;
+        let mut zero = 0u64;
+        // SAFETY: driver calls on this device's pool; `zero` outlives them. Trimming only
+        // releases memory no allocation holds.
+        let (r1, r2) = unsafe {
+            (
+                sys::cuMemPoolTrimTo(pool, 0),
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                    (&mut zero as *mut u64).cast(),
+                ),
+            )
+        };
+        for (what, r) in [("cuMemPoolTrimTo", r1), ("cuMemPoolSetAttribute", r2)] {
+            if r != CUresult::CUDA_SUCCESS {
+                return Err(NnError::Cuda(format!("{what}: {r:?}")));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Lets the device's stream-ordered memory pool keep what is freed instead of handing it back
 /// to the driver at every synchronisation (CUDA's default), so from the second training step
 /// on the buffers of a step come from the pool, not from new device allocations.
@@ -181,14 +274,9 @@ fn keep_freed_memory(gpu: &Gpu) -> Result<()> {
     if !ctx.has_async_alloc() {
         return Ok(());
     }
-    ctx.bind_to_thread().map_err(GpuError::from)?;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    // SAFETY: plain driver calls on this context's device; `pool` and `threshold` outlive them.
+    let pool = default_pool(gpu)?;
+    // SAFETY: a plain driver call on this context's pool; `threshold` outlives it.
     unsafe {
-        let r = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
-        if r != sys::CUresult::CUDA_SUCCESS {
-            return Err(NnError::Cuda(format!("cuDeviceGetDefaultMemPool: {r:?}")));
-        }
         let mut threshold = u64::MAX;
         let r = sys::cuMemPoolSetAttribute(
             pool,
