@@ -192,6 +192,8 @@ pub fn gpu_check(_args: &[String]) -> Result<(), String> {
         "simclr-nn",
         "--test",
         "cuda",
+        "--test",
+        "nccl_faults",
     ]))?;
     let benches = built_executables(cargo().args([
         "bench",
@@ -217,9 +219,9 @@ pub fn gpu_check(_args: &[String]) -> Result<(), String> {
         copy_exe(exe, &bin.join(format!("bench-{name}")))?;
         n += 1;
     }
-    if n < 4 {
+    if n < 5 {
         return Err(format!(
-            "expected the 2 GPU test and 2 benchmark binaries, cargo built {n}"
+            "expected the 3 GPU test and 2 benchmark binaries, cargo built {n}"
         ));
     }
     let script = dir.join("run.sh");
