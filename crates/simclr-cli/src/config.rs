@@ -474,7 +474,8 @@ pub struct TrainConfig {
     pub cuda_math: String,
     /// Data-parallel training: the gradient all-reduce overlapped with the backward pass in
     /// buckets of this many MiB (25, as PyTorch DDP); 0: one all-reduce after the backward pass.
-    /// The sums are the same bits either way.
+    /// The sums are the same bits either way on the CPU (NCCL on more than two GPUs may round
+    /// differently: its summation order depends on the size reduced).
     pub allreduce_bucket_mib: f64,
 }
 

@@ -18,7 +18,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use simclr_kernels::cuda::cudarc::driver::{
-    CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtrMut,
 };
 use simclr_kernels::cuda::cudarc::nccl::{self, Comm, Id, ReduceOp};
 
@@ -35,9 +35,58 @@ fn abort(comm: Option<Comm>) {
     }
 }
 
+/// A communicator moved to another thread (to be made or aborted there).
+struct SendComm(Comm);
+
+// SAFETY: a NCCL communicator is not tied to a thread; it is used by one thread at a time.
+unsafe impl Send for SendComm {}
+
+/// One communicator, `None` once aborted.
+type Slot = Arc<Mutex<Option<Comm>>>;
+
+/// The communicators of one group on this GPU: the first and its duplicates. A timeout in one
+/// aborts them all at once: an abort frees device memory, which waits for every kernel still
+/// running, so a stuck kernel of another communicator would block it.
+type Family = Arc<Mutex<Vec<Slot>>>;
+
+/// How long the aborts after a timeout may take before they are left behind.
+const ABORT_WAIT: Duration = Duration::from_secs(10);
+
+/// Aborts every communicator of `family`, each on its own thread, all started before any is
+/// waited for; waits at most [`ABORT_WAIT`].
+fn abort_family(family: &Family) {
+    let slots: Vec<Slot> = family.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let comms: Vec<SendComm> = slots
+        .iter()
+        .filter_map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).take())
+        .map(SendComm)
+        .collect();
+    let (tx, rx) = mpsc::channel();
+    let mut started = 0;
+    for c in comms {
+        let tx = tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nccl-abort".into())
+            .spawn(move || {
+                let c = c;
+                abort(Some(c.0));
+                let _ = tx.send(());
+            });
+        started += usize::from(spawned.is_ok());
+    }
+    let deadline = Instant::now() + ABORT_WAIT;
+    for _ in 0..started {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if rx.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+}
+
 /// A NCCL communicator for this process's GPU.
 pub struct NcclComm {
-    comm: Mutex<Option<Comm>>,
+    comm: Slot,
+    family: Family,
     backend: Arc<CudaBackend>,
     /// The stream the collectives run on.
     stream: Arc<CudaStream>,
@@ -54,12 +103,11 @@ unsafe impl Sync for NcclComm {}
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        abort(
-            self.comm
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(),
-        );
+        abort(self.comm.lock().unwrap_or_else(|e| e.into_inner()).take());
+        self.family
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|s| !Arc::ptr_eq(s, &self.comm));
     }
 }
 
@@ -126,7 +174,8 @@ impl NcclComm {
             .into());
         }
         let stream = backend.gpu().stream().clone();
-        Self::init(backend, stream, rank, world, id_bytes, timeout)
+        let family = Family::default();
+        Self::init(backend, stream, family, rank, world, id_bytes, timeout)
     }
 
     /// `ncclCommInitRank` on a helper thread, waited for up to `timeout`, then a warm-up
@@ -134,6 +183,7 @@ impl NcclComm {
     fn init(
         backend: Arc<CudaBackend>,
         stream: Arc<CudaStream>,
+        family: Family,
         rank: usize,
         world: usize,
         id_bytes: &[u8],
@@ -143,10 +193,6 @@ impl NcclComm {
         for (d, &s) in internal.iter_mut().zip(id_bytes) {
             *d = s as std::ffi::c_char;
         }
-        /// A communicator handed from the init thread to this one.
-        struct Made(Comm);
-        // SAFETY: the communicator is used by one thread at a time: made there, used here.
-        unsafe impl Send for Made {}
         let (tx, rx) = mpsc::channel();
         let ctx = backend.gpu().context().clone();
         let init_stream = stream.clone();
@@ -158,7 +204,7 @@ impl NcclComm {
                     .map_err(|e| format!("{e:?}"))
                     .and_then(|_| {
                         Comm::from_rank(init_stream, rank, world, Id::uninit(internal))
-                            .map(Made)
+                            .map(SendComm)
                             .map_err(|e| format!("{e:?}"))
                     });
                 if let Err(mpsc::SendError(Ok(late))) = tx.send(made) {
@@ -168,13 +214,18 @@ impl NcclComm {
             })
             .map_err(|e| NnError::Cuda(format!("cannot start the NCCL init thread: {e}")))?;
         let comm = match rx.recv_timeout(timeout) {
-            Ok(Ok(Made(c))) => c,
+            Ok(Ok(SendComm(c))) => c,
             Ok(Err(e)) => {
                 return Err(NnError::Cuda(format!(
                     "ncclCommInitRank (rank {rank} of {world}): {e}"
                 )))
             }
-            Err(_) => {
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(NnError::Cuda(format!(
+                    "ncclCommInitRank (rank {rank} of {world}): the init thread panicked"
+                )))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
                 return Err(CommError::Nccl {
                     rank,
                     world,
@@ -187,8 +238,14 @@ impl NcclComm {
                 .into())
             }
         };
+        let slot: Slot = Arc::new(Mutex::new(Some(comm)));
+        family
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(slot.clone());
         let nccl = NcclComm {
-            comm: Mutex::new(Some(comm)),
+            comm: slot,
+            family,
             backend,
             stream,
             rank,
@@ -218,6 +275,20 @@ impl NcclComm {
         op: &str,
         f: impl FnOnce(&Comm) -> Result<T, CommError>,
     ) -> Result<(T, CudaEvent), CommError> {
+        let out = self.enqueue(op, f)?;
+        let event = self
+            .stream
+            .record_event(None)
+            .map_err(|e| cuda_err(op)(e.into()))?;
+        Ok((out, event))
+    }
+
+    /// Runs `f` with the communicator (which queues its collectives on the stream).
+    fn enqueue<T>(
+        &self,
+        op: &str,
+        f: impl FnOnce(&Comm) -> Result<T, CommError>,
+    ) -> Result<T, CommError> {
         let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
         let Some(comm) = guard.as_ref() else {
             return Err(CommError::Nccl {
@@ -232,12 +303,7 @@ impl NcclComm {
             .context()
             .bind_to_thread()
             .map_err(|e| cuda_err(op)(e.into()))?;
-        let out = f(comm)?;
-        let event = self
-            .stream
-            .record_event(None)
-            .map_err(|e| cuda_err(op)(e.into()))?;
-        Ok((out, event))
+        f(comm)
     }
 
     /// Runs `f` with the communicator, then waits for what it queued.
@@ -263,8 +329,8 @@ impl NcclComm {
             }
             let waited = start.elapsed();
             if waited > self.timeout {
-                // Aborting the communicator also releases the stuck kernels.
-                abort(self.comm.lock().unwrap_or_else(|e| e.into_inner()).take());
+                // Aborting the communicators also releases the stuck kernels.
+                abort_family(&self.family);
                 return Err(CommError::Nccl {
                     rank: self.rank,
                     world: self.world,
@@ -301,12 +367,24 @@ impl NcclComm {
     /// collective that is waited for, which queues behind this one.
     pub fn queue_all_reduce_device_f64(&self, buf: &mut CudaSlice<f64>) -> Result<(), CommError> {
         let op = "all_reduce (device, queued)";
-        self.launch(op, |c| {
+        self.enqueue(op, |c| {
             c.all_reduce_in_place(buf, &ReduceOp::Sum)
                 .map(|_| ())
                 .map_err(nccl_err(op))
         })
-        .map(|_| ())
+    }
+
+    /// Waits (up to the timeout) for everything queued so far on this communicator's stream:
+    /// before the host reads what kernels wrote after collectives queued without a wait
+    /// ([`NcclComm::queue_all_reduce_device_f64`]), since a plain read would block forever on
+    /// a collective whose peer died.
+    pub fn fence(&self) -> Result<(), CommError> {
+        let op = "fence";
+        let event = self
+            .stream
+            .record_event(None)
+            .map_err(|e| cuda_err(op)(e.into()))?;
+        self.wait_event(op, &event)
     }
 
     /// Every rank's `src` (of one length) concatenated in rank order into `dst`, on the device.
@@ -356,6 +434,12 @@ impl NcclComm {
                 }
             }
             let end = nccl::group_end();
+            // The grouped reductions are queued at group_end, after the write events that
+            // cudarc recorded for each buffer: record them again, after the kernels, so that
+            // any later use of a buffer on another stream waits for them.
+            for b in bufs.iter_mut() {
+                let (_, _written) = b.device_ptr_mut(&self.stream);
+            }
             if let Some(e) = first_err {
                 return Err(nccl_err(op)(e));
             }
@@ -507,6 +591,7 @@ impl Communicator for NcclComm {
         let dup = Self::init(
             self.backend.clone(),
             stream,
+            self.family.clone(),
             self.rank,
             self.world,
             &parts[0],

@@ -12,12 +12,14 @@
 //! - with the CPU communicators, on a worker thread that owns the duplicate.
 //!
 //! Every rank has the same model and finishes its parts in the same order, so the buckets match
-//! across ranks. The sums are those of one all-reduce after the backward pass, bit for bit: each
-//! value is summed over the ranks in rank order whichever bucket it is in.
+//! across ranks. With the CPU communicators the sums are those of one all-reduce after the
+//! backward pass, bit for bit: each value is summed over the ranks in rank order whichever
+//! bucket it is in. So with NCCL on two ranks (a + b); on more, NCCL's summation order depends on
+//! the size reduced, so a bucket may round differently from the whole.
 //!
 //! [`SimClr::backward_with`]: crate::SimClr::backward_with
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -137,6 +139,13 @@ impl GradBuckets {
         }
         let comm = comm.duplicate()?;
         let bucket_values = ((bucket_mib * (1 << 20) as f64 / 4.0) as usize).max(1);
+        if let Some(nccl) = comm.nccl() {
+            // NCCL connects per algorithm and protocol at first use: make the large-message
+            // connections now, under the timeout, not in the first step beside the other
+            // communicator's kernels.
+            let mut warm = nccl.backend().zeros(bucket_values)?;
+            nccl.all_reduce_device_f32(&mut warm)?;
+        }
         Ok(GradBuckets {
             comm,
             bucket_values,
@@ -160,6 +169,7 @@ impl GradBuckets {
             host_pending: 0,
             device_pending: Vec::new(),
             kept: Vec::new(),
+            handed: HashSet::new(),
         }
     }
 
@@ -206,6 +216,8 @@ pub struct Round<'a> {
     device_pending: Vec<(Bucket, NcclPending)>,
     /// Gradients of buckets that could not be started, to be put back.
     kept: Bucket,
+    /// The parameters handed over so far (by address).
+    handed: HashSet<usize>,
 }
 
 impl Round<'_> {
@@ -214,9 +226,11 @@ impl Round<'_> {
     pub fn ready(&mut self, part: &mut dyn Module) -> Result<()> {
         part.for_each_param(&mut |_, p| {
             let key = p as *const Param as usize;
-            let g = std::mem::replace(&mut p.grad, Tensor::empty());
-            self.open_values += g.numel();
-            self.open.push((key, g));
+            if self.handed.insert(key) {
+                let g = std::mem::replace(&mut p.grad, Tensor::empty());
+                self.open_values += g.numel();
+                self.open.push((key, g));
+            }
         });
         let mib = if self.sent == 0 {
             FIRST_BUCKET_MIB
@@ -251,6 +265,9 @@ impl Round<'_> {
                         Ok(())
                     }
                     Err(e) => {
+                        // Some of the group may be queued: let it finish (or time out, which
+                        // aborts it) before the gradients can be freed or reused.
+                        let _ = nccl.fence();
                         self.kept.extend(bucket);
                         Err(e)
                     }
@@ -275,15 +292,18 @@ impl Round<'_> {
         let mut first_err = self.flush().err();
         let mut back: HashMap<usize, Tensor> = HashMap::new();
         first_err = first_err.or(self.collect(&mut back).err());
-        // Parameters the backward pass did not hand over (a model whose hooks miss some).
+        // Parameters the backward pass did not hand over (a model whose hooks miss some), unless
+        // a bucket failed: this rank alone would then make one more collective than the others.
         let mut rest: Bucket = Vec::new();
-        model.for_each_param(&mut |_, p| {
-            let key = p as *const Param as usize;
-            if !back.contains_key(&key) {
-                let g = std::mem::replace(&mut p.grad, Tensor::empty());
-                rest.push((key, g));
-            }
-        });
+        if first_err.is_none() {
+            model.for_each_param(&mut |_, p| {
+                let key = p as *const Param as usize;
+                if !self.handed.contains(&key) {
+                    let g = std::mem::replace(&mut p.grad, Tensor::empty());
+                    rest.push((key, g));
+                }
+            });
+        }
         if !rest.is_empty() {
             let r = reduce_on_host(self.owner.comm.as_ref(), &mut rest);
             first_err = first_err.or(r.err());

@@ -39,7 +39,9 @@ pub struct DataParallel {
     /// Batch-norm statistics over all replicas' batches (SimCLR's choice); `false`: per replica.
     pub global_batch_norm: bool,
     /// The gradient all-reduce in buckets overlapped with the backward pass (over a duplicate
-    /// of `comm`); `None`: one all-reduce after the backward pass. The sums are the same bits.
+    /// of `comm`); `None`: one all-reduce after the backward pass. The sums are the same bits
+    /// with the CPU communicators and with NCCL on two ranks; NCCL on more may sum a bucket in
+    /// another order than the whole (its algorithm depends on the size), a rounding difference.
     pub overlap: Option<Arc<GradBuckets>>,
 }
 
@@ -83,20 +85,21 @@ fn set_batch_norm_sync(model: &mut dyn Module, sync: Option<Arc<dyn Communicator
 /// does not check counts, so replicas with different batches would write past each other's
 /// buffers; and global batch norm then knows every layer's row count without asking).
 fn check_same_shape(comm: &dyn Communicator, views: &Tensor) -> Result<()> {
+    const DIMS: usize = 8;
     let shape = views.shape();
     // Sums of each extent and of its square are equal to world·d and world·d² for every rank
-    // exactly when all ranks agree.
-    let mut v: Vec<f64> = shape
-        .iter()
-        .flat_map(|&d| [d as f64, (d as f64) * (d as f64)])
-        .collect();
-    v.push(shape.len() as f64);
+    // exactly when all ranks agree. The same length on every rank, whatever its views (NCCL
+    // does not check lengths either): the first DIMS extents, zero-padded, and the rank.
+    let mut v = vec![0.0f64; 2 * DIMS + 2];
+    for (i, &d) in shape.iter().take(DIMS).enumerate() {
+        v[2 * i] = d as f64;
+        v[2 * i + 1] = (d as f64) * (d as f64);
+    }
+    v[2 * DIMS] = shape.len() as f64;
+    v[2 * DIMS + 1] = (shape.len() * shape.len()) as f64;
     comm.all_reduce_f64(&mut v)?;
     let world = comm.world_size() as f64;
-    let same = v[shape.len() * 2] == world * shape.len() as f64
-        && v.chunks_exact(2)
-            .take(shape.len())
-            .all(|p| p[1] * world == p[0] * p[0]);
+    let same = v.chunks_exact(2).all(|p| p[1] * world == p[0] * p[0]);
     if !same {
         return Err(CommError::Mismatch {
             op: "data-parallel step".into(),
@@ -413,6 +416,14 @@ pub fn forward_backward_dp(
             return Err(e);
         }
     };
+    if let (Some(nccl), true) = (comm.nccl(), dp.global_batch_norm) {
+        // Batch norm queued its reductions without waiting: wait for them under the timeout
+        // before the host reads z (a plain read would hang on a dead peer).
+        if let Err(e) = nccl.fence() {
+            set_batch_norm_sync(model, None);
+            return Err(e.into());
+        }
+    }
     if any_rank(comm, !z.all_finite())? {
         set_batch_norm_sync(model, None);
         return Err(NnError::NonFinite {

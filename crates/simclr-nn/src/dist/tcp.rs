@@ -503,10 +503,18 @@ impl Communicator for TcpComm {
             rendezvous_timeout: self.timeout,
             timeout: self.timeout,
         };
+        let mut v6 = false;
         let root_ip = {
             let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             match &inner.links {
-                Links::Root(_) => None,
+                Links::Root(peers) => {
+                    // Listen on the address family the others reached rank 0 by.
+                    v6 = peers
+                        .first()
+                        .and_then(|s| s.local_addr().ok())
+                        .is_some_and(|a| a.is_ipv6());
+                    None
+                }
                 Links::Leaf(s) => Some(
                     s.peer_addr()
                         .map_err(|e| CommError::Rendezvous(format!("{op}: {e}")))?
@@ -516,7 +524,12 @@ impl Communicator for TcpComm {
         };
         let links = match root_ip {
             None => {
-                let listener = listen(([0, 0, 0, 0], 0).into())?;
+                let any: SocketAddr = if v6 {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                } else {
+                    ([0, 0, 0, 0], 0).into()
+                };
+                let listener = listen(any)?;
                 let at = listener
                     .local_addr()
                     .map_err(|e| CommError::Rendezvous(format!("{op}: {e}")))?;
