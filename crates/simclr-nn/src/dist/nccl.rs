@@ -42,7 +42,7 @@ struct SendComm(Comm);
 unsafe impl Send for SendComm {}
 
 /// One communicator, `None` once aborted.
-type Slot = Arc<Mutex<Option<Comm>>>;
+type Slot = Arc<Mutex<Option<SendComm>>>;
 
 /// The communicators of one group on this GPU: the first and its duplicates. A timeout in one
 /// aborts them all at once: an abort frees device memory, which waits for every kernel still
@@ -59,7 +59,6 @@ fn abort_family(family: &Family) {
     let comms: Vec<SendComm> = slots
         .iter()
         .filter_map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).take())
-        .map(SendComm)
         .collect();
     let (tx, rx) = mpsc::channel();
     let mut started = 0;
@@ -103,7 +102,13 @@ unsafe impl Sync for NcclComm {}
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        abort(self.comm.lock().unwrap_or_else(|e| e.into_inner()).take());
+        abort(
+            self.comm
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .map(|c| c.0),
+        );
         self.family
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -238,7 +243,7 @@ impl NcclComm {
                 .into())
             }
         };
-        let slot: Slot = Arc::new(Mutex::new(Some(comm)));
+        let slot: Slot = Arc::new(Mutex::new(Some(SendComm(comm))));
         family
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -290,7 +295,7 @@ impl NcclComm {
         f: impl FnOnce(&Comm) -> Result<T, CommError>,
     ) -> Result<T, CommError> {
         let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(comm) = guard.as_ref() else {
+        let Some(comm) = guard.as_ref().map(|c| &c.0) else {
             return Err(CommError::Nccl {
                 rank: self.rank,
                 world: self.world,
