@@ -113,7 +113,7 @@ pub fn forward_backward_cached(
     for c in 0..chunks {
         let idx = chunk_rows(n, chunks, c);
         let (_, z) = model.forward(&gather_rows(views, &idx)?, true)?;
-        if !z.all_finite() {
+        if !z.try_all_finite()? {
             restore(model, saved);
             return Err(NnError::NonFinite {
                 what: format!("the projections z of chunk {c} (the weights or the input overflow)"),

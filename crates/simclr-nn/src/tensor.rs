@@ -425,20 +425,80 @@ impl Tensor {
 
     /// True when every value is finite (false too when a GPU cannot say).
     pub fn all_finite(&self) -> bool {
-        match &self.storage {
-            Storage::Cpu(v) => v.iter().all(|x| x.is_finite()),
-            // The f64 sum of f32 values is finite exactly when they all are (it cannot
-            // overflow), and costs one reduction instead of a copy to the host.
-            Storage::Cuda(b) => simclr_kernels::cuda::train::sum(b.backend.gpu(), &b.data)
-                .map(f64::is_finite)
-                .unwrap_or(false),
+        self.try_all_finite().unwrap_or(false)
+    }
+
+    /// [`Tensor::all_finite`], with the device's error when it cannot say (a CUDA fault is not
+    /// a divergence).
+    pub fn try_all_finite(&self) -> Result<bool> {
+        Ok(all_finite_each(std::slice::from_ref(self))?[0])
+    }
+}
+
+/// Whether each tensor's values are all finite. The tensors on a GPU cost one reduction each
+/// and one download for all of them (not a wait per tensor).
+pub(crate) fn all_finite_each(ts: &[Tensor]) -> Result<Vec<bool>> {
+    let mut out = vec![true; ts.len()];
+    let mut on_gpu: Vec<usize> = Vec::new();
+    for (i, t) in ts.iter().enumerate() {
+        match &t.storage {
+            Storage::Cpu(v) => out[i] = v.iter().all(|x| x.is_finite()),
+            Storage::Cuda(_) => on_gpu.push(i),
         }
     }
+    // Grouped by device: the sums of one device go to one buffer there.
+    while let Some(&first) = on_gpu.first() {
+        let backend = ts[first].cuda()?.backend().clone();
+        let (here, rest): (Vec<usize>, Vec<usize>) = on_gpu.iter().partition(|&&i| {
+            Arc::ptr_eq(
+                ts[i].cuda().map(|b| b.backend()).unwrap_or(&backend),
+                &backend,
+            )
+        });
+        let gpu = backend.gpu();
+        let mut sums = gpu.zeros::<f64>(here.len())?;
+        for (k, &i) in here.iter().enumerate() {
+            let data = &ts[i].cuda()?.data;
+            // The f64 sum of f32 values is finite exactly when they all are (it cannot
+            // overflow), and costs one reduction instead of a copy to the host.
+            simclr_kernels::cuda::train::sum_into(gpu, data, &mut sums.slice_mut(k..k + 1))?;
+        }
+        for (s, &i) in gpu.download(&sums)?.iter().zip(&here) {
+            out[i] = s.is_finite();
+        }
+        on_gpu = rest;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finiteness_of_each_tensor() {
+        let t = |v: Vec<f32>| Tensor::from_vec(&[v.len()], v).unwrap();
+        let ts = [
+            t(vec![1.0, 2.0]),
+            t(vec![1.0, f32::NAN]),
+            t(vec![f32::INFINITY]),
+            t(vec![]),
+            t(vec![f32::MAX, f32::MAX]),
+        ];
+        assert_eq!(
+            all_finite_each(&ts).unwrap(),
+            vec![true, false, false, true, true]
+        );
+        assert!(!ts[2].try_all_finite().unwrap());
+        if crate::cuda::device_count() > 0 {
+            // The same answers from the GPU's reductions, one download for all.
+            let on: Vec<Tensor> = ts
+                .iter()
+                .map(|x| x.to_device(Device::Cuda(0)).unwrap())
+                .collect();
+            assert_eq!(all_finite_each(&on).unwrap(), all_finite_each(&ts).unwrap());
+        }
+    }
 
     #[test]
     fn zeroing_and_host_writes_leave_sharers_alone() {

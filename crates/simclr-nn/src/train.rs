@@ -42,7 +42,7 @@ pub fn train_step_with_h(
 ) -> Result<(StepStats, Tensor)> {
     model.zero_grad();
     let (h, z) = model.forward(views, true)?;
-    if !z.all_finite() {
+    if !z.try_all_finite()? {
         return Err(NnError::NonFinite {
             what: "the projections z (the weights or the input overflow)".into(),
         });
@@ -57,15 +57,17 @@ pub fn train_step_with_h(
 /// An error naming the first parameter whose gradient holds NaN or infinity (the update must not
 /// run: it would spread them into the weights).
 pub(crate) fn check_finite_grads(model: &mut SimClr) -> Result<()> {
-    let mut bad = None;
+    let (mut names, mut grads) = (Vec::new(), Vec::new());
     model.for_each_param(&mut |name, p| {
-        if bad.is_none() && !p.grad.all_finite() {
-            bad = Some(name.to_string());
-        }
+        names.push(name.to_string());
+        // Shares the storage for the check only: dropped before anything writes a gradient.
+        grads.push(p.grad.clone());
     });
-    match bad {
-        Some(name) => Err(NnError::NonFinite {
-            what: format!("gradient of {name}"),
+    let finite = crate::tensor::all_finite_each(&grads)?;
+    drop(grads);
+    match finite.iter().position(|f| !f) {
+        Some(i) => Err(NnError::NonFinite {
+            what: format!("gradient of {}", names[i]),
         }),
         None => Ok(()),
     }

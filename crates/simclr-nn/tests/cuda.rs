@@ -541,6 +541,24 @@ fn nccl_single_rank_collectives_and_step() {
     }
 }
 
+#[test]
+fn cuda_finiteness_checks_match_the_host() {
+    let Some((dev, _turn)) = cuda_or_skip("cuda_finiteness_checks_match_the_host") else {
+        return;
+    };
+    for v in [
+        vec![1.0f32, -2.0, 3.5],
+        vec![1.0, f32::NAN],
+        vec![f32::NEG_INFINITY, 0.0],
+        vec![f32::MAX; 1000],
+        vec![],
+    ] {
+        let host = Tensor::from_vec(&[v.len()], v.clone()).unwrap();
+        let want = host.try_all_finite().unwrap();
+        assert_eq!(up(&host, dev).try_all_finite().unwrap(), want, "{v:?}");
+    }
+}
+
 /// From the third step on, a training step takes no new memory from the driver (everything
 /// comes from the pool, which keeps what is freed), and gives back all it takes: nothing leaks.
 #[test]

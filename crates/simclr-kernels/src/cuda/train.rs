@@ -5,7 +5,7 @@
 //! Batch norm takes a `reduce` hook between its reductions and their use: the identity on one
 //! GPU, an all-reduce over the replicas for SimCLR's global batch norm.
 
-use cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::{ensure, int, Gpu, GpuError, Module};
 
@@ -106,9 +106,20 @@ pub fn cast_bf16_to_f32(
 
 /// The sum of `x`, in f64, in a fixed order (reproducible run to run).
 pub fn sum(gpu: &Gpu, x: &CudaSlice<f32>) -> Result<f64, GpuError> {
+    let mut out = gpu.zeros::<f64>(1)?;
+    sum_into(gpu, x, &mut out.slice_mut(0..1))?;
+    Ok(gpu.download(&out)?[0])
+}
+
+/// [`sum`] written to `out[0]` on the device, without a wait: many sums, one download.
+pub fn sum_into(
+    gpu: &Gpu,
+    x: &CudaSlice<f32>,
+    out: &mut CudaViewMut<'_, f64>,
+) -> Result<(), GpuError> {
+    ensure(!out.is_empty(), || "sum_into: no room for the sum".into())?;
     let blocks = x.len().div_ceil(THREADS as usize * 8).clamp(1, 1024);
     let mut partials = gpu.zeros::<f64>(blocks)?;
-    let mut out = gpu.zeros::<f64>(1)?;
     let n = x.len() as u64;
     let f = gpu.function(Module::Train, "sum_partials_f32")?;
     let mut b = gpu.stream().launch_builder(&f);
@@ -125,8 +136,8 @@ pub fn sum(gpu: &Gpu, x: &CudaSlice<f32>) -> Result<f64, GpuError> {
     let scale = 1.0f64;
     let f = gpu.function(Module::Train, "sum_finish")?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&partials).arg(&nb).arg(&scale).arg(&mut out);
-    // SAFETY: sum_finish(const double*, int, double, double*), one block.
+    b.arg(&partials).arg(&nb).arg(&scale).arg(out);
+    // SAFETY: sum_finish(const double*, int, double, double*), one block; out holds >= 1.
     unsafe {
         b.launch(LaunchConfig {
             grid_dim: (1, 1, 1),
@@ -134,7 +145,7 @@ pub fn sum(gpu: &Gpu, x: &CudaSlice<f32>) -> Result<f64, GpuError> {
             shared_mem_bytes: 0,
         })
     }?;
-    Ok(gpu.download(&out)?[0])
+    Ok(())
 }
 
 /// Global average pooling: `[n, hw, c]` to `[n, c]`.

@@ -424,7 +424,14 @@ pub fn forward_backward_dp(
             return Err(e.into());
         }
     }
-    if any_rank(comm, !z.all_finite())? {
+    let finite = match z.try_all_finite() {
+        Ok(f) => f,
+        Err(e) => {
+            set_batch_norm_sync(model, None);
+            return Err(e);
+        }
+    };
+    if any_rank(comm, !finite)? {
         set_batch_norm_sync(model, None);
         return Err(NnError::NonFinite {
             what: "the projections z of some replica (the weights or the input overflow)".into(),
