@@ -27,6 +27,8 @@ IFS=$IFS_SAVED
 LD_LIBRARY_PATH="$HERE/lib:${LD_LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH
 export RUST_BACKTRACE=1
+# NCCL connects every algorithm at init (under our timeout), not lazily inside a collective.
+export NCCL_RUNTIME_CONNECT="${NCCL_RUNTIME_CONNECT:-0}"
 
 {
   echo "== machine"

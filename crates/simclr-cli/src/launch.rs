@@ -88,6 +88,11 @@ pub fn launch(
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
             .env("RAYON_NUM_THREADS", &threads);
+        if std::env::var_os("NCCL_RUNTIME_CONNECT").is_none() {
+            // NCCL then connects every algorithm at init, under its timeout, not lazily inside
+            // a collective beside another communicator's kernels (the overlapped all-reduce).
+            cmd.env("NCCL_RUNTIME_CONNECT", "0");
+        }
         if rank > 0 {
             cmd.stdout(Stdio::null());
         }

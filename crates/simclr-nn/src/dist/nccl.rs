@@ -14,6 +14,7 @@
 //! [`NcclComm::new`], a new stream for each [`Communicator::duplicate`] (whose collectives then
 //! overlap the compute; cudarc orders the two streams' uses of a buffer by events).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,19 +28,21 @@ use crate::cuda::CudaBackend;
 use crate::error::{NnError, Result};
 use crate::tensor::Device;
 
-/// Aborts (drops) a communicator; cudarc's drop panics if the abort itself fails (a device
-/// already in a failed state), which must not turn an error report into a crash.
-fn abort(comm: Option<Comm>) {
-    if let Some(c) = comm {
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(c)));
-    }
-}
-
-/// A communicator moved to another thread (to be made or aborted there).
-struct SendComm(Comm);
+/// A communicator that can move to another thread (to be made or aborted there). Dropping it
+/// aborts the communicator; cudarc's drop panics if the abort itself fails (a device already in
+/// a failed state), which must not turn an error report into a crash.
+struct SendComm(Option<Comm>);
 
 // SAFETY: a NCCL communicator is not tied to a thread; it is used by one thread at a time.
 unsafe impl Send for SendComm {}
+
+impl Drop for SendComm {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(c)));
+        }
+    }
+}
 
 /// One communicator, `None` once aborted.
 type Slot = Arc<Mutex<Option<SendComm>>>;
@@ -47,28 +50,30 @@ type Slot = Arc<Mutex<Option<SendComm>>>;
 /// The communicators of one group on this GPU: the first and its duplicates. A timeout in one
 /// aborts them all at once: an abort frees device memory, which waits for every kernel still
 /// running, so a stuck kernel of another communicator would block it.
-type Family = Arc<Mutex<Vec<Slot>>>;
+#[derive(Default)]
+struct Family {
+    slots: Mutex<Vec<Slot>>,
+    /// Set when the family was aborted: waits that were under way report it instead of success
+    /// (an abort releases the stuck kernels, so their events complete).
+    aborted: AtomicBool,
+}
 
-/// How long the aborts after a timeout may take before they are left behind.
+/// How long the aborts may take before they are left behind.
 const ABORT_WAIT: Duration = Duration::from_secs(10);
 
-/// Aborts every communicator of `family`, each on its own thread, all started before any is
+/// Aborts the communicators of `slots`, each on its own thread (which takes it out of its slot,
+/// so a slot held by a stuck thread does not block the others), all started before any is
 /// waited for; waits at most [`ABORT_WAIT`].
-fn abort_family(family: &Family) {
-    let slots: Vec<Slot> = family.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let comms: Vec<SendComm> = slots
-        .iter()
-        .filter_map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).take())
-        .collect();
+fn abort_slots(slots: Vec<Slot>) {
     let (tx, rx) = mpsc::channel();
     let mut started = 0;
-    for c in comms {
+    for slot in slots {
         let tx = tx.clone();
         let spawned = std::thread::Builder::new()
             .name("nccl-abort".into())
             .spawn(move || {
-                let c = c;
-                abort(Some(c.0));
+                let comm = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                drop(comm);
                 let _ = tx.send(());
             });
         started += usize::from(spawned.is_ok());
@@ -82,10 +87,19 @@ fn abort_family(family: &Family) {
     }
 }
 
+impl Family {
+    /// Aborts every communicator of the family at once.
+    fn abort_all(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        abort_slots(slots);
+    }
+}
+
 /// A NCCL communicator for this process's GPU.
 pub struct NcclComm {
     comm: Slot,
-    family: Family,
+    family: Arc<Family>,
     backend: Arc<CudaBackend>,
     /// The stream the collectives run on.
     stream: Arc<CudaStream>,
@@ -102,17 +116,14 @@ unsafe impl Sync for NcclComm {}
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        abort(
-            self.comm
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-                .map(|c| c.0),
-        );
         self.family
+            .slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|s| !Arc::ptr_eq(s, &self.comm));
+        // On a thread of its own and waited for a bounded time: a stuck kernel of another
+        // communicator of the family would block this abort.
+        abort_slots(vec![self.comm.clone()]);
     }
 }
 
@@ -179,7 +190,7 @@ impl NcclComm {
             .into());
         }
         let stream = backend.gpu().stream().clone();
-        let family = Family::default();
+        let family = Arc::new(Family::default());
         Self::init(backend, stream, family, rank, world, id_bytes, timeout)
     }
 
@@ -188,7 +199,7 @@ impl NcclComm {
     fn init(
         backend: Arc<CudaBackend>,
         stream: Arc<CudaStream>,
-        family: Family,
+        family: Arc<Family>,
         rank: usize,
         world: usize,
         id_bytes: &[u8],
@@ -209,17 +220,15 @@ impl NcclComm {
                     .map_err(|e| format!("{e:?}"))
                     .and_then(|_| {
                         Comm::from_rank(init_stream, rank, world, Id::uninit(internal))
-                            .map(SendComm)
+                            .map(|c| SendComm(Some(c)))
                             .map_err(|e| format!("{e:?}"))
                     });
-                if let Err(mpsc::SendError(Ok(late))) = tx.send(made) {
-                    // The caller gave up waiting: this communicator is not wanted.
-                    abort(Some(late.0));
-                }
+                // If the caller gave up waiting, the communicator is aborted here (dropped).
+                let _ = tx.send(made);
             })
             .map_err(|e| NnError::Cuda(format!("cannot start the NCCL init thread: {e}")))?;
         let comm = match rx.recv_timeout(timeout) {
-            Ok(Ok(SendComm(c))) => c,
+            Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 return Err(NnError::Cuda(format!(
                     "ncclCommInitRank (rank {rank} of {world}): {e}"
@@ -243,8 +252,9 @@ impl NcclComm {
                 .into())
             }
         };
-        let slot: Slot = Arc::new(Mutex::new(Some(SendComm(comm))));
+        let slot: Slot = Arc::new(Mutex::new(Some(comm)));
         family
+            .slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(slot.clone());
@@ -295,7 +305,8 @@ impl NcclComm {
         f: impl FnOnce(&Comm) -> Result<T, CommError>,
     ) -> Result<T, CommError> {
         let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(comm) = guard.as_ref().map(|c| &c.0) else {
+        let comm = guard.as_ref().and_then(|c| c.0.as_ref());
+        let Some(comm) = comm.filter(|_| !self.family.aborted.load(Ordering::SeqCst)) else {
             return Err(CommError::Nccl {
                 rank: self.rank,
                 world: self.world,
@@ -326,8 +337,19 @@ impl NcclComm {
     /// call fails.
     fn wait_event(&self, op: &str, event: &CudaEvent) -> Result<(), CommError> {
         let start = Instant::now();
+        let aborted = || CommError::Nccl {
+            rank: self.rank,
+            world: self.world,
+            op: op.into(),
+            why: "the communicators were aborted after a collective timed out".into(),
+        };
         loop {
+            if self.family.aborted.load(Ordering::SeqCst) {
+                return Err(aborted());
+            }
             match event.try_is_complete() {
+                // An abort releases stuck kernels too: only a completion before it counts.
+                Ok(true) if self.family.aborted.load(Ordering::SeqCst) => return Err(aborted()),
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
                 Err(e) => return Err(cuda_err(op)(e.into())),
@@ -335,7 +357,7 @@ impl NcclComm {
             let waited = start.elapsed();
             if waited > self.timeout {
                 // Aborting the communicators also releases the stuck kernels.
-                abort_family(&self.family);
+                self.family.abort_all();
                 return Err(CommError::Nccl {
                     rank: self.rank,
                     world: self.world,

@@ -140,11 +140,15 @@ impl GradBuckets {
         let comm = comm.duplicate()?;
         let bucket_values = ((bucket_mib * (1 << 20) as f64 / 4.0) as usize).max(1);
         if let Some(nccl) = comm.nccl() {
-            // NCCL connects per algorithm and protocol at first use: make the large-message
-            // connections now, under the timeout, not in the first step beside the other
+            // NCCL connects per algorithm and protocol at first use (unless
+            // NCCL_RUNTIME_CONNECT=0, which `simclr launch` sets): make the connections of both
+            // bucket sizes now, under the timeout, not in the first step beside the other
             // communicator's kernels.
-            let mut warm = nccl.backend().zeros(bucket_values)?;
-            nccl.all_reduce_device_f32(&mut warm)?;
+            let first = bucket_values.min((FIRST_BUCKET_MIB * (1 << 20) as f64 / 4.0) as usize);
+            for n in [first, bucket_values] {
+                let mut warm = nccl.backend().zeros(n)?;
+                nccl.all_reduce_device_f32(&mut warm)?;
+            }
         }
         Ok(GradBuckets {
             comm,

@@ -412,6 +412,10 @@ pub fn forward_backward_dp(
     let (h, z) = match out {
         Ok(v) => v,
         Err(e) => {
+            if let Some(nccl) = comm.nccl() {
+                // Reductions batch norm queued may still run: let them finish or time out.
+                let _ = nccl.fence();
+            }
             set_batch_norm_sync(model, None);
             return Err(e);
         }
