@@ -1,5 +1,7 @@
 //! Parity with PyTorch (llm.c style): tensors that tests/reference/make_fixtures.py computed with
-//! PyTorch (in float64) for the same tiny models, matched by the Rust CPU path within 1e-4.
+//! PyTorch (in float64) for the same tiny models, matched within 1e-4 by the Rust CPU path and,
+//! where a GPU is present, by the CUDA backend in FP32 math (elsewhere that half prints that it
+//! skipped).
 
 mod common;
 
@@ -13,6 +15,24 @@ use simclr::nn::{
 };
 
 const RTOL: f64 = 1e-4;
+
+/// The CPU, and the first GPU when there is one (in FP32 math: TF32 or bf16 would not meet the
+/// tolerance).
+fn devices(test: &str) -> Vec<Device> {
+    let mut d = vec![Device::Cpu];
+    if !simclr::kernels::cuda::gpu_available() {
+        println!("{test} on cuda:0: skipped (no CUDA driver or no GPU on this machine)");
+        return d;
+    }
+    match simclr::nn::cuda::CudaBackend::get(0) {
+        Ok(b) => {
+            b.set_math_mode(simclr::nn::cuda::MathMode::Fp32);
+            d.push(Device::Cuda(0));
+        }
+        Err(e) => panic!("{test}: a GPU is present but the CUDA backend could not start: {e}"),
+    }
+    d
+}
 
 fn fixture(name: &str) -> Checkpoint {
     let path = repo_root().join("tests/reference/fixtures").join(name);
@@ -106,27 +126,34 @@ fn basic_config(ck: &Checkpoint) -> SimClrConfig {
 
 #[test]
 fn basic_resnet_simclr_step_matches_pytorch() {
+    for dev in devices("basic_resnet_simclr_step_matches_pytorch") {
+        basic_step_on(dev);
+    }
+}
+
+fn basic_step_on(dev: Device) {
     let ck = fixture("basic_simclr.safetensors");
-    let mut model = SimClr::new(&basic_config(&ck), Device::Cpu, 0).unwrap();
+    let mut model = SimClr::new(&basic_config(&ck), dev, 0).unwrap();
     let unused = ck.apply(&mut model, "param.").unwrap();
     assert!(
         unused.iter().all(|k| !k.starts_with("param.")),
         "model ignores {unused:?}"
     );
+    assert_eq!(model.device(), dev);
 
     let (h, z) = model.forward(&tensor(&ck, "input"), true).unwrap();
-    assert_allclose("h", &h.to_vec(), f32s(&ck, "h"), RTOL);
-    assert_allclose("z", &z.to_vec(), f32s(&ck, "z"), RTOL);
+    assert_allclose(&format!("{dev}: h"), &h.to_vec(), f32s(&ck, "h"), RTOL);
+    assert_allclose(&format!("{dev}: z"), &z.to_vec(), f32s(&ck, "z"), RTOL);
     let tau = f32s(&ck, "meta.temperature")[0];
     let (loss, dz) = nt_xent(&z, tau).unwrap();
-    assert_allclose("loss", &[loss], f32s(&ck, "loss"), RTOL);
+    assert_allclose(&format!("{dev}: loss"), &[loss], f32s(&ck, "loss"), RTOL);
     model.backward(&dz).unwrap();
 
     let g = grads(&mut model);
     assert!(g.len() >= 20);
     for (name, t) in &g {
         assert_allclose(
-            &format!("grad.{name}"),
+            &format!("{dev}: grad.{name}"),
             data(t),
             f32s(&ck, &format!("grad.{name}")),
             RTOL,
@@ -141,8 +168,9 @@ fn basic_resnet_simclr_step_matches_pytorch() {
     let after = values(&mut sgd_model);
     for (name, t) in &after {
         let want = f32s(&ck, &format!("sgd.{name}"));
-        assert_allclose(&format!("sgd.{name}"), data(t), want, RTOL);
-        check_update(&format!("sgd.{name}"), data(&before[name]), data(t), want);
+        let what = format!("{dev}: sgd.{name}");
+        assert_allclose(&what, data(t), want, RTOL);
+        check_update(&what, data(&before[name]), data(t), want);
     }
 
     // Two LARS steps with the same gradients: the second exercises the momentum buffer.
@@ -153,13 +181,9 @@ fn basic_resnet_simclr_step_matches_pytorch() {
         let after = values(&mut lars_model);
         for (name, t) in &after {
             let want = f32s(&ck, &format!("{step}.{name}"));
-            assert_allclose(&format!("{step}.{name}"), data(t), want, RTOL);
-            check_update(
-                &format!("{step}.{name}"),
-                data(&before[name]),
-                data(t),
-                want,
-            );
+            let what = format!("{dev}: {step}.{name}");
+            assert_allclose(&what, data(t), want, RTOL);
+            check_update(&what, data(&before[name]), data(t), want);
         }
     }
 }
@@ -183,40 +207,51 @@ fn check_update(what: &str, before: &[f32], ours: &[f32], want: &[f32]) {
 
 #[test]
 fn bottleneck_resnet_forward_backward_matches_pytorch() {
-    let ck = fixture("bottleneck_resnet.safetensors");
-    let h_dim = ck.tensors["h"].shape[1];
-    let config = ResNetConfig {
-        block: BlockKind::Bottleneck,
-        layers: [1, 1, 1, 1],
-        base_width: h_dim / 32,
-        stem: Stem::ImageNet,
-        in_channels: 3,
-    };
-    let mut model = ResNet::new(config, Device::Cpu, &mut rand_seeded()).unwrap();
-    ck.apply(&mut model, "param.").unwrap();
-    let h = model.forward(&tensor(&ck, "input"), true).unwrap();
-    assert_allclose("h", &h.to_vec(), f32s(&ck, "h"), RTOL);
-    model.backward(&tensor(&ck, "r")).unwrap();
-    let g = grads(&mut model);
-    for (name, t) in &g {
-        assert_allclose(
-            &format!("grad.{name}"),
-            data(t),
-            f32s(&ck, &format!("grad.{name}")),
-            RTOL,
-        );
+    for dev in devices("bottleneck_resnet_forward_backward_matches_pytorch") {
+        let ck = fixture("bottleneck_resnet.safetensors");
+        let h_dim = ck.tensors["h"].shape[1];
+        let config = ResNetConfig {
+            block: BlockKind::Bottleneck,
+            layers: [1, 1, 1, 1],
+            base_width: h_dim / 32,
+            stem: Stem::ImageNet,
+            in_channels: 3,
+        };
+        let mut model = ResNet::new(config, dev, &mut rand_seeded()).unwrap();
+        ck.apply(&mut model, "param.").unwrap();
+        let h = model.forward(&tensor(&ck, "input"), true).unwrap();
+        assert_allclose(&format!("{dev}: h"), &h.to_vec(), f32s(&ck, "h"), RTOL);
+        model
+            .backward(&tensor(&ck, "r").to_device(dev).unwrap())
+            .unwrap();
+        let g = grads(&mut model);
+        for (name, t) in &g {
+            assert_allclose(
+                &format!("{dev}: grad.{name}"),
+                data(t),
+                f32s(&ck, &format!("grad.{name}")),
+                RTOL,
+            );
+        }
+        assert!(check_running_stats(&mut model, &ck) >= 10);
     }
-    assert!(check_running_stats(&mut model, &ck) >= 10);
 }
 
 #[test]
 fn eval_mode_uses_running_statistics_like_pytorch() {
-    let ck = fixture("basic_eval.safetensors");
-    let train = fixture("basic_simclr.safetensors");
-    let mut model = SimClr::new(&basic_config(&train), Device::Cpu, 0).unwrap();
-    train.apply(&mut model, "param.").unwrap();
-    let h = model.encoder.forward(&tensor(&ck, "input"), false).unwrap();
-    assert_allclose("h (eval)", &h.to_vec(), f32s(&ck, "h"), RTOL);
+    for dev in devices("eval_mode_uses_running_statistics_like_pytorch") {
+        let ck = fixture("basic_eval.safetensors");
+        let train = fixture("basic_simclr.safetensors");
+        let mut model = SimClr::new(&basic_config(&train), dev, 0).unwrap();
+        train.apply(&mut model, "param.").unwrap();
+        let h = model.encoder.forward(&tensor(&ck, "input"), false).unwrap();
+        assert_allclose(
+            &format!("{dev}: h (eval)"),
+            &h.to_vec(),
+            f32s(&ck, "h"),
+            RTOL,
+        );
+    }
 }
 
 fn rand_seeded() -> rand_chacha::ChaCha8Rng {

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // SIMCLR_REPO_ROOT: a test binary built here and run elsewhere (gpu-check on the GPU
+    // machine, whose copy of the repository lies at another path).
+    std::env::var_os("SIMCLR_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// Asserts that `got` matches `want` within relative tolerance `rtol`: both as whole tensors

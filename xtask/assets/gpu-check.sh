@@ -29,6 +29,9 @@ export LD_LIBRARY_PATH
 export RUST_BACKTRACE=1
 # NCCL connects every algorithm at init (under our timeout), not lazily inside a collective.
 export NCCL_RUNTIME_CONNECT="${NCCL_RUNTIME_CONNECT:-0}"
+# The parity test reads the PyTorch fixtures from the repository this folder sits in.
+SIMCLR_REPO_ROOT="$(cd "$HERE/.." && pwd)"
+export SIMCLR_REPO_ROOT
 
 {
   echo "== machine"

@@ -195,6 +195,17 @@ pub fn gpu_check(_args: &[String]) -> Result<(), String> {
         "--test",
         "nccl_faults",
     ]))?;
+    // The PyTorch parity fixtures, on the GPU too (the fixtures travel with the repository).
+    let parity = built_executables(cargo().args([
+        "test",
+        "--release",
+        "--no-run",
+        "--message-format=json",
+        "-p",
+        "simclr",
+        "--test",
+        "parity",
+    ]))?;
     let benches = built_executables(cargo().args([
         "bench",
         "--no-run",
@@ -215,13 +226,17 @@ pub fn gpu_check(_args: &[String]) -> Result<(), String> {
         copy_exe(exe, &bin.join(format!("test-nn-{name}")))?;
         n += 1;
     }
+    for (name, exe) in &parity {
+        copy_exe(exe, &bin.join(format!("test-{name}")))?;
+        n += 1;
+    }
     for (name, exe) in &benches {
         copy_exe(exe, &bin.join(format!("bench-{name}")))?;
         n += 1;
     }
-    if n < 5 {
+    if n < 6 {
         return Err(format!(
-            "expected the 3 GPU test and 2 benchmark binaries, cargo built {n}"
+            "expected the 4 GPU test and 2 benchmark binaries, cargo built {n}"
         ));
     }
     let script = dir.join("run.sh");
