@@ -283,33 +283,39 @@ fn the_overlapped_all_reduce_gives_the_same_bits() {
     }
 }
 
-/// Parameters that the backward pass never hands over are still reduced, at the end.
-#[test]
-fn gradients_never_handed_over_are_reduced_at_the_end() {
+/// `f` on each rank of a group of 2 threads; the results in rank order.
+fn on_two_ranks<T: Send>(f: impl Fn(ThreadComm) -> T + Sync) -> Vec<T> {
     let comms = ThreadComm::group(2, Duration::from_secs(60));
-    let grads: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .into_iter()
             .map(|c| {
-                s.spawn(move || {
-                    let rank = c.rank();
-                    let mut m = model(0);
-                    let views = local_views(&batches()[0], rank, 2);
-                    let (_, z) = m.forward(&views, true).unwrap();
-                    let (_, dz) = NT_XENT.forward_backward(&z).unwrap();
-                    m.backward(&dz).unwrap();
-                    let mut want = flat(&mut m, true);
-                    c.all_reduce_f32(&mut want).unwrap();
-                    let buckets = simclr_nn::dist::GradBuckets::new(&c, 0.001).unwrap();
-                    let mut round = buckets.round();
-                    // Only the head is handed over; the encoder's gradients are left behind.
-                    round.ready(&mut m.head).unwrap();
-                    round.finish(&mut m).unwrap();
-                    (flat(&mut m, true), want)
-                })
+                let f = &f;
+                s.spawn(move || f(c))
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Parameters that the backward pass never hands over are still reduced, at the end.
+#[test]
+fn gradients_never_handed_over_are_reduced_at_the_end() {
+    let grads = on_two_ranks(|c| {
+        let rank = c.rank();
+        let mut m = model(0);
+        let views = local_views(&batches()[0], rank, 2);
+        let (_, z) = m.forward(&views, true).unwrap();
+        let (_, dz) = NT_XENT.forward_backward(&z).unwrap();
+        m.backward(&dz).unwrap();
+        let mut want = flat(&mut m, true);
+        c.all_reduce_f32(&mut want).unwrap();
+        let buckets = simclr_nn::dist::GradBuckets::new(&c, 0.001).unwrap();
+        let mut round = buckets.round();
+        // Only the head is handed over; the encoder's gradients are left behind.
+        round.ready(&mut m.head).unwrap();
+        round.finish(&mut m).unwrap();
+        (flat(&mut m, true), want)
     });
     for (got, want) in &grads {
         assert_eq!(got, want);
@@ -321,32 +327,23 @@ fn gradients_never_handed_over_are_reduced_at_the_end() {
 /// collective could mix them.
 #[test]
 fn replicas_with_different_batches_all_stop_with_an_error() {
-    let comms = ThreadComm::group(2, Duration::from_secs(60));
-    let errs: Vec<String> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .map(|c| {
-                s.spawn(move || {
-                    let rank = c.rank();
-                    let mut m = model(0);
-                    // Rank 1 lost an image: 3 images against rank 0's 4.
-                    let all = &batches()[0];
-                    let mut views = local_views(all, 0, 2);
-                    if rank == 1 {
-                        let img = 3 * SIDE * SIDE;
-                        let v = views.as_slice().unwrap();
-                        let mut short = v[..3 * img].to_vec();
-                        short.extend_from_slice(&v[4 * img..7 * img]);
-                        views = Tensor::from_vec(&[6, 3, SIDE, SIDE], short).unwrap();
-                    }
-                    let dp = DataParallel::new(Arc::new(c));
-                    forward_backward_dp(&mut m, &views, &NT_XENT, &dp)
-                        .unwrap_err()
-                        .to_string()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let errs = on_two_ranks(|c| {
+        let rank = c.rank();
+        let mut m = model(0);
+        // Rank 1 lost an image: 3 images against rank 0's 4.
+        let all = &batches()[0];
+        let mut views = local_views(all, 0, 2);
+        if rank == 1 {
+            let img = 3 * SIDE * SIDE;
+            let v = views.as_slice().unwrap();
+            let mut short = v[..3 * img].to_vec();
+            short.extend_from_slice(&v[4 * img..7 * img]);
+            views = Tensor::from_vec(&[6, 3, SIDE, SIDE], short).unwrap();
+        }
+        let dp = DataParallel::new(Arc::new(c));
+        forward_backward_dp(&mut m, &views, &NT_XENT, &dp)
+            .unwrap_err()
+            .to_string()
     });
     for e in &errs {
         assert!(e.contains("batches differ in shape"), "{e}");
