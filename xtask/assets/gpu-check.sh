@@ -40,34 +40,51 @@ export SIMCLR_REPO_ROOT
 } | tee "$OUT/machine.txt"
 
 status=0
+# One device call may run 600 s: every section gets what is left of BUDGET seconds (the most
+# important first), so the results so far always come back. BUDGET=... changes it.
+BUDGET="${BUDGET:-570}"
+cap() {  # cap WANT: seconds for the next section, 0 when the budget is spent
+  local left=$(( START + BUDGET - $(date +%s) ))
+  if [ "$left" -lt 15 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+section() {  # section LOG WANT CMD...: runs CMD under the capped timeout, appending to LOG
+  local log=$1 want=$2; shift 2
+  local t; t=$(cap "$want")
+  if [ "$t" -eq 0 ]; then
+    echo "skipped: the time budget of $BUDGET s is spent" | tee -a "$log"
+    return 1
+  fi
+  timeout "$t" "$@" 2>&1 | tee -a "$log"
+}
+
 for t in "$HERE"/bin/test-*; do
   name=$(basename "$t")
   echo "== $name" | tee -a "$OUT/tests.txt"
-  if ! timeout 300 "$t" --test-threads 1 --nocapture 2>&1 | tee -a "$OUT/tests.txt"; then
+  if ! section "$OUT/tests.txt" 240 "$t" --test-threads 1 --nocapture; then
     echo "FAILED: $name" | tee -a "$OUT/tests.txt"
     status=1
   fi
 done
 
-echo "== kernel benchmarks" | tee "$OUT/bench.txt"
-timeout 240 "$HERE/bin/bench-gpu_kernels" --json "$OUT/gpu_kernels.json" ${QUICK:+--quick} 2>&1 | tee -a "$OUT/bench.txt" || status=1
-
-echo "== PyTorch on the same GPU" | tee "$OUT/torch.txt"
-timeout 240 "$PY" "$HERE/torch_gpu_compare.py" ${QUICK:+--quick} --json "$OUT/torch.json" --ours "$OUT/gpu_kernels.json" 2>&1 | tee -a "$OUT/torch.txt" || status=1
-
 echo "== training step on the CUDA backend" | tee "$OUT/step.txt"
-timeout 300 "$HERE/bin/bench-gpu_train_step" --json "$OUT/step.json" ${QUICK:+--quick} 2>&1 | tee -a "$OUT/step.txt" || status=1
+section "$OUT/step.txt" 240 "$HERE/bin/bench-gpu_train_step" --json "$OUT/step.json" ${QUICK:+--quick} || status=1
 
 if [ -f "$HERE/torch_gpu_baseline.py" ]; then
   echo "== PyTorch training step on the same GPU (no torch.compile)" | tee "$OUT/torch_step.txt"
-  timeout 300 "$PY" "$HERE/torch_gpu_baseline.py" --only step --no-compile --section-timeout 240 \
-    ${QUICK:+--quick} --json "$OUT/torch_step.json" 2>&1 | tee -a "$OUT/torch_step.txt" || status=1
+  section "$OUT/torch_step.txt" 240 "$PY" "$HERE/torch_gpu_baseline.py" --only step --no-compile \
+    --section-timeout "$(cap 200)" ${QUICK:+--quick} --json "$OUT/torch_step.json" || status=1
 fi
 
 if [ -f "$OUT/step.json" ] && [ -f "$OUT/torch_step.json" ]; then
   echo "== training step: ours / PyTorch" | tee "$OUT/step_ratio.txt"
   "$PY" "$HERE/step_ratio.py" "$OUT/step.json" "$OUT/torch_step.json" 2>&1 | tee -a "$OUT/step_ratio.txt"
 fi
+
+echo "== kernel benchmarks" | tee "$OUT/bench.txt"
+section "$OUT/bench.txt" 180 "$HERE/bin/bench-gpu_kernels" --json "$OUT/gpu_kernels.json" ${QUICK:+--quick} || status=1
+
+echo "== PyTorch on the same GPU" | tee "$OUT/torch.txt"
+section "$OUT/torch.txt" 180 "$PY" "$HERE/torch_gpu_compare.py" ${QUICK:+--quick} --json "$OUT/torch.json" --ours "$OUT/gpu_kernels.json" || status=1
 
 echo "== done in $(( $(date +%s) - START )) s, status $status"
 exit $status
