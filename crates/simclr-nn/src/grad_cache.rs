@@ -20,7 +20,7 @@ use crate::loss::ContrastiveLoss;
 use crate::model::SimClr;
 use crate::optim::Optimizer;
 use crate::param::{Module, Param, StateVisitor};
-use crate::tensor::{Device, Tensor};
+use crate::tensor::Tensor;
 use crate::train::{check_finite_grads, StepStats};
 
 /// Rows of chunk `c` of `chunks` in a batch of `2n` views: its images' first views, then their
@@ -30,19 +30,17 @@ fn chunk_rows(n: usize, chunks: usize, c: usize) -> Vec<usize> {
     (lo..hi).chain(n + lo..n + hi).collect()
 }
 
+/// The rows of `x` at `rows`, in that order, on `x`'s device (runs of consecutive rows copied
+/// at once: a chunk is two runs, so a batch on the GPU never goes through the host).
 fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
-    let shape = x.shape();
-    let per: usize = shape[1..].iter().product();
-    // The selection runs on the host; the chunk goes back to the tensor's device.
-    let host = x.to_device(Device::Cpu)?;
-    let src = host.as_slice()?;
-    let mut v = Vec::with_capacity(rows.len() * per);
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
     for &r in rows {
-        v.extend_from_slice(&src[r * per..(r + 1) * per]);
+        match runs.last_mut() {
+            Some(last) if last.end == r => last.end += 1,
+            _ => runs.push(r..r + 1),
+        }
     }
-    let mut s = shape.to_vec();
-    s[0] = rows.len();
-    Tensor::from_vec(&s, v)?.to_device(x.device())
+    crate::ops::take_rows(x, &runs)
 }
 
 /// Snapshot of the batch-norm running statistics and counters, to undo the first pass's updates.

@@ -436,3 +436,49 @@ pub fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
     cpu::eltwise::nhwc_to_nchw(x.as_slice()?, s[0], s[1], s[2], s[3], &mut y);
     out(&[s[0], s[3], s[1], s[2]], x.device(), y)
 }
+
+/// The rows of `x` (its first axis) in `ranges`, concatenated in that order, on `x`'s device (a
+/// copy per range there: no trip through the host).
+pub fn take_rows(x: &Tensor, ranges: &[std::ops::Range<usize>]) -> Result<Tensor> {
+    let rows = x.shape().first().copied().unwrap_or(0);
+    if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > rows) {
+        return Err(NnError::Invalid {
+            op: "take_rows",
+            msg: format!("rows {r:?} of a tensor of {rows} rows"),
+        });
+    }
+    let per: usize = x.shape().iter().skip(1).product();
+    let mut shape = x.shape().to_vec();
+    if shape.is_empty() {
+        return Err(NnError::Invalid {
+            op: "take_rows",
+            msg: "a scalar has no rows".into(),
+        });
+    }
+    shape[0] = ranges.iter().map(|r| r.end - r.start).sum();
+    if let Device::Cuda(_) = x.device() {
+        return gpu::take_rows(x, ranges, per, &shape);
+    }
+    let src = x.as_slice()?;
+    let mut y = Vec::with_capacity(shape[0] * per);
+    for r in ranges {
+        y.extend_from_slice(&src[r.start * per..r.end * per]);
+    }
+    Tensor::from_vec(&shape, y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_taken_in_range_order() {
+        let x = Tensor::from_vec(&[5, 2], (0..10).map(|v| v as f32).collect()).unwrap();
+        let y = take_rows(&x, &[3..5, 0..1, 2..2]).unwrap();
+        assert_eq!(y.shape(), &[3, 2]);
+        assert_eq!(y.to_vec(), vec![6.0, 7.0, 8.0, 9.0, 0.0, 1.0]);
+        assert_eq!(take_rows(&x, &[]).unwrap().shape(), &[0, 2]);
+        let e = take_rows(&x, &[4..6]).unwrap_err().to_string();
+        assert!(e.contains("4..6") && e.contains("5 rows"), "{e}");
+    }
+}

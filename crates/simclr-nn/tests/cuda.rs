@@ -542,6 +542,20 @@ fn nccl_single_rank_collectives_and_step() {
 }
 
 #[test]
+fn cuda_row_ranges_are_taken_on_the_device() {
+    let Some((dev, _turn)) = cuda_or_skip("cuda_row_ranges_are_taken_on_the_device") else {
+        return;
+    };
+    let x = t(&[10, 3, 4, 4], 21);
+    let ranges = [6..9, 0..2, 5..5, 9..10];
+    let want = ops::take_rows(&x, &ranges).unwrap();
+    let got = ops::take_rows(&up(&x, dev), &ranges).unwrap();
+    assert_eq!(got.device(), dev);
+    assert_eq!(got.shape(), want.shape());
+    assert_eq!(got.to_vec(), want.to_vec());
+}
+
+#[test]
 fn cuda_finiteness_checks_match_the_host() {
     let Some((dev, _turn)) = cuda_or_skip("cuda_finiteness_checks_match_the_host") else {
         return;

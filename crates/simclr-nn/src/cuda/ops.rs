@@ -290,6 +290,29 @@ pub(crate) fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
     Ok(wrap(b, &shape, y))
 }
 
+/// Row ranges of `x` (`per` values a row) concatenated into a new `shape` tensor.
+pub(crate) fn take_rows(
+    x: &Tensor,
+    ranges: &[std::ops::Range<usize>],
+    per: usize,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let (b, xs) = dev(x)?;
+    let mut y = new(b, shape)?;
+    let mut at = 0;
+    for r in ranges.iter().filter(|r| r.end > r.start) {
+        let n = (r.end - r.start) * per;
+        let src = xs.slice(r.start * per..r.end * per);
+        let mut dst = y.slice_mut(at..at + n);
+        b.gpu()
+            .stream()
+            .memcpy_dtod(&src, &mut dst)
+            .map_err(GpuError::from)?;
+        at += n;
+    }
+    Ok(wrap(b, shape, y))
+}
+
 /// NT-Xent on the device: the mean loss and dL/dz.
 pub(crate) fn nt_xent(z: &Tensor, temperature: f32) -> Result<(f32, Tensor)> {
     let (b, zs) = dev(z)?;
