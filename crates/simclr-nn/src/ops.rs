@@ -478,7 +478,7 @@ mod tests {
         assert_eq!(y.shape(), &[3, 2]);
         assert_eq!(y.to_vec(), vec![6.0, 7.0, 8.0, 9.0, 0.0, 1.0]);
         assert_eq!(take_rows(&x, &[]).unwrap().shape(), &[0, 2]);
-        let e = take_rows(&x, &[4..6]).unwrap_err().to_string();
+        let e = take_rows(&x, &[0..1, 4..6]).unwrap_err().to_string();
         assert!(e.contains("4..6") && e.contains("5 rows"), "{e}");
     }
 }
