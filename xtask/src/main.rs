@@ -11,7 +11,10 @@
 //!   (no GPU needed) and report registers and spills with ptxas.
 //! - `gpu-check`: build the GPU tests and benchmarks into `gpu-check/` with the script to run on
 //!   a GPU machine.
+//! - `bench-dp [--procs N] [--reps R] [--steps S]`: data-parallel training with the gradient
+//!   all-reduce overlapped with the backward pass against one all-reduce after it.
 
+mod dp;
 mod gpu;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
         Some("bench-cpu") => bench_cpu(&args[1..]),
         Some("check-kernels") => gpu::check_kernels(&args[1..]),
         Some("gpu-check") => gpu::gpu_check(&args[1..]),
+        Some("bench-dp") => dp::bench_dp(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -35,7 +39,9 @@ fn main() -> ExitCode {
                  fixtures [--python PY]           regenerate tests/reference/fixtures with PyTorch\n  \
                  bench-cpu [--python PY] [--quick] [--report-only]\n                                   PyTorch CPU baseline beside our benchmarks\n  \
                  check-kernels [--python PY]      compile every CUDA kernel (NVRTC 13.0, ptxas report)\n  \
-                 gpu-check                        build gpu-check/ for a GPU machine"
+                 gpu-check                        build gpu-check/ for a GPU machine\n  \
+                 bench-dp [--procs N] [--reps R] [--steps S]\n                                   \
+                 overlapped against plain gradient all-reduce (CPU, TCP)"
             );
             return ExitCode::from(2);
         }
