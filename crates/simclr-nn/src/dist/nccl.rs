@@ -6,7 +6,7 @@
 //!
 //! NCCL collectives do not time out by themselves: every collective here records an event after
 //! its launch and polls it, so a rank that died makes the others fail with [`CommError::Nccl`]
-//! after the timeout (the communicator is aborted then, and unusable). `ncclCommInitRank` runs
+//! after the timeout (this communicator and its duplicates are aborted then, and unusable). `ncclCommInitRank` runs
 //! on a helper thread that is left behind if it does not return within the timeout (a peer died
 //! between the id exchange and its own init), so that too ends in an error, not a hang.
 //!
@@ -333,8 +333,8 @@ impl NcclComm {
         Ok(out)
     }
 
-    /// Polls `event` up to the timeout; on timeout the communicator is aborted and every later
-    /// call fails.
+    /// Polls `event` up to the timeout; on timeout this communicator and its duplicates are
+    /// aborted and every later call fails.
     fn wait_event(&self, op: &str, event: &CudaEvent) -> Result<(), CommError> {
         let start = Instant::now();
         let aborted = || CommError::Nccl {
@@ -363,8 +363,8 @@ impl NcclComm {
                     world: self.world,
                     op: op.into(),
                     why: format!(
-                        "not complete after {:?}: a peer is gone or stuck (the communicator is \
-                         aborted)",
+                        "not complete after {:?}: a peer is gone or stuck (the communicators \
+                         of this group are aborted)",
                         self.timeout
                     ),
                 });
