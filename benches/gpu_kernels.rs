@@ -5,7 +5,9 @@
 //!   and the workspace's device memory;
 //! - `augment/224/{f32-nchw,bf16-nhwc}`: the colour stage (jitter, grayscale, blur, normalise) of
 //!   a batch of 256 views at 224x224 with the paper's probabilities, in views per second;
-//! - `train/*`: batch norm forward + backward, LARS over ResNet-50's parameter tensors, ReLU.
+//! - `train/*`: batch norm forward + backward and ReLU (f32 and bf16 activations), LARS over
+//!   ResNet-50's parameter tensors;
+//! - `layout/*`: max pooling (f32 and bf16), the NCHW to NHWC permute, the linear bias kernels.
 //!
 //! `cargo bench --bench gpu_kernels [-- --json FILE] [--quick]`. Without a GPU it says so and
 //! exits successfully. Times are medians of repeated runs, each run `iters` launches between two
@@ -18,6 +20,9 @@ use simclr::kernels::cuda::augment::{AugOutput, AugmentGpu, Layout};
 use simclr::kernels::cuda::ntxent::{NtXentGpu, Precision};
 use simclr::kernels::cuda::train::{self, BatchNormGpu, BnParams, LarsConfig, LarsGpu, LarsTensor};
 use simclr::kernels::cuda::{gpu_available, Gpu, GpuError};
+use simclr::kernels::Elem;
+
+use half::bf16;
 
 struct Rng(u64);
 impl Rng {
@@ -192,16 +197,19 @@ fn resnet50_tensors() -> Vec<(usize, bool)> {
     t
 }
 
-fn training(gpu: &Gpu, r: &mut Report, quick: bool) -> Result<(), GpuError> {
-    let reps = if quick { 5 } else { 15 };
-    // Batch norm over the first stage of ResNet-50 at batch 64: [64 * 56 * 56, 256].
-    let (rows, c) = (64 * 56 * 56, 256);
+/// Batch norm (fused ReLU) forward + backward over `[rows, c]` activations of element type `T`.
+fn batchnorm_case<T: Elem>(
+    gpu: &Gpu,
+    r: &mut Report,
+    reps: usize,
+    (rows, c): (usize, usize),
+) -> Result<(), GpuError> {
     let mut rng = Rng(3);
-    let x: Vec<f32> = (0..rows * c).map(|_| rng.uniform()).collect();
+    let x: Vec<T> = (0..rows * c).map(|_| T::from_f32(rng.uniform())).collect();
     let xd = gpu.upload(&x)?;
     let dyd = gpu.upload(&x)?;
-    let mut yd = gpu.zeros::<f32>(rows * c)?;
-    let mut dxd = gpu.zeros::<f32>(rows * c)?;
+    let mut yd = gpu.zeros::<T>(rows * c)?;
+    let mut dxd = gpu.zeros::<T>(rows * c)?;
     let gamma = gpu.upload(&vec![1.0f32; c])?;
     let beta = gpu.zeros::<f32>(c)?;
     let mut rm = gpu.zeros::<f32>(c)?;
@@ -234,20 +242,30 @@ fn training(gpu: &Gpu, r: &mut Report, quick: bool) -> Result<(), GpuError> {
             &mut id,
         )
     })?;
-    let bytes = (rows * c * 4 * 9) as f64; // x thrice, y once, x dy y twice, dx once
+    let bytes = (rows * c * T::BYTES * 9) as f64; // x thrice, y once, x dy y twice, dx once
     r.add(
-        "train/batchnorm-fwd-bwd/200704x256",
+        &format!("train/batchnorm-fwd-bwd-{}/{rows}x{c}", T::SUFFIX),
         &[("us", s * 1e6), ("gb_per_s", bytes / s / 1e9)],
     );
-
     let s = time(gpu, reps, 20, || train::relu(gpu, &xd, &mut yd))?;
     r.add(
-        "train/relu/51M",
+        &format!("train/relu-{}/{}M", T::SUFFIX, rows * c / 1_000_000),
         &[
             ("us", s * 1e6),
-            ("gb_per_s", (rows * c * 8) as f64 / s / 1e9),
+            ("gb_per_s", (rows * c * 2 * T::BYTES) as f64 / s / 1e9),
         ],
     );
+    Ok(())
+}
+
+fn training(gpu: &Gpu, r: &mut Report, quick: bool) -> Result<(), GpuError> {
+    let reps = if quick { 5 } else { 15 };
+    // Batch norm over the first stage of ResNet-50 at batch 64: [64 * 56 * 56, 256], with f32
+    // and with bf16 (mixed-precision) activations.
+    let shape = (64 * 56 * 56, 256);
+    batchnorm_case::<f32>(gpu, r, reps, shape)?;
+    batchnorm_case::<bf16>(gpu, r, reps, shape)?;
+    let mut rng = Rng(4);
 
     let tensors = resnet50_tensors();
     let mut ps = Vec::new();
@@ -290,6 +308,38 @@ fn training(gpu: &Gpu, r: &mut Report, quick: bool) -> Result<(), GpuError> {
     Ok(())
 }
 
+/// Max pooling forward and backward over activations of element type `T`.
+fn maxpool_case<T: Elem>(
+    gpu: &Gpu,
+    r: &mut Report,
+    reps: usize,
+    g: &simclr::kernels::cpu::pooling::PoolGeom,
+) -> Result<(), GpuError> {
+    use simclr::kernels::cuda::layout as l;
+    let (nin, nout) = (g.n * g.h * g.w * g.c, g.n * g.oh() * g.ow() * g.c);
+    let name = format!("{}x{}x{}x{}", g.n, g.h, g.w, g.c);
+    let xd = gpu.zeros::<T>(nin)?;
+    let mut yd = gpu.zeros::<T>(nout)?;
+    let mut ad = gpu.zeros::<u32>(nout)?;
+    let bytes = (nin * T::BYTES + nout * (T::BYTES + 4)) as f64;
+    let s = time(gpu, reps, 10, || {
+        l::maxpool_forward(gpu, &xd, g, &mut yd, &mut ad)
+    })?;
+    r.add(
+        &format!("layout/maxpool-fwd-{}/{name}", T::SUFFIX),
+        &[("us", s * 1e6), ("gb_per_s", bytes / s / 1e9)],
+    );
+    let mut dxd = gpu.zeros::<T>(nin)?;
+    let s = time(gpu, reps, 10, || {
+        l::maxpool_backward(gpu, &yd, &ad, g, &mut dxd)
+    })?;
+    r.add(
+        &format!("layout/maxpool-bwd-{}/{name}", T::SUFFIX),
+        &[("us", s * 1e6), ("gb_per_s", bytes / s / 1e9)],
+    );
+    Ok(())
+}
+
 /// Max pooling of the ImageNet stem (256 views at 112x112x64), the input permute, and the
 /// linear layer's bias kernels at the projection head's size.
 fn layout(gpu: &Gpu, r: &mut Report, quick: bool) -> Result<(), GpuError> {
@@ -305,31 +355,8 @@ fn layout(gpu: &Gpu, r: &mut Report, quick: bool) -> Result<(), GpuError> {
         stride: 2,
         pad: 1,
     };
-    let (nin, nout) = (g.n * g.h * g.w * g.c, g.n * g.oh() * g.ow() * g.c);
-    let xd = gpu.zeros::<f32>(nin)?;
-    let mut yd = gpu.zeros::<f32>(nout)?;
-    let mut ad = gpu.zeros::<u32>(nout)?;
-    let s = time(gpu, reps, 10, || {
-        l::maxpool_forward(gpu, &xd, &g, &mut yd, &mut ad)
-    })?;
-    r.add(
-        "layout/maxpool-fwd/256x112x112x64",
-        &[
-            ("us", s * 1e6),
-            ("gb_per_s", (nin * 4 + nout * 8) as f64 / s / 1e9),
-        ],
-    );
-    let mut dxd = gpu.zeros::<f32>(nin)?;
-    let s = time(gpu, reps, 10, || {
-        l::maxpool_backward(gpu, &yd, &ad, &g, &mut dxd)
-    })?;
-    r.add(
-        "layout/maxpool-bwd/256x112x112x64",
-        &[
-            ("us", s * 1e6),
-            ("gb_per_s", (nin * 4 + nout * 8) as f64 / s / 1e9),
-        ],
-    );
+    maxpool_case::<f32>(gpu, r, reps, &g)?;
+    maxpool_case::<bf16>(gpu, r, reps, &g)?;
     let n = 3 * 224 * 224 * 256;
     let xd = gpu.zeros::<f32>(n)?;
     let mut yd = gpu.zeros::<f32>(n)?;

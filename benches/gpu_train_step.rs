@@ -6,8 +6,8 @@
 //! - `r18`: ResNet-18 with the CIFAR stem + MLP head 512-512-128 at 32x32, batch 512 (1024
 //!   views), temperature 0.5.
 //!
-//! Both with SGD (momentum 0.9, weight decay 1e-6, as the baseline) in f32, TF32 and bf16
-//! convolution math, and with LARS in TF32. The views are already on the device, as in the baseline.
+//! Both with SGD (momentum 0.9, weight decay 1e-6, as the baseline) in f32, TF32 and bf16 mixed
+//! precision (bf16 convolutions and activations), and with LARS in TF32. The views are already on the device, as in the baseline.
 //!
 //! `cargo bench --bench gpu_train_step [-- --json FILE] [--quick]`. Without a GPU it says so
 //! and exits successfully. Each figure is the median of timed steps after warm-up steps (the

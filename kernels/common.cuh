@@ -18,6 +18,16 @@ __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
     return (bf16_t)(u >> 16);
 }
 
+// Activations are stored as f32 or bf16; the kernels that touch them are templates over the
+// element type, which read each value as f32 and round once on store.
+__device__ __forceinline__ float load_elem(const float* p, u64 i) { return p[i]; }
+__device__ __forceinline__ float load_elem(const bf16_t* p, u64 i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void store_elem(float* p, u64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void store_elem(bf16_t* p, u64 i, float v) { p[i] = f32_to_bf16(v); }
+
+// Stamps out one `extern "C"` entry point per element type: M(suffix, type).
+#define FOR_EACH_ELEM(M) M(f32, float) M(bf16, bf16_t)
+
 __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
 }

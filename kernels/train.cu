@@ -11,24 +11,38 @@
 
 // ---- element-wise ----
 
-extern "C" __global__ void relu_f32(const float* x, float* y, u64 n) {
+template <typename T>
+__device__ __forceinline__ void relu_impl(const T* x, T* y, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        y[i] = fmaxf(x[i], 0.0f);
+        store_elem(y, i, fmaxf(load_elem(x, i), 0.0f));
 }
+#define RELU(S, T) \
+    extern "C" __global__ void relu_##S(const T* x, T* y, u64 n) { relu_impl(x, y, n); }
+FOR_EACH_ELEM(RELU)
 
 // dx = dy where the ReLU's output y > 0, else 0 (dx may alias dy).
-extern "C" __global__ void relu_backward_f32(const float* dy, const float* y, float* dx, u64 n) {
+template <typename T>
+__device__ __forceinline__ void relu_backward_impl(const T* dy, const T* y, T* dx, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        dx[i] = y[i] <= 0.0f ? 0.0f : dy[i];  // NaN in y keeps dy, as the CPU twin
+        dx[i] = load_elem(y, i) <= 0.0f ? (T)0 : dy[i];  // NaN in y keeps dy, as the CPU twin
 }
+#define RELU_BACKWARD(S, T)                                                                   \
+    extern "C" __global__ void relu_backward_##S(const T* dy, const T* y, T* dx, u64 n) {   \
+        relu_backward_impl(dy, y, dx, n);                                                     \
+    }
+FOR_EACH_ELEM(RELU_BACKWARD)
 
 // a += b (the residual add), optionally followed by a ReLU.
-extern "C" __global__ void add_f32(float* a, const float* b, u64 n, int relu) {
+template <typename T>
+__device__ __forceinline__ void add_impl(T* a, const T* b, u64 n, int relu) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        float v = a[i] + b[i];
-        a[i] = relu ? fmaxf(v, 0.0f) : v;
+        float v = load_elem(a, i) + load_elem(b, i);
+        store_elem(a, i, relu ? fmaxf(v, 0.0f) : v);
     }
 }
+#define ADD(S, T) \
+    extern "C" __global__ void add_##S(T* a, const T* b, u64 n, int relu) { add_impl(a, b, n, relu); }
+FOR_EACH_ELEM(ADD)
 
 extern "C" __global__ void cast_f32_bf16(const float* x, bf16_t* y, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
@@ -68,32 +82,46 @@ extern "C" __global__ void sum_finish(const double* partials, int n, double scal
 
 // ---- global average pooling, [n, hw, c] <-> [n, c] ----
 
-extern "C" __global__ void gap_forward_f32(const float* x, int n, int hw, int c, float* y) {
+// The pooled features are f32 whatever the activations' type (the head computes in f32).
+template <typename T>
+__device__ __forceinline__ void gap_forward_impl(const T* x, int n, int hw, int c, float* y) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n * c) return;
     int b = i / c, ch = i % c;
-    const float* xb = x + (u64)b * hw * c + ch;
+    const T* xb = x + (u64)b * hw * c + ch;
     float acc = 0.0f;
-    for (int p = 0; p < hw; p++) acc += xb[(u64)p * c];
+    for (int p = 0; p < hw; p++) acc += load_elem(xb, (u64)p * c);
     y[i] = acc * (1.0f / (float)hw);
 }
+#define GAP_FORWARD(S, T)                                                                       \
+    extern "C" __global__ void gap_forward_##S(const T* x, int n, int hw, int c, float* y) {   \
+        gap_forward_impl(x, n, hw, c, y);                                                       \
+    }
+FOR_EACH_ELEM(GAP_FORWARD)
 
-extern "C" __global__ void gap_backward_f32(const float* dy, int n, int hw, int c, float* dx) {
+template <typename T>
+__device__ __forceinline__ void gap_backward_impl(const float* dy, int n, int hw, int c, T* dx) {
     u64 total = (u64)n * hw * c;
     float s = 1.0f / (float)hw;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         u64 b = i / ((u64)hw * c);
         int ch = (int)(i % c);
-        dx[i] = dy[b * c + ch] * s;
+        store_elem(dx, i, dy[b * c + ch] * s);
     }
 }
+#define GAP_BACKWARD(S, T)                                                                      \
+    extern "C" __global__ void gap_backward_##S(const float* dy, int n, int hw, int c, T* dx) {  \
+        gap_backward_impl(dy, n, hw, c, dx);                                                    \
+    }
+FOR_EACH_ELEM(GAP_BACKWARD)
 
 // ---- max pooling, NHWC, square window, implicit -inf padding ----
 
 // One thread per output value; arg gets the flat input index of the first maximum (NaN wins,
 // as in PyTorch and the CPU twin).
-extern "C" __global__ void maxpool_forward_f32(const float* x, int n, int h, int w, int c, int k, int stride,
-                                               int pad, int oh, int ow, float* y, u32* arg) {
+template <typename T>
+__device__ __forceinline__ void maxpool_forward_impl(const T* x, int n, int h, int w, int c, int k, int stride,
+                                                     int pad, int oh, int ow, T* y, u32* arg) {
     u64 total = (u64)n * oh * ow * c;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         int ch = (int)(i % c);
@@ -111,23 +139,30 @@ extern "C" __global__ void maxpool_forward_f32(const float* x, int n, int h, int
                 int ix = ox * stride + kx - pad;
                 if (ix < 0 || ix >= w) continue;
                 u64 idx = (((u64)b * h + iy) * w + ix) * c + ch;
-                float v = x[idx];
+                float v = load_elem(x, idx);
                 if (v > best || v != v) {
                     best = v;
                     where = (u32)idx;
                 }
             }
         }
-        y[i] = best;
+        store_elem(y, i, best);  // exact: best is one of x's values
         arg[i] = where;
     }
 }
+#define MAXPOOL_FORWARD(S, T)                                                                           \
+    extern "C" __global__ void maxpool_forward_##S(const T* x, int n, int h, int w, int c, int k, int stride, \
+                                                   int pad, int oh, int ow, T* y, u32* arg) {           \
+        maxpool_forward_impl(x, n, h, w, c, k, stride, pad, oh, ow, y, arg);                            \
+    }
+FOR_EACH_ELEM(MAXPOOL_FORWARD)
 
 // One thread per input value: gathers the gradients of the windows whose maximum it was, in
 // ascending output order (the order in which the CPU twin scatters them), so no atomics and
 // the same bits.
-extern "C" __global__ void maxpool_backward_f32(const float* dy, const u32* arg, int n, int h, int w, int c, int k,
-                                                int stride, int pad, int oh, int ow, float* dx) {
+template <typename T>
+__device__ __forceinline__ void maxpool_backward_impl(const T* dy, const u32* arg, int n, int h, int w, int c, int k,
+                                                      int stride, int pad, int oh, int ow, T* dx) {
     u64 total = (u64)n * h * w * c;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         int ch = (int)(i % c);
@@ -143,11 +178,17 @@ extern "C" __global__ void maxpool_backward_f32(const float* dy, const u32* arg,
         for (int oy = oy0; oy <= oy1; oy++)
             for (int ox = ox0; ox <= ox1; ox++) {
                 u64 o = (((u64)b * oh + oy) * ow + ox) * c + ch;
-                if (arg[o] == (u32)i) acc += dy[o];
+                if (arg[o] == (u32)i) acc += load_elem(dy, o);
             }
-        dx[i] = acc;
+        store_elem(dx, i, acc);
     }
 }
+#define MAXPOOL_BACKWARD(S, T)                                                                              \
+    extern "C" __global__ void maxpool_backward_##S(const T* dy, const u32* arg, int n, int h, int w, int c, int k, \
+                                                    int stride, int pad, int oh, int ow, T* dx) {               \
+        maxpool_backward_impl(dy, arg, n, h, w, c, k, stride, pad, oh, ow, dx);                                 \
+    }
+FOR_EACH_ELEM(MAXPOOL_BACKWARD)
 
 // ---- layouts and the linear layer's bias ----
 
@@ -199,9 +240,10 @@ extern "C" __global__ void column_sums_f32(const float* x, int rows, int c, int 
 //   mode 2: sum g and sum g * xhat with g = dy masked by relu_out > 0 (when given) and
 //           xhat = (x - mean) * invstd; the second sum goes to partials[.., c + ch].
 // Block: 32 channels x 8 row lanes. partials is [groups][width] with width c (modes 0, 1) or 2c.
-extern "C" __global__ void bn_partials(const float* x, const float* dy, const float* relu_out, int rows, int c,
-                                       const double* center, const float* mean, const float* invstd, int mode,
-                                       double* partials) {
+template <typename T>
+__device__ __forceinline__ void bn_partials_impl(const T* x, const T* dy, const T* relu_out, int rows, int c,
+                                                 const double* center, const float* mean, const float* invstd,
+                                                 int mode, double* partials) {
     __shared__ double s0[8][33];
     __shared__ double s1[8][33];
     int lc = threadIdx.x & 31, lr = threadIdx.x >> 5;
@@ -213,14 +255,14 @@ extern "C" __global__ void bn_partials(const float* x, const float* dy, const fl
     if (ch < c) {
         for (int r = r0 + lr; r < r1; r += 8) {
             u64 o = (u64)r * c + ch;
-            float v = x[o];
+            float v = load_elem(x, o);
             if (mode == 0) {
                 a0 += (double)v;
             } else if (mode == 1) {
                 double d = (double)v - center[ch];
                 a0 += d * d;
             } else {
-                float g = (relu_out != 0 && relu_out[o] <= 0.0f) ? 0.0f : dy[o];
+                float g = (relu_out != 0 && load_elem(relu_out, o) <= 0.0f) ? 0.0f : load_elem(dy, o);
                 float xhat = (v - mean[ch]) * invstd[ch];
                 a0 += (double)g;
                 a1 += (double)g * (double)xhat;
@@ -241,6 +283,13 @@ extern "C" __global__ void bn_partials(const float* x, const float* dy, const fl
         if (mode == 2) partials[(u64)blockIdx.y * width + c + ch] = t1;
     }
 }
+#define BN_PARTIALS(S, T)                                                                                   \
+    extern "C" __global__ void bn_partials_##S(const T* x, const T* dy, const T* relu_out, int rows, int c, \
+                                               const double* center, const float* mean, const float* invstd, \
+                                               int mode, double* partials) {                                \
+        bn_partials_impl(x, dy, relu_out, rows, c, center, mean, invstd, mode, partials);                   \
+    }
+FOR_EACH_ELEM(BN_PARTIALS)
 
 // out[i] = sum over groups of partials[g][i], i < width.
 extern "C" __global__ void bn_reduce(const double* partials, int groups, int width, double* out) {
@@ -279,31 +328,47 @@ extern "C" __global__ void bn_finalize(const double* sq, double count, float eps
 }
 
 // y = x * scale + shift per channel, then ReLU when relu != 0.
-extern "C" __global__ void bn_apply(const float* x, const float* scale, const float* shift, u64 rows, int c, int relu,
-                                    float* y) {
+template <typename T>
+__device__ __forceinline__ void bn_apply_impl(const T* x, const float* scale, const float* shift, u64 rows, int c,
+                                              int relu, T* y) {
     u64 total = rows * c;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         int ch = (int)(i % c);
-        float v = x[i] * scale[ch] + shift[ch];
-        y[i] = relu ? fmaxf(v, 0.0f) : v;
+        float v = load_elem(x, i) * scale[ch] + shift[ch];
+        store_elem(y, i, relu ? fmaxf(v, 0.0f) : v);
     }
 }
+#define BN_APPLY(S, T)                                                                                     \
+    extern "C" __global__ void bn_apply_##S(const T* x, const float* scale, const float* shift, u64 rows, \
+                                            int c, int relu, T* y) {                                       \
+        bn_apply_impl(x, scale, shift, rows, c, relu, y);                                                  \
+    }
+FOR_EACH_ELEM(BN_APPLY)
 
 // dx = gamma invstd (g - dbeta / count - xhat dgamma / count), from the (all-reduced) sums
 // sums = [dbeta | dgamma]; count is the global number of rows.
-extern "C" __global__ void bn_backward_apply(const float* x, const float* dy, const float* relu_out, u64 rows, int c,
-                                             const float* mean, const float* invstd, const float* gamma,
-                                             const double* sums, double count, float* dx) {
+template <typename T>
+__device__ __forceinline__ void bn_backward_apply_impl(const T* x, const T* dy, const T* relu_out, u64 rows, int c,
+                                                       const float* mean, const float* invstd, const float* gamma,
+                                                       const double* sums, double count, T* dx) {
     u64 total = rows * c;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         int ch = (int)(i % c);
-        float g = (relu_out != 0 && relu_out[i] <= 0.0f) ? 0.0f : dy[i];
-        float xhat = (x[i] - mean[ch]) * invstd[ch];
+        float g = (relu_out != 0 && load_elem(relu_out, i) <= 0.0f) ? 0.0f : load_elem(dy, i);
+        float xhat = (load_elem(x, i) - mean[ch]) * invstd[ch];
         float mb = (float)(sums[ch] / count);
         float mg = (float)(sums[c + ch] / count);
-        dx[i] = gamma[ch] * invstd[ch] * (g - mb - xhat * mg);
+        store_elem(dx, i, gamma[ch] * invstd[ch] * (g - mb - xhat * mg));
     }
 }
+#define BN_BACKWARD_APPLY(S, T)                                                                                \
+    extern "C" __global__ void bn_backward_apply_##S(const T* x, const T* dy, const T* relu_out, u64 rows,    \
+                                                     int c, const float* mean, const float* invstd,           \
+                                                     const float* gamma, const double* sums, double count,    \
+                                                     T* dx) {                                                 \
+        bn_backward_apply_impl(x, dy, relu_out, rows, c, mean, invstd, gamma, sums, count, dx);               \
+    }
+FOR_EACH_ELEM(BN_BACKWARD_APPLY)
 
 // ---- optimisers ----
 

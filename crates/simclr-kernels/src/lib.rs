@@ -7,3 +7,6 @@
 pub mod augment;
 pub mod cpu;
 pub mod cuda;
+pub mod elem;
+
+pub use elem::Elem;

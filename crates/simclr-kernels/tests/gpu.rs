@@ -10,6 +10,8 @@ use simclr_kernels::cuda::ntxent::{NtXentGpu, Precision};
 use simclr_kernels::cuda::train::{self, BatchNormGpu, BnParams, LarsConfig, LarsGpu, LarsTensor};
 use simclr_kernels::cuda::{gpu_available, Gpu, GpuError};
 
+use half::bf16;
+
 fn gpu_or_skip(test: &str) -> Option<Gpu> {
     if !gpu_available() {
         println!("{test}: skipped (no CUDA driver or no GPU on this machine)");
@@ -325,21 +327,197 @@ fn gpu_elementwise_pooling_and_casts_match_cpu_twins() {
     cpu::pooling::gap_backward(&gpu.download(&gd).unwrap(), hw, c, &mut wgb);
     assert_eq!(gpu.download(&gbd).unwrap(), wgb);
 
-    let mut hd = gpu.zeros::<u16>(x.len()).unwrap();
+    let mut hd = gpu.zeros::<bf16>(x.len()).unwrap();
     train::cast_f32_to_bf16(&gpu, &xd, &mut hd).unwrap();
     let h = gpu.download(&hd).unwrap();
     for (hv, xv) in h.iter().zip(&x) {
-        assert_eq!(*hv, half::bf16::from_f32(*xv).to_bits());
+        assert_eq!(hv.to_bits(), bf16::from_f32(*xv).to_bits());
     }
     let mut back = gpu.zeros::<f32>(x.len()).unwrap();
     train::cast_bf16_to_f32(&gpu, &hd, &mut back).unwrap();
     for (bv, hv) in gpu.download(&back).unwrap().iter().zip(&h) {
-        assert_eq!(*bv, half::bf16::from_bits(*hv).to_f32());
+        assert_eq!(*bv, hv.to_f32());
     }
 
     let s = train::sum(&gpu, &xd).unwrap();
     let ws: f64 = x.iter().map(|&v| v as f64).sum();
     assert!((s - ws).abs() < 1e-9 * x.len() as f64, "{s} vs {ws}");
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+fn widen(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// max |a - b| in units of b's bf16 spacing (2^-8 of |b|, at least `floor`'s): how many
+/// roundings apart two bf16 results are.
+fn bf16_ulps(a: &[bf16], b: &[bf16], floor: f32) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| {
+        let (x, y) = (x.to_f32(), y.to_f32());
+        m.max((x - y).abs() / (y.abs().max(floor) / 256.0))
+    })
+}
+
+#[test]
+fn gpu_bf16_activation_kernels_match_cpu_twins() {
+    let Some(gpu) = gpu_or_skip("gpu_bf16_activation_kernels_match_cpu_twins") else {
+        return;
+    };
+    use simclr_kernels::cpu::pooling::PoolGeom;
+    use simclr_kernels::cuda::layout;
+    let mut rng = Rng(17);
+    let (n, hw, c) = (3usize, 49usize, 40usize);
+    let x = to_bf16(&rng.vec(n * hw * c));
+    let b = to_bf16(&rng.vec(n * hw * c));
+    let xd = gpu.upload(&x).unwrap();
+    let bd = gpu.upload(&b).unwrap();
+
+    // Element-wise: one rounding of the same f32 value on both sides, so the same bits.
+    let mut yd = gpu.zeros::<bf16>(x.len()).unwrap();
+    train::relu(&gpu, &xd, &mut yd).unwrap();
+    let mut want = x.clone();
+    cpu::eltwise::relu_inplace(&mut want);
+    assert_eq!(gpu.download(&yd).unwrap(), want, "relu");
+    let mut dxd = gpu.zeros::<bf16>(x.len()).unwrap();
+    train::relu_backward(&gpu, &bd, &yd, &mut dxd).unwrap();
+    let mut wd = b.clone();
+    cpu::eltwise::relu_backward_inplace(&mut wd, &want);
+    assert_eq!(gpu.download(&dxd).unwrap(), wd, "relu backward");
+    let mut ad = gpu.upload(&x).unwrap();
+    train::add(&gpu, &mut ad, &bd, false).unwrap();
+    let mut wa = x.clone();
+    cpu::eltwise::add_inplace(&mut wa, &b);
+    assert_eq!(gpu.download(&ad).unwrap(), wa, "add");
+
+    // Global average pooling: bf16 in, f32 features out; and back.
+    let mut gd = gpu.zeros::<f32>(n * c).unwrap();
+    train::gap_forward(&gpu, &xd, n, hw, c, &mut gd).unwrap();
+    let mut wg = vec![0.0; n * c];
+    cpu::pooling::gap_forward(&x, n, hw, c, &mut wg);
+    assert!(rel_max_diff(&gpu.download(&gd).unwrap(), &wg, 1e-6) < 1e-5);
+    let mut gbd = gpu.zeros::<bf16>(x.len()).unwrap();
+    train::gap_backward(&gpu, &gd, n, hw, c, &mut gbd).unwrap();
+    let mut wgb = vec![bf16::ZERO; x.len()];
+    cpu::pooling::gap_backward(&gpu.download(&gd).unwrap(), hw, c, &mut wgb);
+    assert_eq!(gpu.download(&gbd).unwrap(), wgb, "gap backward");
+
+    // Max pooling with overlapping windows: same maxima, same indices, same summed gradients.
+    let g = PoolGeom {
+        n: 2,
+        h: 9,
+        w: 7,
+        c: 6,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    };
+    let mut px = rng.vec(g.n * g.h * g.w * g.c);
+    px.iter_mut().take(12).for_each(|v| *v = 0.5);
+    let px = to_bf16(&px);
+    let out = g.n * g.oh() * g.ow() * g.c;
+    let (mut py, mut parg) = (vec![bf16::ZERO; out], vec![0u32; out]);
+    cpu::pooling::maxpool_forward(&px, &g, &mut py, &mut parg);
+    let pxd = gpu.upload(&px).unwrap();
+    let mut pyd = gpu.zeros::<bf16>(out).unwrap();
+    let mut pad = gpu.zeros::<u32>(out).unwrap();
+    layout::maxpool_forward(&gpu, &pxd, &g, &mut pyd, &mut pad).unwrap();
+    assert_eq!(gpu.download(&pyd).unwrap(), py, "max pool");
+    assert_eq!(gpu.download(&pad).unwrap(), parg, "max pool indices");
+    let pdy = to_bf16(&rng.vec(out));
+    let mut pdx = vec![bf16::ZERO; px.len()];
+    cpu::pooling::maxpool_backward(&pdy, &parg, &g, &mut pdx);
+    let pdyd = gpu.upload(&pdy).unwrap();
+    let mut pdxd = gpu.zeros::<bf16>(px.len()).unwrap();
+    layout::maxpool_backward(&gpu, &pdyd, &pad, &g, &mut pdxd).unwrap();
+    assert_eq!(gpu.download(&pdxd).unwrap(), pdx, "max pool backward");
+
+    // Batch norm with a fused ReLU: f64 statistics of the widened values on both sides (summed
+    // in different orders, so a last-bit difference can flip one bf16 rounding).
+    let (rows, c) = (300usize, 70usize);
+    let bx = to_bf16(
+        &rng.vec(rows * c)
+            .iter()
+            .map(|v| 4.0 + 2.0 * v)
+            .collect::<Vec<_>>(),
+    );
+    let bdy = to_bf16(&rng.vec(rows * c));
+    let gamma: Vec<f32> = (0..c).map(|i| 0.5 + i as f32 / c as f32).collect();
+    let beta: Vec<f32> = (0..c).map(|i| 0.1 * i as f32).collect();
+    let eps = 1e-5f32;
+    let (mean, var) = cpu::norm::batch_stats(&bx, rows, c);
+    let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let scale: Vec<f32> = (0..c).map(|i| gamma[i] * invstd[i]).collect();
+    let shift: Vec<f32> = (0..c).map(|i| beta[i] - mean[i] * scale[i]).collect();
+    let mut want_y = vec![bf16::ZERO; rows * c];
+    cpu::norm::affine_rows(&bx, c, &scale, &shift, &mut want_y, true);
+    let bxd = gpu.upload(&bx).unwrap();
+    let gd = gpu.upload(&gamma).unwrap();
+    let betad = gpu.upload(&beta).unwrap();
+    let mut rm = gpu.zeros::<f32>(c).unwrap();
+    let mut rv = gpu.upload(&vec![1.0f32; c]).unwrap();
+    let mut byd = gpu.zeros::<bf16>(rows * c).unwrap();
+    let mut bn = BatchNormGpu::new(&gpu, c).unwrap();
+    let mut identity = |_: &mut cudarc::driver::CudaSlice<f64>| -> Result<(), GpuError> { Ok(()) };
+    let p = BnParams {
+        gamma: &gd,
+        beta: &betad,
+        running_mean: &mut rm,
+        running_var: &mut rv,
+        momentum: 0.1,
+        eps,
+    };
+    let saved = bn
+        .forward_train(&gpu, &bxd, rows, rows, p, true, &mut byd, &mut identity)
+        .unwrap();
+    let got_y = gpu.download(&byd).unwrap();
+    assert!(bf16_ulps(&got_y, &want_y, 1e-2) <= 1.0, "bn forward");
+    // The backward pass masks by the ReLU output: start both sides from the same output.
+    let mut want_dx = vec![bf16::ZERO; rows * c];
+    let (want_dg, want_db) = cpu::norm::batchnorm_backward(
+        &bx,
+        &bdy,
+        Some(&got_y),
+        rows,
+        c,
+        &mean,
+        &invstd,
+        &gamma,
+        &mut want_dx,
+    );
+    let bdyd = gpu.upload(&bdy).unwrap();
+    let mut bdxd = gpu.zeros::<bf16>(rows * c).unwrap();
+    let mut dgd = gpu.zeros::<f32>(c).unwrap();
+    let mut dbd = gpu.zeros::<f32>(c).unwrap();
+    bn.backward(
+        &gpu,
+        &bxd,
+        &bdyd,
+        Some(&byd),
+        rows,
+        rows,
+        &gd,
+        &saved,
+        &mut bdxd,
+        &mut dgd,
+        &mut dbd,
+        &mut identity,
+    )
+    .unwrap();
+    assert!(
+        bf16_ulps(&gpu.download(&bdxd).unwrap(), &want_dx, 1e-2) <= 1.0,
+        "bn dx"
+    );
+    assert!(rel_max_diff(&gpu.download(&dgd).unwrap(), &want_dg, 1e-6) < 1e-4);
+    assert!(rel_max_diff(&gpu.download(&dbd).unwrap(), &want_db, 1e-6) < 1e-4);
+    // bf16 storage is lossy only at the rounding: the f32 results, rounded, are within one
+    // rounding of the bf16 ones.
+    let mut f32_y = vec![0.0f32; rows * c];
+    cpu::norm::affine_rows(&widen(&bx), c, &scale, &shift, &mut f32_y, true);
+    assert!(bf16_ulps(&got_y, &to_bf16(&f32_y), 1e-2) <= 1.0);
 }
 
 #[test]

@@ -51,5 +51,5 @@ pub use model::{SimClr, SimClrConfig};
 pub use optim::{Lars, LrScaling, Optimizer, Sgd, WarmupCosine};
 pub use param::{Module, Param, ParamKind, StateVisitor};
 pub use resnet::{Block, BlockKind, GradsReady, ResNet, ResNetConfig, Stem};
-pub use tensor::{Device, Storage, Tensor};
+pub use tensor::{DType, Device, Storage, Tensor};
 pub use train::{train_step, train_step_with_h, StepStats};

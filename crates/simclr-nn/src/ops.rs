@@ -9,7 +9,7 @@ use crate::cpu::gemm::{matmul, Mat, Par};
 use crate::cpu::pool::PoolGeom;
 use crate::cuda::ops as gpu;
 use crate::error::{NnError, Result};
-use crate::tensor::{Device, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 
 fn same_device(op: &'static str, a: &Tensor, b: &Tensor) -> Result<Device> {
     if a.device() != b.device() {
@@ -332,11 +332,12 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     out(&[s[0], s[3]], x.device(), y)
 }
 
-/// Global average pooling backward.
-pub fn global_avg_pool_backward(dy: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
+/// Global average pooling backward: dL/dx with element type `dtype`, the pooled input's
+/// (the features `dy` are f32).
+pub fn global_avg_pool_backward(dy: &Tensor, x_shape: &[usize], dtype: DType) -> Result<Tensor> {
     dy.expect_shape("global_avg_pool_backward", &[x_shape[0], x_shape[3]])?;
     if let Device::Cuda(_) = dy.device() {
-        return gpu::global_avg_pool_backward(dy, x_shape);
+        return gpu::global_avg_pool_backward(dy, x_shape, dtype);
     }
     let mut dx = uninit(x_shape.iter().product());
     cpu::pool::gap_backward(dy.as_slice()?, x_shape[1] * x_shape[2], x_shape[3], &mut dx);

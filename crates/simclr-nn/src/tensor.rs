@@ -11,12 +11,93 @@
 //! Activations of convolutional layers are channels-last (NHWC): `[batch, height, width,
 //! channels]`. Models accept NCHW input, as PyTorch and the data loader produce it, and convert
 //! once at the entrance.
+//!
+//! Values are f32, except the activations of mixed-precision training on a GPU, which are bf16
+//! ([`DType::Bf16`]): half the memory and bandwidth of f32. Operations read bf16 values as f32,
+//! compute in f32 and round once on store; parameters, gradients of parameters, batch-norm
+//! statistics and the loss stay f32.
 
 use std::fmt;
 use std::sync::Arc;
 
+use half::bf16;
+use simclr_kernels::cuda::cudarc::driver::CudaSlice;
+use simclr_kernels::cuda::GpuError;
+use simclr_kernels::Elem;
+
 use crate::cuda::{CudaBackend, CudaBuffer};
 use crate::error::{NnError, Result};
+
+/// The element type of a tensor's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum DType {
+    /// 32-bit floats: every CPU tensor, parameters and gradients everywhere.
+    #[default]
+    F32,
+    /// bfloat16 (8-bit exponent, 8-bit significand): activations of mixed-precision training,
+    /// on CUDA devices only.
+    Bf16,
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+        })
+    }
+}
+
+/// An element type a CUDA tensor can hold, with the storage variant that holds it.
+pub(crate) trait DeviceElem: Elem {
+    /// This type's [`DType`].
+    const DTYPE: DType;
+    /// The buffer of `s` when it holds this type on a GPU.
+    fn buffer(s: &Storage) -> Option<&Arc<CudaBuffer<Self>>>;
+    /// As [`DeviceElem::buffer`], to write.
+    fn buffer_mut(s: &mut Storage) -> Option<&mut Arc<CudaBuffer<Self>>>;
+    /// The storage over `b`.
+    fn storage(b: Arc<CudaBuffer<Self>>) -> Storage;
+}
+
+impl DeviceElem for f32 {
+    const DTYPE: DType = DType::F32;
+    fn buffer(s: &Storage) -> Option<&Arc<CudaBuffer<f32>>> {
+        match s {
+            Storage::Cuda(b) => Some(b),
+            _ => None,
+        }
+    }
+    fn buffer_mut(s: &mut Storage) -> Option<&mut Arc<CudaBuffer<f32>>> {
+        match s {
+            Storage::Cuda(b) => Some(b),
+            _ => None,
+        }
+    }
+    fn storage(b: Arc<CudaBuffer<f32>>) -> Storage {
+        Storage::Cuda(b)
+    }
+}
+
+impl DeviceElem for bf16 {
+    const DTYPE: DType = DType::Bf16;
+    fn buffer(s: &Storage) -> Option<&Arc<CudaBuffer<bf16>>> {
+        match s {
+            Storage::CudaBf16(b) => Some(b),
+            _ => None,
+        }
+    }
+    fn buffer_mut(s: &mut Storage) -> Option<&mut Arc<CudaBuffer<bf16>>> {
+        match s {
+            Storage::CudaBf16(b) => Some(b),
+            _ => None,
+        }
+    }
+    fn storage(b: Arc<CudaBuffer<bf16>>) -> Storage {
+        Storage::CudaBf16(b)
+    }
+}
 
 /// Where a tensor lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -88,9 +169,12 @@ pub enum Storage {
     Cpu(Arc<Vec<f32>>),
     /// f32 values in the memory of a CUDA device.
     Cuda(Arc<CudaBuffer>),
+    /// bf16 values in the memory of a CUDA device (mixed-precision activations).
+    CudaBf16(Arc<CudaBuffer<bf16>>),
 }
 
-/// An f32 tensor: a shape and the values in row-major order.
+/// A tensor: a shape and the values in row-major order, f32 unless it is a bf16 activation on
+/// a GPU (see [`DType`]).
 #[derive(Clone)]
 pub struct Tensor {
     shape: Vec<usize>,
@@ -99,7 +183,10 @@ pub struct Tensor {
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Tensor({:?}, {})", self.shape, self.device())
+        match self.dtype() {
+            DType::F32 => write!(f, "Tensor({:?}, {})", self.shape, self.device()),
+            dt => write!(f, "Tensor({:?}, {}, {dt})", self.shape, self.device()),
+        }
     }
 }
 
@@ -148,9 +235,63 @@ impl Tensor {
         backend: Arc<CudaBackend>,
         data: simclr_kernels::cuda::cudarc::driver::CudaSlice<f32>,
     ) -> Tensor {
+        Self::from_cuda_of(shape, backend, data)
+    }
+
+    /// A tensor over device values of any element type.
+    pub(crate) fn from_cuda_of<T: DeviceElem>(
+        shape: &[usize],
+        backend: Arc<CudaBackend>,
+        data: CudaSlice<T>,
+    ) -> Tensor {
         Tensor {
             shape: shape.to_vec(),
-            storage: Storage::Cuda(Arc::new(CudaBuffer { backend, data })),
+            storage: T::storage(Arc::new(CudaBuffer { backend, data })),
+        }
+    }
+
+    /// The backend of a tensor on a GPU, whatever its element type.
+    pub(crate) fn cuda_backend(&self) -> Result<&Arc<CudaBackend>> {
+        match &self.storage {
+            Storage::Cuda(b) => Ok(&b.backend),
+            Storage::CudaBf16(b) => Ok(&b.backend),
+            Storage::Cpu(_) => Err(NnError::Device {
+                op: "CUDA operation",
+                expected: "cuda".into(),
+                got: "cpu".into(),
+            }),
+        }
+    }
+
+    /// The element type of the values.
+    pub fn dtype(&self) -> DType {
+        match &self.storage {
+            Storage::Cpu(_) | Storage::Cuda(_) => DType::F32,
+            Storage::CudaBf16(_) => DType::Bf16,
+        }
+    }
+
+    /// The same values as `dtype` (shared, not copied, when already so): rounded to nearest
+    /// even for bf16. bf16 tensors live on CUDA devices only.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if self.dtype() == dtype {
+            return Ok(self.clone());
+        }
+        match (&self.storage, dtype) {
+            (Storage::Cuda(b), DType::Bf16) => {
+                let mut y = b.backend.gpu().zeros::<bf16>(b.data.len())?;
+                simclr_kernels::cuda::train::cast_f32_to_bf16(b.backend.gpu(), &b.data, &mut y)?;
+                Ok(Tensor::from_cuda_of(&self.shape, b.backend.clone(), y))
+            }
+            (Storage::CudaBf16(b), DType::F32) => {
+                let mut y = b.backend.zeros(b.data.len())?;
+                simclr_kernels::cuda::train::cast_bf16_to_f32(b.backend.gpu(), &b.data, &mut y)?;
+                Ok(Tensor::from_cuda(&self.shape, b.backend.clone(), y))
+            }
+            _ => Err(NnError::Invalid {
+                op: "Tensor::to_dtype",
+                msg: format!("{dtype} tensors cannot live on {}", self.device()),
+            }),
         }
     }
 
@@ -174,7 +315,8 @@ impl Tensor {
         Ok(Tensor::from_cuda(shape, backend, data))
     }
 
-    /// The same values on `device` (shared, not copied, when already there).
+    /// The same values on `device` (shared, not copied, when already there), as f32 when they
+    /// move.
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
         if self.device() == device {
             return Ok(self.clone());
@@ -237,6 +379,7 @@ impl Tensor {
         match &self.storage {
             Storage::Cpu(_) => Device::Cpu,
             Storage::Cuda(b) => Device::Cuda(b.backend.ordinal()),
+            Storage::CudaBf16(b) => Device::Cuda(b.backend.ordinal()),
         }
     }
 
@@ -249,18 +392,18 @@ impl Tensor {
     pub fn as_slice(&self) -> Result<&[f32]> {
         match &self.storage {
             Storage::Cpu(v) => Ok(v.as_slice()),
-            Storage::Cuda(_) => Err(self.not_on_cpu("as_slice")),
+            _ => Err(self.not_on_cpu("as_slice")),
         }
     }
 
     /// Mutable values of a CPU tensor; copies them first if another tensor shares them.
     pub fn as_mut_slice(&mut self) -> Result<&mut [f32]> {
-        if let Storage::Cuda(_) = self.storage {
+        if !matches!(self.storage, Storage::Cpu(_)) {
             return Err(self.not_on_cpu("as_mut_slice"));
         }
         match &mut self.storage {
             Storage::Cpu(v) => Ok(Arc::make_mut(v).as_mut_slice()),
-            Storage::Cuda(_) => unreachable!("handled above"),
+            _ => unreachable!("handled above"),
         }
     }
 
@@ -272,29 +415,51 @@ impl Tensor {
         }
     }
 
-    /// The device buffer of a CUDA tensor.
+    /// The device buffer of an f32 CUDA tensor.
     pub fn cuda(&self) -> Result<&CudaBuffer> {
-        match &self.storage {
-            Storage::Cuda(b) => Ok(b),
-            Storage::Cpu(_) => Err(NnError::Device {
-                op: "cuda",
+        self.cuda_of::<f32>("cuda")
+    }
+
+    /// The device buffer of a bf16 CUDA tensor.
+    pub fn cuda_bf16(&self) -> Result<&CudaBuffer<bf16>> {
+        self.cuda_of::<bf16>("cuda_bf16")
+    }
+
+    /// Why the values are not a `T` buffer on a GPU.
+    fn not_a_buffer_of<T: DeviceElem>(&self, op: &'static str) -> NnError {
+        if self.device() == Device::Cpu {
+            return NnError::Device {
+                op,
                 expected: "cuda".into(),
                 got: "cpu".into(),
-            }),
+            };
+        }
+        NnError::Invalid {
+            op,
+            msg: format!("a {} tensor where {} was needed", self.dtype(), T::DTYPE),
         }
     }
 
-    /// The device values of a CUDA tensor, to write; copied first if another tensor shares them.
-    pub(crate) fn cuda_mut(
-        &mut self,
-    ) -> Result<&mut simclr_kernels::cuda::cudarc::driver::CudaSlice<f32>> {
-        let Storage::Cuda(b) = &mut self.storage else {
-            return Err(NnError::Device {
-                op: "cuda_mut",
-                expected: "cuda".into(),
-                got: "cpu".into(),
-            });
-        };
+    /// The device buffer of a CUDA tensor of `T` values.
+    pub(crate) fn cuda_of<T: DeviceElem>(&self, op: &'static str) -> Result<&CudaBuffer<T>> {
+        match T::buffer(&self.storage) {
+            Some(b) => Ok(b),
+            None => Err(self.not_a_buffer_of::<T>(op)),
+        }
+    }
+
+    /// The device values of an f32 CUDA tensor, to write; copied first if another tensor
+    /// shares them.
+    pub(crate) fn cuda_mut(&mut self) -> Result<&mut CudaSlice<f32>> {
+        self.cuda_mut_of::<f32>()
+    }
+
+    /// [`Tensor::cuda_mut`] for `T` values.
+    pub(crate) fn cuda_mut_of<T: DeviceElem>(&mut self) -> Result<&mut CudaSlice<T>> {
+        if T::buffer(&self.storage).is_none() {
+            return Err(self.not_a_buffer_of::<T>("cuda_mut"));
+        }
+        let b = T::buffer_mut(&mut self.storage).expect("checked above");
         if Arc::get_mut(b).is_none() {
             *b = Arc::new(b.duplicate()?);
         }
@@ -312,18 +477,25 @@ impl Tensor {
         }
         match &self.storage {
             Storage::Cpu(_) => self.as_mut_slice()?.copy_from_slice(v),
-            Storage::Cuda(b) => {
-                let backend = b.backend.clone();
-                let dst = self.cuda_mut()?;
-                if !v.is_empty() {
-                    let mut view = dst.slice_mut(0..v.len());
-                    backend
-                        .gpu()
-                        .stream()
-                        .memcpy_htod(v, &mut view)
-                        .map_err(simclr_kernels::cuda::GpuError::from)?;
-                }
+            Storage::Cuda(_) => self.upload_::<f32>(v)?,
+            Storage::CudaBf16(_) => {
+                let rounded: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                self.upload_::<bf16>(&rounded)?;
             }
+        }
+        Ok(())
+    }
+
+    fn upload_<T: DeviceElem>(&mut self, v: &[T]) -> Result<()> {
+        let backend = self.cuda_of::<T>("copy_from_host_")?.backend.clone();
+        let dst = self.cuda_mut_of::<T>()?;
+        if !v.is_empty() {
+            let mut view = dst.slice_mut(0..v.len());
+            backend
+                .gpu()
+                .stream()
+                .memcpy_htod(v, &mut view)
+                .map_err(GpuError::from)?;
         }
         Ok(())
     }
@@ -337,7 +509,7 @@ impl Tensor {
             .unwrap_or_else(|e| panic!("copying {self:?} to the host: {e}"))
     }
 
-    /// The values copied to a host vector, whatever the device.
+    /// The values copied to a host vector, whatever the device (bf16 widened to f32, exactly).
     pub fn try_to_vec(&self) -> Result<Vec<f32>> {
         match &self.storage {
             Storage::Cpu(v) => Ok(v.as_ref().clone()),
@@ -345,6 +517,10 @@ impl Tensor {
                 let mut v = b.backend.gpu().download(&b.data)?;
                 v.truncate(self.numel());
                 Ok(v)
+            }
+            Storage::CudaBf16(b) => {
+                let v = b.backend.gpu().download(&b.data)?;
+                Ok(v[..self.numel()].iter().map(|x| x.to_f32()).collect())
             }
         }
     }
@@ -364,7 +540,7 @@ impl Tensor {
         })
     }
 
-    /// A tensor of the same shape and device filled with zeros.
+    /// An f32 tensor of the same shape and device filled with zeros.
     ///
     /// # Panics
     /// As [`Tensor::zeros`].
@@ -382,21 +558,8 @@ impl Tensor {
                 }
                 Ok(())
             }
-            Storage::Cuda(b) => {
-                let backend = b.backend.clone();
-                match Arc::get_mut(b) {
-                    Some(buf) => backend
-                        .gpu()
-                        .stream()
-                        .memset_zeros(&mut buf.data)
-                        .map_err(simclr_kernels::cuda::GpuError::from)?,
-                    None => {
-                        let data = backend.zeros(b.data.len())?;
-                        *b = Arc::new(CudaBuffer { backend, data });
-                    }
-                }
-                Ok(())
-            }
+            Storage::Cuda(b) => zero_buffer(b),
+            Storage::CudaBf16(b) => zero_buffer(b),
         }
     }
 
@@ -435,6 +598,23 @@ impl Tensor {
     }
 }
 
+/// Zeroes a device buffer in place, or replaces it with a zeroed one when it is shared.
+fn zero_buffer<T: Elem>(b: &mut Arc<CudaBuffer<T>>) -> Result<()> {
+    let backend = b.backend.clone();
+    match Arc::get_mut(b) {
+        Some(buf) => backend
+            .gpu()
+            .stream()
+            .memset_zeros(&mut buf.data)
+            .map_err(GpuError::from)?,
+        None => {
+            let data = backend.gpu().zeros::<T>(b.data.len())?;
+            *b = Arc::new(CudaBuffer { backend, data });
+        }
+    }
+    Ok(())
+}
+
 /// Whether each tensor's values are all finite. The tensors on a GPU cost one reduction each
 /// and one download for all of them (not a wait per tensor).
 pub(crate) fn all_finite_each(ts: &[Tensor]) -> Result<Vec<bool>> {
@@ -444,6 +624,8 @@ pub(crate) fn all_finite_each(ts: &[Tensor]) -> Result<Vec<bool>> {
         match &t.storage {
             Storage::Cpu(v) => out[i] = v.iter().all(|x| x.is_finite()),
             Storage::Cuda(_) => on_gpu.push(i),
+            // Rare (parameters and gradients are f32): widened on the device, then as f32.
+            Storage::CudaBf16(_) => out[i] = t.to_dtype(DType::F32)?.try_all_finite()?,
         }
     }
     // Grouped by device: the sums of one device go to one buffer there.
@@ -497,6 +679,46 @@ mod tests {
                 .map(|x| x.to_device(Device::Cuda(0)).unwrap())
                 .collect();
             assert_eq!(all_finite_each(&on).unwrap(), all_finite_each(&ts).unwrap());
+        }
+    }
+
+    #[test]
+    fn bf16_lives_on_gpus_only_and_round_trips_there() {
+        let a = Tensor::from_vec(&[3], vec![1.0, 1.0 + 1.0 / 256.0, -3.5]).unwrap();
+        assert_eq!(a.dtype(), DType::F32);
+        assert_eq!(a.to_dtype(DType::F32).unwrap().to_vec(), a.to_vec());
+        let e = a.to_dtype(DType::Bf16).unwrap_err().to_string();
+        assert!(e.contains("bf16") && e.contains("cpu"), "{e}");
+        let e = a.cuda_bf16().unwrap_err().to_string();
+        assert!(e.contains("cpu"), "{e}");
+        if crate::cuda::device_count() > 0 {
+            let g = a.to_device(Device::Cuda(0)).unwrap();
+            let h = g.to_dtype(DType::Bf16).unwrap();
+            assert_eq!(h.dtype(), DType::Bf16);
+            assert!(format!("{h:?}").contains("bf16"));
+            // Rounded to nearest even once; widened exactly.
+            assert_eq!(h.try_to_vec().unwrap(), vec![1.0, 1.0, -3.5]);
+            assert_eq!(
+                h.to_dtype(DType::F32).unwrap().to_vec(),
+                vec![1.0, 1.0, -3.5]
+            );
+            let e = h.cuda().unwrap_err().to_string();
+            assert!(e.contains("bf16") && e.contains("f32"), "{e}");
+            let mut z = h.clone();
+            z.fill_zero_().unwrap();
+            assert_eq!(z.to_vec(), vec![0.0; 3]);
+            assert_eq!(
+                h.to_vec(),
+                vec![1.0, 1.0, -3.5],
+                "the sharer keeps its values"
+            );
+            let mut w = h.clone();
+            w.copy_from_host_(&[2.0, f32::NAN, 0.1]).unwrap();
+            let back = w.to_vec();
+            assert_eq!(back[0], 2.0);
+            assert!(back[1].is_nan());
+            assert_eq!(back[2], half::bf16::from_f32(0.1).to_f32());
+            assert_eq!(all_finite_each(&[h, w]).unwrap(), vec![true, false]);
         }
     }
 

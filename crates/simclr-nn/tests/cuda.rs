@@ -13,8 +13,8 @@ use simclr_nn::dist::{train_step_dp, DataParallel, ThreadComm};
 use simclr_nn::grad_cache::train_step_cached;
 use simclr_nn::layers::BatchNorm;
 use simclr_nn::{
-    ops, ContrastiveLoss, Device, HeadConfig, Lars, Module, NnError, Optimizer, ResNetConfig, Sgd,
-    SimClr, SimClrConfig, Stem, Tensor,
+    ops, ContrastiveLoss, DType, Device, HeadConfig, Lars, Module, NnError, Optimizer,
+    ResNetConfig, Sgd, SimClr, SimClrConfig, Stem, Tensor,
 };
 
 /// The tests share one backend (and its math mode): they take turns.
@@ -165,8 +165,8 @@ fn cuda_ops_match_cpu() {
     let dg = t(g.shape(), 8);
     close(
         "gap backward",
-        &ops::global_avg_pool_backward(&up(&dg, dev), x.shape()).unwrap(),
-        &ops::global_avg_pool_backward(&dg, x.shape()).unwrap(),
+        &ops::global_avg_pool_backward(&up(&dg, dev), x.shape(), DType::F32).unwrap(),
+        &ops::global_avg_pool_backward(&dg, x.shape(), DType::F32).unwrap(),
         1e-6,
     );
     let n = t(&[2, 3, 5, 7], 9);
@@ -645,5 +645,96 @@ fn cuda_tf32_and_bf16_convolutions_stay_close_to_f32() {
             "{math:?}: loss {l} vs f32 {reference}"
         );
     }
+    backend.set_math_mode(MathMode::Fp32);
+}
+
+#[test]
+fn cuda_bf16_mode_keeps_activations_in_bf16_and_tracks_f32() {
+    let Some((dev, _turn)) =
+        cuda_or_skip("cuda_bf16_mode_keeps_activations_in_bf16_and_tracks_f32")
+    else {
+        return;
+    };
+    use simclr_nn::cuda::MathMode;
+    use simclr_nn::layers::{GlobalAvgPool, MaxPool};
+    let backend = CudaBackend::get(0).unwrap();
+    let cfg = tiny(Stem::ImageNet);
+    let views = t(&[8, 3, 32, 32], 31);
+    let mut cpu = SimClr::new(&cfg, Device::Cpu, 9).unwrap();
+    let mut reference = Vec::new();
+    let mut lars = Lars::default();
+    for _ in 0..3 {
+        reference.push(
+            simclr_nn::train_step(&mut cpu, &views, &mut lars, 0.3, 0.5)
+                .unwrap()
+                .loss,
+        );
+    }
+    backend.set_math_mode(MathMode::Bf16);
+
+    // Each layer hands the next one bf16, except the pooled features (f32, for the head).
+    let x = up(&t(&[4, 8, 8, 16], 32), dev);
+    let y = ops::conv2d(&x, &up(&t(&[16, 3, 3, 16], 33), dev), 1, 1).unwrap();
+    assert_eq!(y.dtype(), DType::Bf16, "convolution output");
+    let mut bn = BatchNorm::new(16, true, dev);
+    let z = bn.forward(&y, true).unwrap();
+    assert_eq!(z.dtype(), DType::Bf16, "batch norm output");
+    let mut mp = MaxPool::new(3, 2, 1);
+    let p = mp.forward(&z, true).unwrap();
+    assert_eq!(p.dtype(), DType::Bf16, "max pool output");
+    let mut gap = GlobalAvgPool::default();
+    let h = gap.forward(&p, true).unwrap();
+    assert_eq!(h.dtype(), DType::F32, "pooled features");
+    let dp = gap.backward(&up(&t(h.shape(), 34), dev)).unwrap();
+    assert_eq!(
+        dp.dtype(),
+        DType::Bf16,
+        "gradient of the pooled activations"
+    );
+    let dz = mp.backward(&dp).unwrap();
+    let dy = bn.backward(&dz).unwrap();
+    assert_eq!(dy.dtype(), DType::Bf16, "batch norm dx");
+    // The same layers in f32 on the CPU from the same (bf16-representable) values.
+    let mut bn_cpu = BatchNorm::new(16, true, Device::Cpu);
+    let zc = bn_cpu
+        .forward(&y.to_device(Device::Cpu).unwrap(), true)
+        .unwrap();
+    close("bf16 batch norm", &z, &zc, 1e-2);
+
+    // Whole training steps: the loss tracks the f32 CPU run within bf16's rounding.
+    let mut gpu = SimClr::new(&cfg, dev, 9).unwrap();
+    let mut lars = Lars::default();
+    for (step, want) in reference.iter().enumerate() {
+        let got = simclr_nn::train_step(&mut gpu, &views, &mut lars, 0.3, 0.5)
+            .unwrap()
+            .loss;
+        assert!(
+            (got - want).abs() <= 2e-2 * want.abs(),
+            "bf16 step {step}: loss {got} vs f32 {want}"
+        );
+    }
+    for ((name, a), (_, b)) in params(&mut gpu).iter().zip(params(&mut cpu)) {
+        assert_eq!(a.dtype(), DType::F32, "{name}: master weights stay f32");
+        close(&format!("bf16 weight {name} after 3 steps"), a, &b, 5e-2);
+    }
+
+    // Activations in bf16 halve the memory of a step whose activations dominate it.
+    let big = t(&[32, 3, 64, 64], 35);
+    let peak = |math: MathMode| {
+        backend.set_math_mode(math);
+        let mut m = SimClr::new(&tiny(Stem::Cifar), dev, 3).unwrap();
+        let mut lars = Lars::default();
+        simclr_nn::train_step(&mut m, &big, &mut lars, 0.3, 0.5).unwrap();
+        backend.trim_pool().unwrap();
+        simclr_nn::train_step(&mut m, &big, &mut lars, 0.3, 0.5).unwrap();
+        backend.synchronize().unwrap();
+        backend.pool_stats().unwrap().reserved_peak
+    };
+    let (f32_peak, bf16_peak) = (peak(MathMode::Fp32), peak(MathMode::Bf16));
+    println!("step pool peak: f32 {f32_peak} B, bf16 {bf16_peak} B");
+    assert!(
+        (bf16_peak as f64) < 0.85 * f32_peak as f64,
+        "bf16 activations should cut the step's memory: {bf16_peak} vs {f32_peak} bytes"
+    );
     backend.set_math_mode(MathMode::Fp32);
 }

@@ -4,9 +4,10 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::train::{grid_for, same_len};
+use super::train::{elem_kernel, grid_for, same_len};
 use super::{ensure, int, Gpu, GpuError, Module};
 use crate::cpu::pooling::PoolGeom;
+use crate::Elem;
 
 fn pool_args(g: &PoolGeom) -> Result<[i32; 9], GpuError> {
     ensure(
@@ -35,11 +36,11 @@ fn pool_args(g: &PoolGeom) -> Result<[i32; 9], GpuError> {
 }
 
 /// Max pooling forward of NHWC `x`; `arg` gets the flat input index of each maximum.
-pub fn maxpool_forward(
+pub fn maxpool_forward<T: Elem>(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
+    x: &CudaSlice<T>,
     g: &PoolGeom,
-    y: &mut CudaSlice<f32>,
+    y: &mut CudaSlice<T>,
     arg: &mut CudaSlice<u32>,
 ) -> Result<(), GpuError> {
     let a = pool_args(g)?;
@@ -47,27 +48,27 @@ pub fn maxpool_forward(
     same_len(x.len(), g.n * g.h * g.w * g.c, "max pool input")?;
     same_len(y.len(), out, "max pool output")?;
     same_len(arg.len(), out, "max pool indices")?;
-    let f = gpu.function(Module::Train, "maxpool_forward_f32")?;
+    let f = elem_kernel::<T>(gpu, "maxpool_forward")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(x);
     for v in &a {
         b.arg(v);
     }
     b.arg(y).arg(arg);
-    // SAFETY: maxpool_forward_f32(const float* x, int n, h, w, c, k, stride, pad, oh, ow,
-    // float* y, u32* arg); lengths checked above.
+    // SAFETY: maxpool_forward_{f32,bf16}(const T* x, int n, h, w, c, k, stride, pad, oh, ow,
+    // T* y, u32* arg); lengths checked above.
     unsafe { b.launch(grid_for(out)) }?;
     Ok(())
 }
 
 /// Max pooling backward: `dx` (zero where no window took its maximum) from `dy` and the
-/// forward's indices.
-pub fn maxpool_backward(
+/// forward's indices; summed in f32 and rounded to `T` once.
+pub fn maxpool_backward<T: Elem>(
     gpu: &Gpu,
-    dy: &CudaSlice<f32>,
+    dy: &CudaSlice<T>,
     arg: &CudaSlice<u32>,
     g: &PoolGeom,
-    dx: &mut CudaSlice<f32>,
+    dx: &mut CudaSlice<T>,
 ) -> Result<(), GpuError> {
     let a = pool_args(g)?;
     let out = g.n * g.oh() * g.ow() * g.c;
@@ -75,15 +76,15 @@ pub fn maxpool_backward(
     same_len(arg.len(), out, "max pool indices")?;
     same_len(dx.len(), g.n * g.h * g.w * g.c, "max pool dx")?;
     let total = dx.len();
-    let f = gpu.function(Module::Train, "maxpool_backward_f32")?;
+    let f = elem_kernel::<T>(gpu, "maxpool_backward")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(dy).arg(arg);
     for v in &a {
         b.arg(v);
     }
     b.arg(&mut *dx);
-    // SAFETY: maxpool_backward_f32(const float* dy, const u32* arg, int n, h, w, c, k, stride,
-    // pad, oh, ow, float* dx); lengths checked above.
+    // SAFETY: maxpool_backward_{f32,bf16}(const T* dy, const u32* arg, int n, h, w, c, k,
+    // stride, pad, oh, ow, T* dx); lengths checked above.
     unsafe { b.launch(grid_for(total)) }?;
     Ok(())
 }

@@ -116,7 +116,10 @@ pub fn kernel_names(module: Module) -> Vec<String> {
             head = &after[..o2];
         }
         if let Some(name) = head.split_whitespace().last() {
-            if name != "NAME" {
+            if let Some(stem) = name.strip_suffix("##S") {
+                // A `FOR_EACH_ELEM` template entry point: one kernel per element type.
+                names.extend(["f32", "bf16"].map(|s| format!("{stem}{s}")));
+            } else if name != "NAME" {
                 names.push(name.to_string());
             }
         }
@@ -162,21 +165,33 @@ mod tests {
                 Module::Train,
                 &[
                     "relu_f32",
+                    "relu_bf16",
                     "relu_backward_f32",
+                    "relu_backward_bf16",
                     "add_f32",
+                    "add_bf16",
                     "cast_f32_bf16",
                     "cast_bf16_f32",
                     "f64_to_f32",
                     "sum_partials_f32",
                     "sum_finish",
                     "gap_forward_f32",
+                    "gap_forward_bf16",
                     "gap_backward_f32",
-                    "bn_partials",
+                    "gap_backward_bf16",
+                    "maxpool_forward_f32",
+                    "maxpool_forward_bf16",
+                    "maxpool_backward_f32",
+                    "maxpool_backward_bf16",
+                    "bn_partials_f32",
+                    "bn_partials_bf16",
                     "bn_reduce",
                     "bn_mean",
                     "bn_finalize",
-                    "bn_apply",
-                    "bn_backward_apply",
+                    "bn_apply_f32",
+                    "bn_apply_bf16",
+                    "bn_backward_apply_f32",
+                    "bn_backward_apply_bf16",
                     "sgd_update",
                     "lars_norms",
                     "lars_update",

@@ -5,9 +5,13 @@
 //! Batch norm takes a `reduce` hook between its reductions and their use: the identity on one
 //! GPU, an all-reduce over the replicas for SimCLR's global batch norm.
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use half::bf16;
 
 use super::{ensure, int, Gpu, GpuError, Module};
+use crate::Elem;
 
 const THREADS: u32 = 256;
 
@@ -24,59 +28,64 @@ pub(crate) fn same_len(a: usize, b: usize, what: &str) -> Result<(), GpuError> {
     ensure(a == b, || format!("{what}: lengths differ ({a} and {b})"))
 }
 
-/// `y = max(x, 0)`.
-pub fn relu(gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+/// The train module's entry point `{stem}_{suffix}` for element type `T`.
+pub(crate) fn elem_kernel<T: Elem>(gpu: &Gpu, stem: &str) -> Result<CudaFunction, GpuError> {
+    gpu.function(Module::Train, &format!("{stem}_{}", T::SUFFIX))
+}
+
+/// `y = max(x, 0)` (in f32, rounded to `T` on store).
+pub fn relu<T: Elem>(gpu: &Gpu, x: &CudaSlice<T>, y: &mut CudaSlice<T>) -> Result<(), GpuError> {
     same_len(x.len(), y.len(), "relu")?;
     let n = x.len() as u64;
-    let f = gpu.function(Module::Train, "relu_f32")?;
+    let f = elem_kernel::<T>(gpu, "relu")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(x).arg(y).arg(&n);
-    // SAFETY: relu_f32(const float*, float*, u64); both hold n floats.
+    // SAFETY: relu_{f32,bf16}(const T*, T*, u64); both hold n values of T.
     unsafe { b.launch(grid_for(x.len())) }?;
     Ok(())
 }
 
 /// `dx = dy * (y > 0)` where `y` is the ReLU's output.
-pub fn relu_backward(
+pub fn relu_backward<T: Elem>(
     gpu: &Gpu,
-    dy: &CudaSlice<f32>,
-    y: &CudaSlice<f32>,
-    dx: &mut CudaSlice<f32>,
+    dy: &CudaSlice<T>,
+    y: &CudaSlice<T>,
+    dx: &mut CudaSlice<T>,
 ) -> Result<(), GpuError> {
     same_len(dy.len(), y.len(), "relu_backward")?;
     same_len(dy.len(), dx.len(), "relu_backward")?;
     let n = dy.len() as u64;
-    let f = gpu.function(Module::Train, "relu_backward_f32")?;
+    let f = elem_kernel::<T>(gpu, "relu_backward")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(dy).arg(y).arg(dx).arg(&n);
-    // SAFETY: relu_backward_f32(const float*, const float*, float*, u64); all hold n floats.
+    // SAFETY: relu_backward_{f32,bf16}(const T*, const T*, T*, u64); all hold n values.
     unsafe { b.launch(grid_for(dy.len())) }?;
     Ok(())
 }
 
-/// `a += b` (the residual add), then a ReLU when `relu`.
-pub fn add(
+/// `a += b` (the residual add), then a ReLU when `relu`; in f32, rounded to `T` once.
+pub fn add<T: Elem>(
     gpu: &Gpu,
-    a: &mut CudaSlice<f32>,
-    b_in: &CudaSlice<f32>,
+    a: &mut CudaSlice<T>,
+    b_in: &CudaSlice<T>,
     relu: bool,
 ) -> Result<(), GpuError> {
     same_len(a.len(), b_in.len(), "add")?;
     let n = a.len() as u64;
     let r = i32::from(relu);
-    let f = gpu.function(Module::Train, "add_f32")?;
+    let f = elem_kernel::<T>(gpu, "add")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&mut *a).arg(b_in).arg(&n).arg(&r);
-    // SAFETY: add_f32(float*, const float*, u64, int); both hold n floats.
+    // SAFETY: add_{f32,bf16}(T*, const T*, u64, int); both hold n values.
     unsafe { b.launch(grid_for(n as usize)) }?;
     Ok(())
 }
 
-/// f32 to bf16 (round to nearest even; raw `u16` bits).
+/// f32 to bf16 (round to nearest even, NaN kept).
 pub fn cast_f32_to_bf16(
     gpu: &Gpu,
     x: &CudaSlice<f32>,
-    y: &mut CudaSlice<u16>,
+    y: &mut CudaSlice<bf16>,
 ) -> Result<(), GpuError> {
     same_len(x.len(), y.len(), "cast")?;
     let n = x.len() as u64;
@@ -88,10 +97,10 @@ pub fn cast_f32_to_bf16(
     Ok(())
 }
 
-/// bf16 (raw `u16` bits) to f32.
+/// bf16 to f32 (exact).
 pub fn cast_bf16_to_f32(
     gpu: &Gpu,
-    x: &CudaSlice<u16>,
+    x: &CudaSlice<bf16>,
     y: &mut CudaSlice<f32>,
 ) -> Result<(), GpuError> {
     same_len(x.len(), y.len(), "cast")?;
@@ -148,10 +157,10 @@ pub fn sum_into(
     Ok(())
 }
 
-/// Global average pooling: `[n, hw, c]` to `[n, c]`.
-pub fn gap_forward(
+/// Global average pooling: `[n, hw, c]` to `[n, c]`. The features are f32 for any `T`.
+pub fn gap_forward<T: Elem>(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
+    x: &CudaSlice<T>,
     n: usize,
     hw: usize,
     c: usize,
@@ -161,43 +170,43 @@ pub fn gap_forward(
     same_len(y.len(), n * c, "gap_forward output")?;
     let (ni, hwi, ci) = (int(n, "n")?, int(hw, "hw")?, int(c, "c")?);
     int(n * c, "n * c")?;
-    let f = gpu.function(Module::Train, "gap_forward_f32")?;
+    let f = elem_kernel::<T>(gpu, "gap_forward")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(x).arg(&ni).arg(&hwi).arg(&ci).arg(y);
-    // SAFETY: gap_forward_f32(const float*, int, int, int, float*); one thread per output.
+    // SAFETY: gap_forward_{f32,bf16}(const T*, int, int, int, float*); one thread per output.
     unsafe { b.launch(grid_for(n * c)) }?;
     Ok(())
 }
 
-/// Global average pooling backward: `[n, c]` to `[n, hw, c]`.
-pub fn gap_backward(
+/// Global average pooling backward: `[n, c]` (f32) to `[n, hw, c]` in `T`.
+pub fn gap_backward<T: Elem>(
     gpu: &Gpu,
     dy: &CudaSlice<f32>,
     n: usize,
     hw: usize,
     c: usize,
-    dx: &mut CudaSlice<f32>,
+    dx: &mut CudaSlice<T>,
 ) -> Result<(), GpuError> {
     same_len(dy.len(), n * c, "gap_backward input")?;
     same_len(dx.len(), n * hw * c, "gap_backward output")?;
     let (ni, hwi, ci) = (int(n, "n")?, int(hw, "hw")?, int(c, "c")?);
-    let f = gpu.function(Module::Train, "gap_backward_f32")?;
+    let f = elem_kernel::<T>(gpu, "gap_backward")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(dy).arg(&ni).arg(&hwi).arg(&ci).arg(dx);
-    // SAFETY: gap_backward_f32(const float*, int, int, int, float*); grid-stride over dx.
+    // SAFETY: gap_backward_{f32,bf16}(const float*, int, int, int, T*); grid-stride over dx.
     unsafe { b.launch(grid_for(n * hw * c)) }?;
     Ok(())
 }
 
 /// `y = x * scale + shift` per channel of `[rows, c]` rows, then a ReLU when `relu` (batch
-/// norm's last pass, with any per-channel scale and shift).
-pub fn affine_rows(
+/// norm's last pass, with any per-channel scale and shift). In f32, rounded to `T` once.
+pub fn affine_rows<T: Elem>(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
+    x: &CudaSlice<T>,
     scale: &CudaSlice<f32>,
     shift: &CudaSlice<f32>,
     relu: bool,
-    y: &mut CudaSlice<f32>,
+    y: &mut CudaSlice<T>,
 ) -> Result<(), GpuError> {
     let c = scale.len();
     same_len(shift.len(), c, "affine shift")?;
@@ -207,7 +216,7 @@ pub fn affine_rows(
     })?;
     let rows = x.len() / c;
     let (r64, ci, ri) = (rows as u64, int(c, "c")?, i32::from(relu));
-    let f = gpu.function(Module::Train, "bn_apply")?;
+    let f = elem_kernel::<T>(gpu, "bn_apply")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(x)
         .arg(scale)
@@ -216,7 +225,7 @@ pub fn affine_rows(
         .arg(&ci)
         .arg(&ri)
         .arg(y);
-    // SAFETY: bn_apply(const float*, const float*, const float*, u64, int, int, float*);
+    // SAFETY: bn_apply_{f32,bf16}(const T*, const float*, const float*, u64, int, int, T*);
     // x and y hold rows * c, scale and shift c.
     unsafe { b.launch(grid_for(rows * c)) }?;
     Ok(())
@@ -280,11 +289,11 @@ impl BatchNormGpu {
         })
     }
 
-    fn partials(
+    fn partials<T: Elem>(
         &mut self,
         gpu: &Gpu,
-        x: &CudaSlice<f32>,
-        dy_relu: Option<(&CudaSlice<f32>, Option<&CudaSlice<f32>>)>,
+        x: &CudaSlice<T>,
+        dy_relu: Option<(&CudaSlice<T>, Option<&CudaSlice<T>>)>,
         rows: usize,
         saved: Option<&BnSaved>,
         mode: i32,
@@ -292,7 +301,7 @@ impl BatchNormGpu {
         let c = self.c;
         let (ri, ci) = (int(rows, "rows")?, int(c, "c")?);
         let width = if mode == 2 { 2 * c } else { c };
-        let f = gpu.function(Module::Train, "bn_partials")?;
+        let f = elem_kernel::<T>(gpu, "bn_partials")?;
         let stream = gpu.stream().clone();
         let null: u64 = 0;
         let mut b = stream.launch_builder(&f);
@@ -315,7 +324,7 @@ impl BatchNormGpu {
             None => b.arg(&null).arg(&null),
         };
         b.arg(&mode).arg(&mut self.partials);
-        // SAFETY: bn_partials(const float* x, const float* dy, const float* relu_out, int rows,
+        // SAFETY: bn_partials_{f32,bf16}(const T* x, const T* dy, const T* relu_out, int rows,
         // int c, const double* center, const float* mean, const float* invstd, int mode,
         // double* partials); null pointers only where `mode` does not read them; partials holds
         // BN_GROUPS * 2c doubles.
@@ -338,16 +347,17 @@ impl BatchNormGpu {
     /// Training-mode forward pass over `x` (`[rows, c]`, `rows` local rows of `count` in the
     /// global batch): normalises with the batch statistics, applies gamma and beta (then a ReLU
     /// when `relu`), updates the running statistics, and returns what the backward pass needs.
-    /// `reduce` sees each per-channel sum before it is used.
-    pub fn forward_train(
+    /// `reduce` sees each per-channel sum before it is used. With bf16 activations the
+    /// statistics are still summed in f64 from the widened values; only `y` is rounded.
+    pub fn forward_train<T: Elem>(
         &mut self,
         gpu: &Gpu,
-        x: &CudaSlice<f32>,
+        x: &CudaSlice<T>,
         rows: usize,
         count: usize,
         p: BnParams<'_>,
         relu: bool,
-        y: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<T>,
         reduce: Reduce<'_>,
     ) -> Result<BnSaved, GpuError> {
         let c = self.c;
@@ -372,7 +382,7 @@ impl BatchNormGpu {
         let ci = int(c, "c")?;
         let countf = count as f64;
         // Pass 1: the mean.
-        self.partials(gpu, x, None, rows, None, 0)?;
+        self.partials::<T>(gpu, x, None, rows, None, 0)?;
         reduce(&mut self.sums)?;
         let f = gpu.function(Module::Train, "bn_mean")?;
         let mut b = stream.launch_builder(&f);
@@ -384,7 +394,7 @@ impl BatchNormGpu {
         // SAFETY: bn_mean(const double*, double, int, double*, float*); all hold >= c.
         unsafe { b.launch(grid_for(c)) }?;
         // Pass 2: centred squares.
-        self.partials(gpu, x, None, rows, None, 1)?;
+        self.partials::<T>(gpu, x, None, rows, None, 1)?;
         reduce(&mut self.sums)?;
         let f = gpu.function(Module::Train, "bn_finalize")?;
         let mut b = stream.launch_builder(&f);
@@ -410,14 +420,14 @@ impl BatchNormGpu {
     }
 
     /// Evaluation-mode forward pass: normalises with the running statistics.
-    pub fn forward_eval(
+    pub fn forward_eval<T: Elem>(
         &mut self,
         gpu: &Gpu,
-        x: &CudaSlice<f32>,
+        x: &CudaSlice<T>,
         rows: usize,
         p: BnParams<'_>,
         relu: bool,
-        y: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
         let c = self.c;
         same_len(x.len(), rows * c, "batch norm input")?;
@@ -434,13 +444,13 @@ impl BatchNormGpu {
         self.apply(gpu, x, rows, relu, y)
     }
 
-    fn apply(
+    fn apply<T: Elem>(
         &mut self,
         gpu: &Gpu,
-        x: &CudaSlice<f32>,
+        x: &CudaSlice<T>,
         rows: usize,
         relu: bool,
-        y: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
         same_len(x.len(), rows * self.c, "batch norm input")?;
         affine_rows(gpu, x, &self.scale, &self.shift, relu, y)
@@ -449,17 +459,17 @@ impl BatchNormGpu {
     /// Backward pass of [`BatchNormGpu::forward_train`]: writes `dx`, `dgamma` and `dbeta`.
     /// `relu_out` is the forward output when a ReLU was fused (its gradient is masked on the
     /// fly). `reduce` sees the per-channel gradient sums before they are used.
-    pub fn backward(
+    pub fn backward<T: Elem>(
         &mut self,
         gpu: &Gpu,
-        x: &CudaSlice<f32>,
-        dy: &CudaSlice<f32>,
-        relu_out: Option<&CudaSlice<f32>>,
+        x: &CudaSlice<T>,
+        dy: &CudaSlice<T>,
+        relu_out: Option<&CudaSlice<T>>,
         rows: usize,
         count: usize,
         gamma: &CudaSlice<f32>,
         saved: &BnSaved,
-        dx: &mut CudaSlice<f32>,
+        dx: &mut CudaSlice<T>,
         dgamma: &mut CudaSlice<f32>,
         dbeta: &mut CudaSlice<f32>,
         reduce: Reduce<'_>,
@@ -478,12 +488,12 @@ impl BatchNormGpu {
         ] {
             same_len(v, c, what)?;
         }
-        self.partials(gpu, x, Some((dy, relu_out)), rows, Some(saved), 2)?;
+        self.partials::<T>(gpu, x, Some((dy, relu_out)), rows, Some(saved), 2)?;
         reduce(&mut self.sums)?;
         let stream = gpu.stream().clone();
         let (r64, ci, countf) = (rows as u64, int(c, "c")?, count as f64);
         let null: u64 = 0;
-        let f = gpu.function(Module::Train, "bn_backward_apply")?;
+        let f = elem_kernel::<T>(gpu, "bn_backward_apply")?;
         {
             let mut b = stream.launch_builder(&f);
             b.arg(x).arg(dy);
@@ -499,9 +509,9 @@ impl BatchNormGpu {
                 .arg(&self.sums)
                 .arg(&countf)
                 .arg(&mut *dx);
-            // SAFETY: bn_backward_apply(const float* x, const float* dy, const float* relu_out,
+            // SAFETY: bn_backward_apply_{f32,bf16}(const T* x, const T* dy, const T* relu_out,
             // u64 rows, int c, const float* mean, const float* invstd, const float* gamma,
-            // const double* sums, double count, float* dx); sizes checked above.
+            // const double* sums, double count, T* dx); sizes checked above.
             unsafe { b.launch(grid_for(rows * c)) }?;
         }
         for (range, out) in [(0..c, dbeta), (c..2 * c, dgamma)] {

@@ -31,9 +31,11 @@ pub enum MathMode {
     /// TF32 tensor cores for convolutions (10-bit mantissa inputs, f32 accumulation), as
     /// PyTorch's `allow_tf32` for cuDNN: faster, looser.
     Tf32,
-    /// bf16 tensor cores for convolutions: inputs, weights and output gradients rounded to bf16
-    /// for cuDNN, f32 accumulation; master weights, activations between layers, batch norm
-    /// and the loss stay f32 (what `torch.autocast(bfloat16)` does to a convolution).
+    /// Mixed precision: bf16 tensor cores for convolutions (f32 accumulation) and bf16
+    /// activations between layers, so the trunk's activations and their gradients take half
+    /// the memory and bandwidth. Master weights and their gradients, batch-norm statistics
+    /// (summed in f64), the pooled features, the projection head and the loss stay f32, as
+    /// under `torch.autocast(bfloat16)` (where the head's products would be bf16 too).
     Bf16,
 }
 
@@ -313,25 +315,25 @@ pub(crate) fn cuda_err<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> 
     move |e| NnError::Cuda(format!("{what}: {e:?}"))
 }
 
-/// f32 values in device memory, with the backend that owns them.
-pub struct CudaBuffer {
+/// Values in device memory (f32 unless said otherwise), with the backend that owns them.
+pub struct CudaBuffer<T = f32> {
     pub(crate) backend: Arc<CudaBackend>,
-    pub(crate) data: CudaSlice<f32>,
+    pub(crate) data: CudaSlice<T>,
 }
 
-impl CudaBuffer {
+impl<T: simclr_kernels::Elem> CudaBuffer<T> {
     /// The backend of the device holding the values.
     pub fn backend(&self) -> &Arc<CudaBackend> {
         &self.backend
     }
 
     /// The device values.
-    pub fn slice(&self) -> &CudaSlice<f32> {
+    pub fn slice(&self) -> &CudaSlice<T> {
         &self.data
     }
 
     /// A copy in new device memory.
-    pub(crate) fn duplicate(&self) -> Result<CudaBuffer> {
+    pub(crate) fn duplicate(&self) -> Result<CudaBuffer<T>> {
         let data = self.data.try_clone().map_err(GpuError::from)?;
         Ok(CudaBuffer {
             backend: self.backend.clone(),
@@ -340,7 +342,7 @@ impl CudaBuffer {
     }
 }
 
-impl Drop for CudaBuffer {
+impl<T> Drop for CudaBuffer<T> {
     fn drop(&mut self) {
         // The device memory is freed right after this, in the thread's current context: make
         // sure it is this GPU's (a tensor may be dropped on any thread).
@@ -348,7 +350,7 @@ impl Drop for CudaBuffer {
     }
 }
 
-impl std::fmt::Debug for CudaBuffer {
+impl<T> std::fmt::Debug for CudaBuffer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,

@@ -1,11 +1,12 @@
 //! The CUDA arms of [`crate::ops`], the batch-norm layer and the NT-Xent loss. Shapes are
 //! checked by the callers; these only check that operands share a device.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use half::bf16;
 use simclr_kernels::cpu::pooling::PoolGeom;
-use simclr_kernels::cuda::cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use simclr_kernels::cuda::cudarc::driver::CudaSlice;
 use simclr_kernels::cuda::train::{self as k, BatchNormGpu, BnParams, BnSaved};
 use simclr_kernels::cuda::{layout, GpuError};
 
@@ -13,33 +14,76 @@ use super::{blas, CudaBackend, MathMode};
 use crate::cpu::conv::ConvGeom;
 use crate::dist::Communicator;
 use crate::error::{NnError, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, DeviceElem, Tensor};
 
-/// The backend of `t` and its values.
+/// Calls `f::<T>(args)` with `T` the element type of `dtype`.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::Bf16 => $f::<bf16>($($arg),*),
+        }
+    };
+}
+
+/// The backend of `t` and its f32 values.
 fn dev(t: &Tensor) -> Result<(&Arc<CudaBackend>, &CudaSlice<f32>)> {
-    let b = t.cuda()?;
+    dev_of::<f32>(t)
+}
+
+/// The backend of `t` and its values, which must be `T`s.
+fn dev_of<T: DeviceElem>(t: &Tensor) -> Result<(&Arc<CudaBackend>, &CudaSlice<T>)> {
+    let b = t.cuda_of::<T>("CUDA operation")?;
     Ok((&b.backend, &b.data))
 }
 
-/// The values of `t`, which must be on the device of `b`.
+/// The f32 values of `t`, which must be on the device of `b`.
 fn on<'a>(b: &CudaBackend, t: &'a Tensor, what: &'static str) -> Result<&'a CudaSlice<f32>> {
-    let (tb, data) = dev(t)?;
-    if tb.ordinal() != b.ordinal() {
+    on_of::<f32>(b, t, what)
+}
+
+/// The `T` values of `t`, which must be on the device of `b`.
+fn on_of<'a, T: DeviceElem>(
+    b: &CudaBackend,
+    t: &'a Tensor,
+    what: &'static str,
+) -> Result<&'a CudaSlice<T>> {
+    let buf = t.cuda_of::<T>(what)?;
+    if buf.backend.ordinal() != b.ordinal() {
         return Err(NnError::Device {
             op: what,
             expected: format!("cuda:{}", b.ordinal()),
             got: t.device().to_string(),
         });
     }
-    Ok(data)
+    Ok(&buf.data)
+}
+
+/// `t` with `dtype` values: itself when it has them, else a converted copy. The operands of an
+/// operation take the element type of the activation it works on (a gradient may arrive in
+/// another type, e.g. from a layer that computes in f32).
+fn as_dtype(t: &Tensor, dtype: DType) -> Result<Cow<'_, Tensor>> {
+    if t.dtype() == dtype {
+        Ok(Cow::Borrowed(t))
+    } else {
+        Ok(Cow::Owned(t.to_dtype(dtype)?))
+    }
 }
 
 fn new(b: &Arc<CudaBackend>, shape: &[usize]) -> Result<CudaSlice<f32>> {
     b.zeros(shape.iter().product())
 }
 
+fn new_of<T: DeviceElem>(b: &Arc<CudaBackend>, shape: &[usize]) -> Result<CudaSlice<T>> {
+    Ok(b.gpu().zeros::<T>(shape.iter().product())?)
+}
+
 fn wrap(b: &Arc<CudaBackend>, shape: &[usize], data: CudaSlice<f32>) -> Tensor {
     Tensor::from_cuda(shape, b.clone(), data)
+}
+
+fn wrap_of<T: DeviceElem>(b: &Arc<CudaBackend>, shape: &[usize], data: CudaSlice<T>) -> Tensor {
+    Tensor::from_cuda_of(shape, b.clone(), data)
 }
 
 fn upload(b: &CudaBackend, v: &[f32]) -> Result<CudaSlice<f32>> {
@@ -61,55 +105,45 @@ fn fits_cudnn(g: &ConvGeom) -> Result<()> {
     Ok(())
 }
 
-/// `x` rounded to bf16 (raw bits), for cuDNN's bf16 convolutions.
-fn to_bf16(b: &CudaBackend, x: &CudaSlice<f32>) -> Result<CudaSlice<u16>> {
-    let mut y = b.gpu().zeros::<u16>(x.len())?;
+/// f32 weights rounded to bf16 for a bf16 convolution (as autocast does, per call).
+fn to_bf16(b: &CudaBackend, x: &CudaSlice<f32>) -> Result<CudaSlice<bf16>> {
+    let mut y = b.gpu().zeros::<bf16>(x.len())?;
     k::cast_f32_to_bf16(b.gpu(), x, &mut y)?;
     Ok(y)
 }
 
-/// bf16 bits back to f32.
-fn from_bf16(b: &CudaBackend, x: &CudaSlice<u16>) -> Result<CudaSlice<f32>> {
+/// bf16 values widened to f32.
+fn from_bf16(b: &CudaBackend, x: &CudaSlice<bf16>) -> Result<CudaSlice<f32>> {
     let mut y = b.zeros(x.len())?;
     k::cast_bf16_to_f32(b.gpu(), x, &mut y)?;
     Ok(y)
 }
 
-/// The bf16 view of raw bf16 bits (cuDNN's element type).
-fn bf16_view(x: &CudaSlice<u16>) -> CudaView<'_, bf16> {
-    // SAFETY: u16 and bf16 have the same size and any bits are a valid bf16.
-    unsafe { x.transmute::<bf16>(x.len()) }.expect("same size")
-}
-
-fn bf16_view_mut(x: &mut CudaSlice<u16>) -> CudaViewMut<'_, bf16> {
-    let n = x.len();
-    // SAFETY: as in `bf16_view`.
-    unsafe { x.transmute_mut::<bf16>(n) }.expect("same size")
-}
-
+/// In [`MathMode::Bf16`] the convolution reads and writes bf16 activations (an f32 input, the
+/// images, is rounded first) and its output stays bf16 for the layers after it: activations
+/// then take half the memory and bandwidth. In the other modes everything is f32.
 pub(crate) fn conv2d(x: &Tensor, w: &Tensor, g: &ConvGeom) -> Result<Tensor> {
     fits_cudnn(g)?;
-    let (b, xs) = dev(x)?;
+    let b = x.cuda_backend()?;
     let ws = on(b, w, "conv2d (weight)")?;
     let shape = [g.n, g.oh(), g.ow(), g.cout];
     let mut dnn = b.dnn.lock().unwrap_or_else(|e| e.into_inner());
     if dnn.math == MathMode::Bf16 {
-        let (xb, wb) = (to_bf16(b, xs)?, to_bf16(b, ws)?);
-        let mut yb = b.gpu().zeros::<u16>(shape.iter().product())?;
-        dnn.forward::<bf16>(
-            b.gpu(),
-            g,
-            &bf16_view(&xb),
-            &bf16_view(&wb),
-            &mut bf16_view_mut(&mut yb),
-        )?;
-        return Ok(wrap(b, &shape, from_bf16(b, &yb)?));
+        let x = as_dtype(x, DType::Bf16)?;
+        let xs = on_of::<bf16>(b, &x, "conv2d")?;
+        let wb = to_bf16(b, ws)?;
+        let mut y = new_of::<bf16>(b, &shape)?;
+        dnn.forward::<bf16>(b.gpu(), g, xs, &wb, &mut y)?;
+        return Ok(wrap_of(b, &shape, y));
     }
+    let x = as_dtype(x, DType::F32)?;
+    let xs = on(b, &x, "conv2d")?;
     let mut y = new(b, &shape)?;
     dnn.forward(b.gpu(), g, xs, ws, &mut y)?;
     Ok(wrap(b, &shape, y))
 }
 
+/// dL/dw (f32, as the master weights) and dL/dx (in the element type of `x`).
 pub(crate) fn conv2d_backward(
     x: &Tensor,
     w: &Tensor,
@@ -118,55 +152,50 @@ pub(crate) fn conv2d_backward(
     need_dx: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     fits_cudnn(g)?;
-    let (b, xs) = dev(x)?;
+    let b = x.cuda_backend()?;
     let ws = on(b, w, "conv2d_backward (weight)")?;
-    let dys = on(b, dy, "conv2d_backward (dy)")?;
     let mut dnn = b.dnn.lock().unwrap_or_else(|e| e.into_inner());
     if dnn.math == MathMode::Bf16 {
-        let (xb, wb, dyb) = (to_bf16(b, xs)?, to_bf16(b, ws)?, to_bf16(b, dys)?);
-        let mut dwb = b.gpu().zeros::<u16>(w.numel())?;
-        dnn.backward_filter::<bf16>(
-            b.gpu(),
-            g,
-            &bf16_view(&xb),
-            &bf16_view(&dyb),
-            &mut bf16_view_mut(&mut dwb),
-            0.0,
-        )?;
+        let (xb, dyb) = (as_dtype(x, DType::Bf16)?, as_dtype(dy, DType::Bf16)?);
+        let xs = on_of::<bf16>(b, &xb, "conv2d_backward (x)")?;
+        let dys = on_of::<bf16>(b, &dyb, "conv2d_backward (dy)")?;
+        let mut dwb = b.gpu().zeros::<bf16>(w.numel())?;
+        dnn.backward_filter::<bf16>(b.gpu(), g, xs, dys, &mut dwb, 0.0)?;
         let dx = if need_dx {
-            let mut dxb = b.gpu().zeros::<u16>(x.numel())?;
-            dnn.backward_data::<bf16>(
-                b.gpu(),
-                g,
-                &bf16_view(&wb),
-                &bf16_view(&dyb),
-                &mut bf16_view_mut(&mut dxb),
-            )?;
-            Some(wrap(b, x.shape(), from_bf16(b, &dxb)?))
+            let wb = to_bf16(b, ws)?;
+            let mut dxb = new_of::<bf16>(b, x.shape())?;
+            dnn.backward_data::<bf16>(b.gpu(), g, &wb, dys, &mut dxb)?;
+            Some(wrap_of(b, x.shape(), dxb).to_dtype(x.dtype())?)
         } else {
             None
         };
         return Ok((wrap(b, w.shape(), from_bf16(b, &dwb)?), dx));
     }
+    let (xf, dyf) = (as_dtype(x, DType::F32)?, as_dtype(dy, DType::F32)?);
+    let xs = on(b, &xf, "conv2d_backward (x)")?;
+    let dys = on(b, &dyf, "conv2d_backward (dy)")?;
     let mut dw = new(b, w.shape())?;
     dnn.backward_filter(b.gpu(), g, xs, dys, &mut dw, 0.0)?;
     let dx = if need_dx {
         let mut dx = new(b, x.shape())?;
         dnn.backward_data(b.gpu(), g, ws, dys, &mut dx)?;
-        Some(wrap(b, x.shape(), dx))
+        Some(wrap(b, x.shape(), dx).to_dtype(x.dtype())?)
     } else {
         None
     };
     Ok((wrap(b, w.shape(), dw), dx))
 }
 
+/// The linear layers (the projection head) compute in f32: their input, the pooled features, is
+/// f32 in every mode.
 pub(crate) fn linear(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     (n, i, o): (usize, usize, usize),
 ) -> Result<Tensor> {
-    let (b, xs) = dev(x)?;
+    let x = as_dtype(x, DType::F32)?;
+    let (b, xs) = dev(&x)?;
     let ws = on(b, w, "linear (weight)")?;
     let mut y = new(b, &[n, o])?;
     let beta = match bias {
@@ -187,9 +216,10 @@ pub(crate) fn linear_backward(
     (n, i, o): (usize, usize, usize),
     need_dx: bool,
 ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
-    let (b, xs) = dev(x)?;
+    let (x, dy) = (as_dtype(x, DType::F32)?, as_dtype(dy, DType::F32)?);
+    let (b, xs) = dev(&x)?;
     let ws = on(b, w, "linear_backward (weight)")?;
-    let dys = on(b, dy, "linear_backward (dy)")?;
+    let dys = on(b, &dy, "linear_backward (dy)")?;
     let mut dw = new(b, &[o, i])?;
     blas::linear_dw(b, dys, xs, (n, i, o), &mut dw)?;
     let mut db = new(b, &[o])?;
@@ -210,70 +240,105 @@ pub(crate) fn channel_affine(
     shift: &[f32],
     relu: bool,
 ) -> Result<Tensor> {
-    let (b, xs) = dev(x)?;
-    let (sc, sh) = (upload(b, scale)?, upload(b, shift)?);
-    let mut y = new(b, x.shape())?;
-    k::affine_rows(b.gpu(), xs, &sc, &sh, relu, &mut y)?;
-    Ok(wrap(b, x.shape(), y))
+    fn go<T: DeviceElem>(x: &Tensor, scale: &[f32], shift: &[f32], relu: bool) -> Result<Tensor> {
+        let (b, xs) = dev_of::<T>(x)?;
+        let (sc, sh) = (upload(b, scale)?, upload(b, shift)?);
+        let mut y = new_of::<T>(b, x.shape())?;
+        k::affine_rows(b.gpu(), xs, &sc, &sh, relu, &mut y)?;
+        Ok(wrap_of(b, x.shape(), y))
+    }
+    by_dtype!(x.dtype(), go(x, scale, shift, relu))
 }
 
 pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
-    let (b, xs) = dev(x)?;
-    let mut y = new(b, x.shape())?;
-    k::relu(b.gpu(), xs, &mut y)?;
-    Ok(wrap(b, x.shape(), y))
+    fn go<T: DeviceElem>(x: &Tensor) -> Result<Tensor> {
+        let (b, xs) = dev_of::<T>(x)?;
+        let mut y = new_of::<T>(b, x.shape())?;
+        k::relu(b.gpu(), xs, &mut y)?;
+        Ok(wrap_of(b, x.shape(), y))
+    }
+    by_dtype!(x.dtype(), go(x))
 }
 
+/// dL/dx of a ReLU, in the element type of its output `y`.
 pub(crate) fn relu_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
-    let (b, dys) = dev(dy)?;
-    let ys = on(b, y, "relu_backward (y)")?;
-    let mut dx = new(b, dy.shape())?;
-    k::relu_backward(b.gpu(), dys, ys, &mut dx)?;
-    Ok(wrap(b, dy.shape(), dx))
+    fn go<T: DeviceElem>(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let dy = as_dtype(dy, T::DTYPE)?;
+        let (b, dys) = dev_of::<T>(&dy)?;
+        let ys = on_of::<T>(b, y, "relu_backward (y)")?;
+        let mut dx = new_of::<T>(b, dy.shape())?;
+        k::relu_backward(b.gpu(), dys, ys, &mut dx)?;
+        Ok(wrap_of(b, dy.shape(), dx))
+    }
+    by_dtype!(y.dtype(), go(dy, y))
 }
 
+/// `a += x`, in the element type of `a`.
 pub(crate) fn add_(a: &mut Tensor, x: &Tensor) -> Result<()> {
-    let b = a.cuda()?.backend.clone();
-    let xs = on(&b, x, "add")?;
-    k::add(b.gpu(), a.cuda_mut()?, xs, false)?;
-    Ok(())
+    fn go<T: DeviceElem>(a: &mut Tensor, x: &Tensor) -> Result<()> {
+        let x = as_dtype(x, T::DTYPE)?;
+        let b = a.cuda_backend()?.clone();
+        let xs = on_of::<T>(&b, &x, "add")?;
+        k::add(b.gpu(), a.cuda_mut_of::<T>()?, xs, false)?;
+        Ok(())
+    }
+    by_dtype!(a.dtype(), go(a, x))
 }
 
 pub(crate) fn max_pool(x: &Tensor, g: &PoolGeom) -> Result<(Tensor, CudaSlice<u32>)> {
-    let (b, xs) = dev(x)?;
-    let shape = [g.n, g.oh(), g.ow(), g.c];
-    let mut y = new(b, &shape)?;
-    let mut arg = b.gpu().zeros::<u32>(shape.iter().product())?;
-    layout::maxpool_forward(b.gpu(), xs, g, &mut y, &mut arg)?;
-    Ok((wrap(b, &shape, y), arg))
+    fn go<T: DeviceElem>(x: &Tensor, g: &PoolGeom) -> Result<(Tensor, CudaSlice<u32>)> {
+        let (b, xs) = dev_of::<T>(x)?;
+        let shape = [g.n, g.oh(), g.ow(), g.c];
+        let mut y = new_of::<T>(b, &shape)?;
+        let mut arg = b.gpu().zeros::<u32>(shape.iter().product())?;
+        layout::maxpool_forward(b.gpu(), xs, g, &mut y, &mut arg)?;
+        Ok((wrap_of(b, &shape, y), arg))
+    }
+    by_dtype!(x.dtype(), go(x, g))
 }
 
 pub(crate) fn max_pool_backward(dy: &Tensor, arg: &CudaSlice<u32>, g: &PoolGeom) -> Result<Tensor> {
-    let (b, dys) = dev(dy)?;
-    let shape = [g.n, g.h, g.w, g.c];
-    let mut dx = new(b, &shape)?;
-    layout::maxpool_backward(b.gpu(), dys, arg, g, &mut dx)?;
-    Ok(wrap(b, &shape, dx))
+    fn go<T: DeviceElem>(dy: &Tensor, arg: &CudaSlice<u32>, g: &PoolGeom) -> Result<Tensor> {
+        let (b, dys) = dev_of::<T>(dy)?;
+        let shape = [g.n, g.h, g.w, g.c];
+        let mut dx = new_of::<T>(b, &shape)?;
+        layout::maxpool_backward(b.gpu(), dys, arg, g, &mut dx)?;
+        Ok(wrap_of(b, &shape, dx))
+    }
+    by_dtype!(dy.dtype(), go(dy, arg, g))
 }
 
+/// The pooled features are f32 whatever the activations' type.
 pub(crate) fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
-    let (b, xs) = dev(x)?;
-    let s = x.shape();
-    let mut y = new(b, &[s[0], s[3]])?;
-    k::gap_forward(b.gpu(), xs, s[0], s[1] * s[2], s[3], &mut y)?;
-    Ok(wrap(b, &[s[0], s[3]], y))
+    fn go<T: DeviceElem>(x: &Tensor) -> Result<Tensor> {
+        let (b, xs) = dev_of::<T>(x)?;
+        let s = x.shape();
+        let mut y = new(b, &[s[0], s[3]])?;
+        k::gap_forward(b.gpu(), xs, s[0], s[1] * s[2], s[3], &mut y)?;
+        Ok(wrap(b, &[s[0], s[3]], y))
+    }
+    by_dtype!(x.dtype(), go(x))
 }
 
-pub(crate) fn global_avg_pool_backward(dy: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
-    let (b, dys) = dev(dy)?;
-    let mut dx = new(b, x_shape)?;
-    let s = x_shape;
-    k::gap_backward(b.gpu(), dys, s[0], s[1] * s[2], s[3], &mut dx)?;
-    Ok(wrap(b, x_shape, dx))
+/// dL/dx in `dtype`, the element type of the pooled activations.
+pub(crate) fn global_avg_pool_backward(
+    dy: &Tensor,
+    x_shape: &[usize],
+    dtype: DType,
+) -> Result<Tensor> {
+    fn go<T: DeviceElem>(dy: &Tensor, s: &[usize]) -> Result<Tensor> {
+        let dy = as_dtype(dy, DType::F32)?;
+        let (b, dys) = dev(&dy)?;
+        let mut dx = new_of::<T>(b, s)?;
+        k::gap_backward(b.gpu(), dys, s[0], s[1] * s[2], s[3], &mut dx)?;
+        Ok(wrap_of(b, s, dx))
+    }
+    by_dtype!(dtype, go(dy, x_shape))
 }
 
 pub(crate) fn nchw_to_nhwc(x: &Tensor) -> Result<Tensor> {
-    let (b, xs) = dev(x)?;
+    let x = as_dtype(x, DType::F32)?;
+    let (b, xs) = dev(&x)?;
     let s = x.shape();
     let shape = [s[0], s[2], s[3], s[1]];
     let mut y = new(b, &shape)?;
@@ -282,7 +347,8 @@ pub(crate) fn nchw_to_nhwc(x: &Tensor) -> Result<Tensor> {
 }
 
 pub(crate) fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
-    let (b, xs) = dev(x)?;
+    let x = as_dtype(x, DType::F32)?;
+    let (b, xs) = dev(&x)?;
     let s = x.shape();
     let shape = [s[0], s[3], s[1], s[2]];
     let mut y = new(b, &shape)?;
@@ -290,32 +356,42 @@ pub(crate) fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
     Ok(wrap(b, &shape, y))
 }
 
-/// Row ranges of `x` (`per` values a row) concatenated into a new `shape` tensor.
+/// Row ranges of `x` (`per` values a row) concatenated into a new `shape` tensor of the same
+/// element type.
 pub(crate) fn take_rows(
     x: &Tensor,
     ranges: &[std::ops::Range<usize>],
     per: usize,
     shape: &[usize],
 ) -> Result<Tensor> {
-    let (b, xs) = dev(x)?;
-    let mut y = new(b, shape)?;
-    let mut at = 0;
-    for r in ranges.iter().filter(|r| r.end > r.start) {
-        let n = (r.end - r.start) * per;
-        let src = xs.slice(r.start * per..r.end * per);
-        let mut dst = y.slice_mut(at..at + n);
-        b.gpu()
-            .stream()
-            .memcpy_dtod(&src, &mut dst)
-            .map_err(GpuError::from)?;
-        at += n;
+    fn go<T: DeviceElem>(
+        x: &Tensor,
+        ranges: &[std::ops::Range<usize>],
+        per: usize,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let (b, xs) = dev_of::<T>(x)?;
+        let mut y = new_of::<T>(b, shape)?;
+        let mut at = 0;
+        for r in ranges.iter().filter(|r| r.end > r.start) {
+            let n = (r.end - r.start) * per;
+            let src = xs.slice(r.start * per..r.end * per);
+            let mut dst = y.slice_mut(at..at + n);
+            b.gpu()
+                .stream()
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(GpuError::from)?;
+            at += n;
+        }
+        Ok(wrap_of(b, shape, y))
     }
-    Ok(wrap(b, shape, y))
+    by_dtype!(x.dtype(), go(x, ranges, per, shape))
 }
 
-/// NT-Xent on the device: the mean loss and dL/dz.
+/// NT-Xent on the device: the mean loss and dL/dz (f32, as the loss in mixed precision).
 pub(crate) fn nt_xent(z: &Tensor, temperature: f32) -> Result<(f32, Tensor)> {
-    let (b, zs) = dev(z)?;
+    let z = as_dtype(z, DType::F32)?;
+    let (b, zs) = dev(&z)?;
     let (rows, dim) = (z.shape()[0], z.shape()[1]);
     let mut grad = new(b, z.shape())?;
     let loss = b.with_loss(rows, dim, |ws| {
@@ -409,8 +485,18 @@ fn reducer<'a>(
 
 /// Batch norm of `x` (`[rows, c]` in effect): with the batch statistics over `count` rows in
 /// all, updating the running ones, when `train` is `Some((count, sync))`; with the running
-/// statistics otherwise. Returns what the backward pass needs in training mode.
+/// statistics otherwise. The output has the element type of `x`; the statistics are f32 (sums
+/// in f64) in every mode. Returns what the backward pass needs in training mode.
 pub(crate) fn batch_norm_forward(
+    x: &Tensor,
+    p: BnTensors<'_>,
+    relu: bool,
+    train: Option<(usize, Option<&dyn Communicator>)>,
+) -> Result<(Tensor, Option<BnStats>)> {
+    by_dtype!(x.dtype(), batch_norm_forward_of(x, p, relu, train))
+}
+
+fn batch_norm_forward_of<T: DeviceElem>(
     x: &Tensor,
     p: BnTensors<'_>,
     relu: bool,
@@ -425,7 +511,7 @@ pub(crate) fn batch_norm_forward(
         eps,
         workspace,
     } = p;
-    let (b, xs) = dev(x)?;
+    let (b, xs) = dev_of::<T>(x)?;
     let c = gamma.numel();
     let rows = x.numel() / c;
     let params = BnParams {
@@ -436,7 +522,7 @@ pub(crate) fn batch_norm_forward(
         momentum,
         eps,
     };
-    let mut y = new(b, x.shape())?;
+    let mut y = new_of::<T>(b, x.shape())?;
     let saved = match train {
         Some((count, sync)) => {
             let mut reduce = reducer(b, sync);
@@ -452,10 +538,11 @@ pub(crate) fn batch_norm_forward(
             None
         }
     };
-    Ok((wrap(b, x.shape(), y), saved))
+    Ok((wrap_of(b, x.shape(), y), saved))
 }
 
-/// Batch-norm backward: dL/dx, and dL/dgamma, dL/dbeta added to the gradients.
+/// Batch-norm backward: dL/dx (in the element type of `x`), and dL/dgamma, dL/dbeta (f32)
+/// added to the gradients.
 pub(crate) fn batch_norm_backward(
     x: &Tensor,
     dy: &Tensor,
@@ -467,16 +554,38 @@ pub(crate) fn batch_norm_backward(
     workspace: &mut BnWorkspace,
     sync: Option<&dyn Communicator>,
 ) -> Result<Tensor> {
-    let (b, xs) = dev(x)?;
+    by_dtype!(
+        x.dtype(),
+        batch_norm_backward_of(x, dy, relu_out, stats, count, gamma, grads, workspace, sync)
+    )
+}
+
+fn batch_norm_backward_of<T: DeviceElem>(
+    x: &Tensor,
+    dy: &Tensor,
+    relu_out: Option<&Tensor>,
+    stats: &BnSaved,
+    count: usize,
+    gamma: &Tensor,
+    grads: (&mut Tensor, &mut Tensor),
+    workspace: &mut BnWorkspace,
+    sync: Option<&dyn Communicator>,
+) -> Result<Tensor> {
+    let (b, xs) = dev_of::<T>(x)?;
     let c = gamma.numel();
     let rows = x.numel() / c;
-    let dys = on(b, dy, "BatchNorm backward (dy)")?;
+    let dy = as_dtype(dy, T::DTYPE)?;
+    let dys = on_of::<T>(b, &dy, "BatchNorm backward (dy)")?;
     let relu_out = match relu_out {
-        Some(r) => Some(on(b, r, "BatchNorm backward (output)")?),
+        Some(r) => Some(as_dtype(r, T::DTYPE)?),
+        None => None,
+    };
+    let relu_out = match &relu_out {
+        Some(r) => Some(on_of::<T>(b, r, "BatchNorm backward (output)")?),
         None => None,
     };
     let gs = on(b, gamma, "BatchNorm backward (weight)")?;
-    let mut dx = new(b, x.shape())?;
+    let mut dx = new_of::<T>(b, x.shape())?;
     let (mut dg, mut db) = (b.zeros(c)?, b.zeros(c)?);
     // For global batch norm the sums are all-reduced for dx, but the parameter gradients take
     // this replica's own sums (the gradient all-reduce adds the others'), as on the CPU.
@@ -524,5 +633,5 @@ pub(crate) fn batch_norm_backward(
     }
     k::add(b.gpu(), grads.0.cuda_mut()?, &dg, false)?;
     k::add(b.gpu(), grads.1.cuda_mut()?, &db, false)?;
-    Ok(wrap(b, x.shape(), dx))
+    Ok(wrap_of(b, x.shape(), dx))
 }

@@ -2,7 +2,7 @@
 
 use crate::error::{NnError, Result};
 use crate::ops;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// Max pooling (the ImageNet stem's 3x3, stride 2, padding 1).
 #[derive(Clone, Debug)]
@@ -44,24 +44,24 @@ impl MaxPool {
 /// Global average pooling, NHWC to `[n, c]`.
 #[derive(Clone, Debug, Default)]
 pub struct GlobalAvgPool {
-    saved_shape: Option<Vec<usize>>,
+    saved_shape: Option<(Vec<usize>, DType)>,
 }
 
 impl GlobalAvgPool {
     /// Forward.
     pub fn forward(&mut self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = ops::global_avg_pool(x)?;
-        self.saved_shape = train.then(|| x.shape().to_vec());
+        self.saved_shape = train.then(|| (x.shape().to_vec(), x.dtype()));
         Ok(y)
     }
 
     /// dL/dx.
     pub fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
-        let shape = self
+        let (shape, dtype) = self
             .saved_shape
             .take()
             .ok_or(NnError::NoForward("GlobalAvgPool"))?;
-        ops::global_avg_pool_backward(dy, &shape)
+        ops::global_avg_pool_backward(dy, &shape, dtype)
     }
 }
 
