@@ -469,8 +469,10 @@ pub struct TrainConfig {
     /// Where to train: `auto` (the GPU of this rank, `LOCAL_RANK`, when CUDA is usable, else
     /// the CPU), `cpu`, `cuda` or `cuda:N`.
     pub device: String,
-    /// The math of the convolutions on a GPU: `tf32` (TF32 tensor cores, PyTorch's default for
-    /// cuDNN), `bf16` (bf16 tensor cores, f32 accumulation, f32 everywhere else) or `fp32`.
+    /// The precision of training on a GPU: `tf32` (TF32 tensor cores for the convolutions,
+    /// PyTorch's default for cuDNN), `bf16` (mixed precision: bf16 tensor cores with f32
+    /// accumulation and bf16 activations between the trunk's layers; f32 master weights,
+    /// batch-norm statistics, head and loss) or `fp32`.
     pub cuda_math: String,
     /// Data-parallel training: the gradient all-reduce overlapped with the backward pass in
     /// buckets of this many MiB (25, as PyTorch DDP); 0: one all-reduce after the backward pass.

@@ -539,6 +539,12 @@ fn nccl_single_rank_collectives_and_step() {
     for ((name, x), (_, y)) in params(&mut ov_model).iter().zip(params(&mut dp_model)) {
         close(&format!("overlapped NCCL step weight {name}"), x, &y, 1e-5);
     }
+    // The initial weights broadcast on the device, in place: rank 0's values stay.
+    let before: Vec<Vec<f32>> = params(&mut ov_model).iter().map(|p| p.1.to_vec()).collect();
+    simclr_nn::dist::broadcast_state(&mut ov_model, comm.as_ref(), 0).unwrap();
+    for ((name, x), y) in params(&mut ov_model).iter().zip(&before) {
+        assert_eq!(&x.to_vec(), y, "broadcast {name}");
+    }
 }
 
 #[test]

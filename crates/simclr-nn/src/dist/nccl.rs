@@ -388,6 +388,25 @@ impl NcclComm {
         })
     }
 
+    /// Copies rank `root`'s `buf` to every rank, in place on the device (the initial weights of
+    /// a run: no trip through the hosts).
+    pub fn broadcast_device_f32(
+        &self,
+        buf: &mut CudaSlice<f32>,
+        root: usize,
+    ) -> Result<(), CommError> {
+        let op = "broadcast (device)";
+        let root = i32::try_from(root).map_err(|_| CommError::Mismatch {
+            op: op.into(),
+            msg: format!("root rank {root} out of range"),
+        })?;
+        self.run(op, |c| {
+            c.broadcast_in_place(buf, root)
+                .map(|_| ())
+                .map_err(nccl_err(op))
+        })
+    }
+
     /// Sums `buf` over the ranks in place on the device, queued on this communicator's stream
     /// without waiting for it (global batch norm's sums, which the next kernels on that stream
     /// read: no round trip through the host). A peer that never comes is caught by the next

@@ -114,8 +114,25 @@ fn check_same_shape(comm: &dyn Communicator, views: &Tensor) -> Result<()> {
 }
 
 /// Copies rank `root`'s parameters and batch-norm statistics to every replica (the start of a
-/// data-parallel run, so replicas begin from the same weights whatever their seeds).
+/// data-parallel run, so replicas begin from the same weights whatever their seeds). Over NCCL,
+/// with the model on the communicator's GPU, each tensor is broadcast in place on the device;
+/// otherwise all of them go through the host in one broadcast.
 pub fn broadcast_state(model: &mut dyn Module, comm: &dyn Communicator, root: usize) -> Result<()> {
+    if let Some(nccl) = comm.nccl() {
+        let gpu = Device::Cuda(nccl.backend().ordinal());
+        let mut all_there = true;
+        visit_values(model, &mut |t| {
+            all_there &= t.device() == gpu;
+            Ok(())
+        })?;
+        // Every rank decides alike (its model is on its own GPU), so all take the same path.
+        if all_there {
+            return visit_values(model, &mut |t| {
+                nccl.broadcast_device_f32(t.cuda_mut()?, root)?;
+                Ok(())
+            });
+        }
+    }
     let mut flat = Vec::new();
     visit_values(model, &mut |t| {
         flat.extend_from_slice(&t.try_to_vec()?);
