@@ -352,13 +352,13 @@ fn widen(v: &[bf16]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
 
-/// max |a - b| in units of b's bf16 spacing (2^-8 of |b|, at least `floor`'s): how many
-/// roundings apart two bf16 results are.
+/// max |a - b| in units of |b| / 128, the most bf16's spacing can be at |b| (8 significant
+/// bits; at least `floor`'s): one rounding flipped the other way is at most 1.
 fn bf16_ulps(a: &[bf16], b: &[bf16], floor: f32) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).fold(0.0f32, |m, (x, y)| {
         let (x, y) = (x.to_f32(), y.to_f32());
-        m.max((x - y).abs() / (y.abs().max(floor) / 256.0))
+        m.max((x - y).abs() / (y.abs().max(floor) / 128.0))
     })
 }
 

@@ -61,6 +61,17 @@ pub fn conv_geom(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Co
     })
 }
 
+/// `x` in the element type convolutions on its device read: bf16 on a GPU in
+/// [`crate::cuda::MathMode::Bf16`], else `x` itself (shared, not copied).
+pub fn conv_input(x: &Tensor) -> Result<Tensor> {
+    if let Device::Cuda(i) = x.device() {
+        if crate::cuda::CudaBackend::get(i)?.math_mode() == crate::cuda::MathMode::Bf16 {
+            return x.to_dtype(DType::Bf16);
+        }
+    }
+    Ok(x.clone())
+}
+
 /// Convolution forward: NHWC `x`, OHWI `w`, returns NHWC.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
     let g = conv_geom(x, w, stride, pad)?;
@@ -165,7 +176,7 @@ pub fn batch_norm_backward(
             invstd,
             &host(gamma)?,
         )?;
-        return Ok((dx.to_device(x.device())?, dg, db));
+        return Ok((dx.to_device(x.device())?.to_dtype(x.dtype())?, dg, db));
     }
     let (rows, c) = rows_channels(x);
     let mut dx = uninit(x.numel());

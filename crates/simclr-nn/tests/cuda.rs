@@ -541,7 +541,8 @@ fn nccl_single_rank_collectives_and_step() {
     }
     // The initial weights broadcast on the device, in place: rank 0's values stay.
     let before: Vec<Vec<f32>> = params(&mut ov_model).iter().map(|p| p.1.to_vec()).collect();
-    simclr_nn::dist::broadcast_state(&mut ov_model, comm.as_ref(), 0).unwrap();
+    let path = simclr_nn::dist::broadcast_state(&mut ov_model, comm.as_ref(), 0).unwrap();
+    assert_eq!(path, simclr_nn::dist::BroadcastPath::Device);
     for ((name, x), y) in params(&mut ov_model).iter().zip(&before) {
         assert_eq!(&x.to_vec(), y, "broadcast {name}");
     }
@@ -715,7 +716,7 @@ fn cuda_bf16_mode_keeps_activations_in_bf16_and_tracks_f32() {
             .unwrap()
             .loss;
         assert!(
-            (got - want).abs() <= 2e-2 * want.abs(),
+            (got - want).abs() <= 5e-2 * want.abs(),
             "bf16 step {step}: loss {got} vs f32 {want}"
         );
     }
@@ -725,21 +726,23 @@ fn cuda_bf16_mode_keeps_activations_in_bf16_and_tracks_f32() {
     }
 
     // Activations in bf16 halve the memory of a step whose activations dominate it.
-    let big = t(&[32, 3, 64, 64], 35);
+    let big = t(&[64, 3, 64, 64], 35);
     let peak = |math: MathMode| {
         backend.set_math_mode(math);
         let mut m = SimClr::new(&tiny(Stem::Cifar), dev, 3).unwrap();
         let mut lars = Lars::default();
         simclr_nn::train_step(&mut m, &big, &mut lars, 0.3, 0.5).unwrap();
         backend.trim_pool().unwrap();
+        // What the step adds to what stays between steps (weights, workspaces).
+        let base = backend.pool_stats().unwrap().reserved;
         simclr_nn::train_step(&mut m, &big, &mut lars, 0.3, 0.5).unwrap();
         backend.synchronize().unwrap();
-        backend.pool_stats().unwrap().reserved_peak
+        backend.pool_stats().unwrap().reserved_peak - base
     };
     let (f32_peak, bf16_peak) = (peak(MathMode::Fp32), peak(MathMode::Bf16));
-    println!("step pool peak: f32 {f32_peak} B, bf16 {bf16_peak} B");
+    println!("memory a step adds at its peak: f32 {f32_peak} B, bf16 {bf16_peak} B");
     assert!(
-        (bf16_peak as f64) < 0.85 * f32_peak as f64,
+        (bf16_peak as f64) < 0.75 * f32_peak as f64,
         "bf16 activations should cut the step's memory: {bf16_peak} vs {f32_peak} bytes"
     );
     backend.set_math_mode(MathMode::Fp32);

@@ -140,7 +140,11 @@ fn replica(
     let world = comm.world_size();
     // Different seeds: the broadcast must make the replicas start from rank 0's weights.
     let mut m = model(rank as u64 * 1000);
-    broadcast_state(&mut m, comm.as_ref(), 0).unwrap();
+    assert_eq!(
+        broadcast_state(&mut m, comm.as_ref(), 0).unwrap(),
+        simclr_nn::dist::BroadcastPath::Host,
+        "CPU communicators broadcast through the host"
+    );
     let mut dp = DataParallel::new(comm);
     dp.gather_negatives = gather;
     dp.global_batch_norm = global_bn;

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 pub use nccl::{NcclComm, NcclPending};
 pub use overlap::{GradBuckets, Round, DEFAULT_BUCKET_MIB};
-pub use step::{broadcast_state, forward_backward_dp, train_step_dp, DataParallel};
+pub use step::{broadcast_state, forward_backward_dp, train_step_dp, BroadcastPath, DataParallel};
 pub use tcp::{RendezvousConfig, TcpComm};
 pub use thread::ThreadComm;
 

@@ -388,23 +388,44 @@ impl NcclComm {
         })
     }
 
-    /// Copies rank `root`'s `buf` to every rank, in place on the device (the initial weights of
-    /// a run: no trip through the hosts).
-    pub fn broadcast_device_f32(
+    /// Copies rank `root`'s buffers to every rank, in place on the device, as one NCCL group
+    /// waited for once (the initial weights of a run: no trip through the hosts). Every rank
+    /// must pass buffers of the same lengths in the same order (NCCL does not check).
+    pub fn broadcast_many_device_f32(
         &self,
-        buf: &mut CudaSlice<f32>,
+        bufs: &mut [&mut CudaSlice<f32>],
         root: usize,
     ) -> Result<(), CommError> {
-        let op = "broadcast (device)";
-        let root = i32::try_from(root).map_err(|_| CommError::Mismatch {
-            op: op.into(),
-            msg: format!("root rank {root} out of range"),
+        let op = "broadcast (device, grouped)";
+        let root = i32::try_from(root)
+            .ok()
+            .filter(|&r| (r as usize) < self.world_size())
+            .ok_or_else(|| CommError::Mismatch {
+                op: op.into(),
+                msg: format!(
+                    "root rank {root} is not one of the {} ranks",
+                    self.world_size()
+                ),
+            })?;
+        let ((), event) = self.launch(op, |c| {
+            nccl::group_start().map_err(nccl_err(op))?;
+            let mut first_err = None;
+            for b in bufs.iter_mut() {
+                if let Err(e) = c.broadcast_in_place(&mut **b, root) {
+                    first_err.get_or_insert(e);
+                }
+            }
+            let end = nccl::group_end();
+            // As in `start_all_reduce_many_f32`: the write events again, after group_end.
+            for b in bufs.iter_mut() {
+                let (_, _written) = b.device_ptr_mut(&self.stream);
+            }
+            if let Some(e) = first_err {
+                return Err(nccl_err(op)(e));
+            }
+            end.map(|_| ()).map_err(nccl_err(op))
         })?;
-        self.run(op, |c| {
-            c.broadcast_in_place(buf, root)
-                .map(|_| ())
-                .map_err(nccl_err(op))
-        })
+        self.wait_event(op, &event)
     }
 
     /// Sums `buf` over the ranks in place on the device, queued on this communicator's stream

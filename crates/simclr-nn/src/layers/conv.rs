@@ -46,8 +46,11 @@ impl Conv2d {
 
     /// `y = conv(x)`; keeps `x` for the backward pass when `train`.
     pub fn forward(&mut self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = ops::conv2d(x, &self.weight.value, self.stride, self.padding)?;
-        self.saved_input = train.then(|| x.clone());
+        // In bf16 mixed precision an f32 input (the images) is rounded once, here, and kept so:
+        // the backward pass reads the same values without rounding again, from half the memory.
+        let x = ops::conv_input(x)?;
+        let y = ops::conv2d(&x, &self.weight.value, self.stride, self.padding)?;
+        self.saved_input = train.then_some(x);
         Ok(y)
     }
 
