@@ -355,6 +355,45 @@ fn replicas_with_different_batches_all_stop_with_an_error() {
     assert!(errs[1].contains("[6, 3, 8, 8]"), "{}", errs[1]);
 }
 
+/// Replicas built differently (here a wider head on rank 1) all stop with an error naming
+/// both models' sizes, before any value moves.
+#[test]
+fn replicas_with_different_models_all_stop_at_the_broadcast() {
+    let errs = on_two_ranks(|c| {
+        let mut m = model(0);
+        if c.rank() == 1 {
+            let mut encoder = ResNetConfig::resnet(18, 1, Stem::Cifar).unwrap();
+            encoder.layers = [1, 1, 1, 1];
+            encoder.base_width = 4;
+            let head = HeadConfig::Mlp {
+                hidden_layers: 1,
+                hidden_dim: 16,
+                output_dim: 12,
+            };
+            let cfg = SimClrConfig { encoder, head };
+            m = SimClr::new(&cfg, simclr_nn::Device::Cpu, 0).unwrap();
+        }
+        broadcast_state(&mut m, &c, 0).unwrap_err().to_string()
+    });
+    for e in &errs {
+        assert!(e.contains("models differ"), "{e}");
+    }
+    // Rank 0 names rank 1's model and its own: rank 1's last layer has 4 more outputs, each
+    // with 16 weights and a bias.
+    let count = |e: &str, who: &str| -> u64 {
+        let at = e.find(who).unwrap_or_else(|| panic!("{who} in {e}")) + who.len();
+        let rest = &e[at..];
+        let of = rest.find("tensors of ").unwrap() + "tensors of ".len();
+        rest[of..].split(' ').next().unwrap().parse().unwrap()
+    };
+    let e = &errs[0];
+    assert_eq!(
+        count(e, "rank 1 has "),
+        count(e, "rank 0 has ") + 16 * 4 + 4,
+        "{e}"
+    );
+}
+
 #[test]
 fn other_losses_are_exact_too() {
     let loss = ContrastiveLoss::NtLogistic { temperature: 0.5 };

@@ -125,67 +125,67 @@ pub enum BroadcastPath {
 /// Copies rank `root`'s parameters and batch-norm statistics to every replica (the start of a
 /// data-parallel run, so replicas begin from the same weights whatever their seeds).
 ///
-/// Over NCCL, the ranks first compare their models' tensor sizes (NCCL would not notice a
-/// mismatch: it would hang or write past a buffer) and whether every tensor is on the
-/// communicator's GPU; when all agree and are, each tensor is broadcast in place on the
-/// devices in one NCCL group. Otherwise all values go through the hosts in one broadcast.
+/// The ranks first compare their models' tensor sizes, so that replicas built differently stop
+/// with an error naming both (NCCL would not notice: it would hang or write past a buffer). Over
+/// NCCL, when every rank's tensors are all on its communicator's GPU, each tensor is then
+/// broadcast in place on the devices, in one NCCL group; otherwise all values go through the
+/// hosts in one broadcast.
 pub fn broadcast_state(
     model: &mut dyn Module,
     comm: &dyn Communicator,
     root: usize,
 ) -> Result<BroadcastPath> {
-    if let Some(nccl) = comm.nccl() {
-        let gpu = Device::Cuda(nccl.backend().ordinal());
-        let (mut all_there, mut sizes) = (true, Vec::new());
+    let op = "broadcast of the initial weights";
+    let gpu = comm.nccl().map(|n| Device::Cuda(n.backend().ordinal()));
+    let (mut all_there, mut sizes) = (gpu.is_some(), Vec::new());
+    visit_values(model, &mut |t| {
+        all_there &= Some(t.device()) == gpu && t.dtype() == crate::tensor::DType::F32;
+        sizes.extend_from_slice(&(t.numel() as u64).to_le_bytes());
+        Ok(())
+    })?;
+    let mut blob = vec![u8::from(all_there)];
+    blob.extend_from_slice(&sizes);
+    let parts = comm.all_gather_bytes(&blob, op)?;
+    let summary = |b: &[u8]| {
+        let n: Vec<u64> = b
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        format!("{} tensors of {} values", n.len(), n.iter().sum::<u64>())
+    };
+    for (r, p) in parts.iter().enumerate() {
+        if p.get(1..) != Some(&blob[1..]) {
+            return Err(CommError::Mismatch {
+                op: op.into(),
+                msg: format!(
+                    "the replicas' models differ: rank {r} has {}, rank {} has {}",
+                    summary(p.get(1..).unwrap_or(&[])),
+                    comm.rank(),
+                    summary(&blob[1..])
+                ),
+            }
+            .into());
+        }
+    }
+    if let Some(nccl) = comm.nccl().filter(|_| parts.iter().all(|p| p[0] == 1)) {
+        // Taken out of the model so that all can be borrowed at once, then put back.
+        let mut ts = Vec::new();
         visit_values(model, &mut |t| {
-            all_there &= t.device() == gpu && t.dtype() == crate::tensor::DType::F32;
-            sizes.extend_from_slice(&(t.numel() as u64).to_le_bytes());
+            ts.push(std::mem::replace(t, Tensor::empty()));
             Ok(())
         })?;
-        let mut blob = vec![u8::from(all_there)];
-        blob.extend_from_slice(&sizes);
-        let parts = comm.all_gather_bytes(&blob, "broadcast of the initial weights")?;
-        let summary = |b: &[u8]| {
-            let n: Vec<u64> = b
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect();
-            format!("{} tensors of {} values", n.len(), n.iter().sum::<u64>())
-        };
-        for (r, p) in parts.iter().enumerate() {
-            if p.get(1..) != Some(&blob[1..]) {
-                return Err(CommError::Mismatch {
-                    op: "broadcast of the initial weights".into(),
-                    msg: format!(
-                        "the replicas' models differ: rank {r} has {}, rank {} {}",
-                        summary(p.get(1..).unwrap_or(&[])),
-                        comm.rank(),
-                        summary(&blob[1..])
-                    ),
-                }
-                .into());
-            }
-        }
-        if parts.iter().all(|p| p[0] == 1) {
-            // Taken out of the model so that all can be borrowed at once, then put back.
-            let mut ts = Vec::new();
-            visit_values(model, &mut |t| {
-                ts.push(std::mem::replace(t, Tensor::empty()));
-                Ok(())
-            })?;
-            let sent = ts
-                .iter_mut()
-                .map(|t| t.cuda_mut())
-                .collect::<Result<Vec<_>>>()
-                .and_then(|mut bufs| Ok(nccl.broadcast_many_device_f32(&mut bufs, root)?));
-            let mut back = ts.into_iter();
-            visit_values(model, &mut |t| {
-                *t = back.next().expect("as many tensors as were taken");
-                Ok(())
-            })?;
-            sent?;
-            return Ok(BroadcastPath::Device);
-        }
+        let sent = ts
+            .iter_mut()
+            .map(|t| t.cuda_mut())
+            .collect::<Result<Vec<_>>>()
+            .and_then(|mut bufs| Ok(nccl.broadcast_many_device_f32(&mut bufs, root)?));
+        let mut back = ts.into_iter();
+        visit_values(model, &mut |t| {
+            *t = back.next().expect("as many tensors as were taken");
+            Ok(())
+        })?;
+        sent?;
+        return Ok(BroadcastPath::Device);
     }
     let mut flat = Vec::new();
     visit_values(model, &mut |t| {
