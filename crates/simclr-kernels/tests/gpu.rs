@@ -315,6 +315,11 @@ fn gpu_elementwise_pooling_and_casts_match_cpu_twins() {
     let mut wa = x.clone();
     cpu::eltwise::add_inplace(&mut wa, &b);
     assert_eq!(gpu.download(&ad).unwrap(), wa);
+    let mut ard = gpu.upload(&x).unwrap();
+    train::add(&gpu, &mut ard, &bd, true).unwrap();
+    let mut war = x.clone();
+    cpu::eltwise::add_relu_inplace(&mut war, &b);
+    assert_eq!(gpu.download(&ard).unwrap(), war, "add + relu");
 
     let mut gd = gpu.zeros::<f32>(n * c).unwrap();
     train::gap_forward(&gpu, &xd, n, hw, c, &mut gd).unwrap();
@@ -392,6 +397,11 @@ fn gpu_bf16_activation_kernels_match_cpu_twins() {
     let mut wa = x.clone();
     cpu::eltwise::add_inplace(&mut wa, &b);
     assert_eq!(gpu.download(&ad).unwrap(), wa, "add");
+    let mut ard = gpu.upload(&x).unwrap();
+    train::add(&gpu, &mut ard, &bd, true).unwrap();
+    let mut war = x.clone();
+    cpu::eltwise::add_relu_inplace(&mut war, &b);
+    assert_eq!(gpu.download(&ard).unwrap(), war, "add + relu");
 
     // Global average pooling: bf16 in, f32 features out; and back.
     let mut gd = gpu.zeros::<f32>(n * c).unwrap();

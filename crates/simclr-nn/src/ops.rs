@@ -232,6 +232,16 @@ pub fn add_(a: &mut Tensor, b: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// `a = max(a + b, 0)` in one pass (a residual block's add and ReLU).
+pub fn add_relu_(a: &mut Tensor, b: &Tensor) -> Result<()> {
+    a.expect_shape("add_relu", b.shape())?;
+    if let Device::Cuda(_) = same_device("add_relu", a, b)? {
+        return gpu::add_relu_(a, b);
+    }
+    cpu::eltwise::add_relu_inplace(a.as_mut_slice()?, b.as_slice()?);
+    Ok(())
+}
+
 /// Where the maxima of a max pooling were (flat input indices), on the device of its input:
 /// what the backward pass needs.
 #[derive(Clone, Debug)]

@@ -156,11 +156,10 @@ impl Block {
         match &mut self.downsample {
             Some((conv, bn)) => {
                 let id = bn.forward(&conv.forward(x, train)?, train)?;
-                ops::add_(&mut h, &id)?;
+                self.out_relu.forward_add(h, &id, train)
             }
-            None => ops::add_(&mut h, x)?,
+            None => self.out_relu.forward_add(h, x, train),
         }
-        self.out_relu.forward(h, train)
     }
 
     fn backward(&mut self, dy: Tensor) -> Result<Tensor> {

@@ -275,14 +275,20 @@ pub(crate) fn relu_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
 
 /// `a += x`, in the element type of `a`.
 pub(crate) fn add_(a: &mut Tensor, x: &Tensor) -> Result<()> {
-    fn go<T: DeviceElem>(a: &mut Tensor, x: &Tensor) -> Result<()> {
-        let x = as_dtype(x, T::DTYPE)?;
-        let b = a.cuda_backend()?.clone();
-        let xs = on_of::<T>(&b, &x, "add")?;
-        k::add(b.gpu(), a.cuda_mut_of::<T>()?, xs, false)?;
-        Ok(())
-    }
-    by_dtype!(a.dtype(), go(a, x))
+    by_dtype!(a.dtype(), add_of(a, x, false))
+}
+
+/// `a = max(a + x, 0)`, in the element type of `a`.
+pub(crate) fn add_relu_(a: &mut Tensor, x: &Tensor) -> Result<()> {
+    by_dtype!(a.dtype(), add_of(a, x, true))
+}
+
+fn add_of<T: DeviceElem>(a: &mut Tensor, x: &Tensor, relu: bool) -> Result<()> {
+    let x = as_dtype(x, T::DTYPE)?;
+    let b = a.cuda_backend()?.clone();
+    let xs = on_of::<T>(&b, &x, "add")?;
+    k::add(b.gpu(), a.cuda_mut_of::<T>()?, xs, relu)?;
+    Ok(())
 }
 
 pub(crate) fn max_pool(x: &Tensor, g: &PoolGeom) -> Result<(Tensor, CudaSlice<u32>)> {

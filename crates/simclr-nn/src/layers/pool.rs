@@ -79,6 +79,14 @@ impl Relu {
         Ok(x)
     }
 
+    /// The ReLU of `x + skip` (a residual block's output), consuming `x`: the add and the ReLU
+    /// in one pass over the activations. The backward pass is [`Relu::backward`]'s.
+    pub fn forward_add(&mut self, mut x: Tensor, skip: &Tensor, train: bool) -> Result<Tensor> {
+        ops::add_relu_(&mut x, skip)?;
+        self.saved_output = train.then(|| x.clone());
+        Ok(x)
+    }
+
     /// dL/dx, consuming `dy` (computed in place).
     pub fn backward(&mut self, mut dy: Tensor) -> Result<Tensor> {
         let y = self.saved_output.take().ok_or(NnError::NoForward("Relu"))?;
