@@ -19,6 +19,7 @@ pub trait Elem:
     + std::fmt::Debug
     + cudarc::driver::DeviceRepr
     + cudarc::driver::ValidAsZeroBits
+    + bytemuck::AnyBitPattern
     + 'static
 {
     /// The suffix of this type's kernel entry points (`relu_backward_f32`, `..._bf16`).

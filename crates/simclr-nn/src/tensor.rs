@@ -279,12 +279,12 @@ impl Tensor {
         }
         match (&self.storage, dtype) {
             (Storage::Cuda(b), DType::Bf16) => {
-                let mut y = b.backend.gpu().zeros::<bf16>(b.data.len())?;
+                let mut y = b.backend.gpu().uninit::<bf16>(b.data.len())?;
                 simclr_kernels::cuda::train::cast_f32_to_bf16(b.backend.gpu(), &b.data, &mut y)?;
                 Ok(Tensor::from_cuda_of(&self.shape, b.backend.clone(), y))
             }
             (Storage::CudaBf16(b), DType::F32) => {
-                let mut y = b.backend.zeros(b.data.len())?;
+                let mut y = b.backend.gpu().uninit::<f32>(b.data.len())?;
                 simclr_kernels::cuda::train::cast_bf16_to_f32(b.backend.gpu(), &b.data, &mut y)?;
                 Ok(Tensor::from_cuda(&self.shape, b.backend.clone(), y))
             }

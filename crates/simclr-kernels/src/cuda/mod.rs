@@ -199,6 +199,19 @@ impl Gpu {
         Ok(self.stream.alloc_zeros(len.max(1))?)
     }
 
+    /// A device buffer of `len` elements whose values are whatever the memory held: for the
+    /// output of a kernel that writes every element, it saves [`Gpu::zeros`]' memset, a full
+    /// write pass over the buffer. `T` takes any bit pattern, so the values are merely
+    /// unspecified, never invalid.
+    pub fn uninit<T: DeviceRepr + bytemuck::AnyBitPattern>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>, GpuError> {
+        // SAFETY: any bits are a valid T (AnyBitPattern), and the memory is the stream's own
+        // allocation, ordered after everything queued on it.
+        Ok(unsafe { self.stream.alloc(len.max(1)) }?)
+    }
+
     /// Waits for every launch so far.
     pub fn synchronize(&self) -> Result<(), GpuError> {
         Ok(self.stream.synchronize()?)

@@ -70,12 +70,15 @@ fn as_dtype(t: &Tensor, dtype: DType) -> Result<Cow<'_, Tensor>> {
     }
 }
 
+/// The output buffer of an operation, not zeroed: every operation here writes all of its
+/// output (kernels over every element, cuDNN and cuBLAS with beta 0, or a bias broadcast before
+/// beta 1), so a memset would only add a write pass over each activation.
 fn new(b: &Arc<CudaBackend>, shape: &[usize]) -> Result<CudaSlice<f32>> {
-    b.zeros(shape.iter().product())
+    new_of::<f32>(b, shape)
 }
 
 fn new_of<T: DeviceElem>(b: &Arc<CudaBackend>, shape: &[usize]) -> Result<CudaSlice<T>> {
-    Ok(b.gpu().zeros::<T>(shape.iter().product())?)
+    Ok(b.gpu().uninit::<T>(shape.iter().product())?)
 }
 
 fn wrap(b: &Arc<CudaBackend>, shape: &[usize], data: CudaSlice<f32>) -> Tensor {
@@ -107,14 +110,14 @@ fn fits_cudnn(g: &ConvGeom) -> Result<()> {
 
 /// f32 weights rounded to bf16 for a bf16 convolution (as autocast does, per call).
 fn to_bf16(b: &CudaBackend, x: &CudaSlice<f32>) -> Result<CudaSlice<bf16>> {
-    let mut y = b.gpu().zeros::<bf16>(x.len())?;
+    let mut y = b.gpu().uninit::<bf16>(x.len())?;
     k::cast_f32_to_bf16(b.gpu(), x, &mut y)?;
     Ok(y)
 }
 
 /// bf16 values widened to f32.
 fn from_bf16(b: &CudaBackend, x: &CudaSlice<bf16>) -> Result<CudaSlice<f32>> {
-    let mut y = b.zeros(x.len())?;
+    let mut y = b.gpu().uninit::<f32>(x.len())?;
     k::cast_bf16_to_f32(b.gpu(), x, &mut y)?;
     Ok(y)
 }
@@ -159,7 +162,7 @@ pub(crate) fn conv2d_backward(
         let (xb, dyb) = (as_dtype(x, DType::Bf16)?, as_dtype(dy, DType::Bf16)?);
         let xs = on_of::<bf16>(b, &xb, "conv2d_backward (x)")?;
         let dys = on_of::<bf16>(b, &dyb, "conv2d_backward (dy)")?;
-        let mut dwb = b.gpu().zeros::<bf16>(w.numel())?;
+        let mut dwb = b.gpu().uninit::<bf16>(w.numel())?;
         dnn.backward_filter::<bf16>(b.gpu(), g, xs, dys, &mut dwb, 0.0)?;
         let dx = if need_dx {
             let wb = to_bf16(b, ws)?;
@@ -296,7 +299,7 @@ pub(crate) fn max_pool(x: &Tensor, g: &PoolGeom) -> Result<(Tensor, CudaSlice<u3
         let (b, xs) = dev_of::<T>(x)?;
         let shape = [g.n, g.oh(), g.ow(), g.c];
         let mut y = new_of::<T>(b, &shape)?;
-        let mut arg = b.gpu().zeros::<u32>(shape.iter().product())?;
+        let mut arg = b.gpu().uninit::<u32>(shape.iter().product())?;
         layout::maxpool_forward(b.gpu(), xs, g, &mut y, &mut arg)?;
         Ok((wrap_of(b, &shape, y), arg))
     }
