@@ -1,7 +1,7 @@
 //! Parity with PyTorch (llm.c style): tensors that tests/reference/make_fixtures.py computed with
 //! PyTorch (in float64) for the same tiny models, matched within 1e-4 by the Rust CPU path and,
-//! where a GPU is present, by the CUDA backend in FP32 math (elsewhere that half prints that it
-//! skipped).
+//! where a GPU is present, by the CUDA backend in FP32 math, and within bf16's tolerances in bf16
+//! mixed precision (elsewhere the GPU half prints that it skipped).
 
 mod common;
 
@@ -16,13 +16,19 @@ use simclr::nn::{
 
 const RTOL: f64 = 1e-4;
 
+/// The GPU's math mode is one setting for the whole process: the tests take turns.
+static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+type Turn = std::sync::MutexGuard<'static, ()>;
+
 /// The CPU, and the first GPU when there is one (in FP32 math: TF32 or bf16 would not meet the
-/// tolerance).
-fn devices(test: &str) -> Vec<Device> {
+/// tolerance), with this test's turn on the GPU.
+fn devices(test: &str) -> (Vec<Device>, Turn) {
+    let turn = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let mut d = vec![Device::Cpu];
     if !simclr::kernels::cuda::gpu_available() {
         println!("{test} on cuda:0: skipped (no CUDA driver or no GPU on this machine)");
-        return d;
+        return (d, turn);
     }
     match simclr::nn::cuda::CudaBackend::get(0) {
         Ok(b) => {
@@ -31,7 +37,7 @@ fn devices(test: &str) -> Vec<Device> {
         }
         Err(e) => panic!("{test}: a GPU is present but the CUDA backend could not start: {e}"),
     }
-    d
+    (d, turn)
 }
 
 fn fixture(name: &str) -> Checkpoint {
@@ -140,7 +146,8 @@ fn basic_config(ck: &Checkpoint) -> SimClrConfig {
 
 #[test]
 fn basic_resnet_simclr_step_matches_pytorch() {
-    for dev in devices("basic_resnet_simclr_step_matches_pytorch") {
+    let (devs, _turn) = devices("basic_resnet_simclr_step_matches_pytorch");
+    for dev in devs {
         basic_step_on(dev);
     }
 }
@@ -193,6 +200,54 @@ fn basic_step_on(dev: Device) {
     }
 }
 
+/// Relative L2 error of `got` against `want`, failing beyond `tol`.
+fn assert_rel_l2(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    let rel = (num / den.max(1e-300)).sqrt();
+    // Written so that NaN fails.
+    assert!(
+        rel <= tol,
+        "{what}: relative L2 error {rel:.3e} (tolerance {tol:e})"
+    );
+}
+
+/// bf16 mixed precision on the GPU against PyTorch's float64 fixtures: bf16 activations round
+/// each layer's output to 8 significant bits, so the tolerances are bf16's (relative L2, and
+/// over all gradients together: a gradient that is a sum cancelling to near zero, such as a
+/// batch-norm bias's, has no meaningful relative error of its own).
+#[test]
+fn basic_step_in_bf16_mixed_precision_tracks_pytorch() {
+    let test = "basic_step_in_bf16_mixed_precision_tracks_pytorch";
+    let (devs, _turn) = devices(test);
+    let Some(&dev) = devs.get(1) else {
+        return;
+    };
+    let backend = simclr::nn::cuda::CudaBackend::get(0).unwrap();
+    backend.set_math_mode(simclr::nn::cuda::MathMode::Bf16);
+    let ck = fixture("basic_simclr.safetensors");
+    let mut model = SimClr::new(&basic_config(&ck), dev, 0).unwrap();
+    ck.apply(&mut model, "param.").unwrap();
+    let (h, z) = model.forward(&tensor(&ck, "input"), true).unwrap();
+    assert_rel_l2("bf16: h", &h.to_vec(), f32s(&ck, "h"), 4e-2);
+    assert_rel_l2("bf16: z", &z.to_vec(), f32s(&ck, "z"), 4e-2);
+    let tau = f32s(&ck, "meta.temperature")[0];
+    let (loss, dz) = nt_xent(&z, tau).unwrap();
+    assert_rel_l2("bf16: loss", &[loss], f32s(&ck, "loss"), 3e-2);
+    model.backward(&dz).unwrap();
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for (name, t) in &grads(&mut model) {
+        got.extend_from_slice(data(t));
+        want.extend_from_slice(f32s(&ck, &format!("grad.{name}")));
+    }
+    assert_rel_l2("bf16: every gradient", &got, &want, 8e-2);
+    backend.set_math_mode(simclr::nn::cuda::MathMode::Fp32);
+}
+
 /// The update itself (after - before), which is small beside the weights for LARS, must match
 /// too; its tolerance allows for the f32 rounding of the stored weights.
 fn check_update(what: &str, before: &[f32], ours: &[f32], want: &[f32]) {
@@ -212,7 +267,8 @@ fn check_update(what: &str, before: &[f32], ours: &[f32], want: &[f32]) {
 
 #[test]
 fn bottleneck_resnet_forward_backward_matches_pytorch() {
-    for dev in devices("bottleneck_resnet_forward_backward_matches_pytorch") {
+    let (devs, _turn) = devices("bottleneck_resnet_forward_backward_matches_pytorch");
+    for dev in devs {
         let ck = fixture("bottleneck_resnet.safetensors");
         let h_dim = ck.tensors["h"].shape[1];
         let config = ResNetConfig {
@@ -236,7 +292,8 @@ fn bottleneck_resnet_forward_backward_matches_pytorch() {
 
 #[test]
 fn eval_mode_uses_running_statistics_like_pytorch() {
-    for dev in devices("eval_mode_uses_running_statistics_like_pytorch") {
+    let (devs, _turn) = devices("eval_mode_uses_running_statistics_like_pytorch");
+    for dev in devs {
         let ck = fixture("basic_eval.safetensors");
         let train = fixture("basic_simclr.safetensors");
         let mut model = SimClr::new(&basic_config(&train), dev, 0).unwrap();
