@@ -4,6 +4,8 @@
 //! Every layer has a hand-written `forward(x, train)` and `backward(dy)` (llm.c style, no
 //! autograd); operations dispatch on the [`Device`] of their tensors, so the CPU backend
 //! ([`cpu`]) and the CUDA one ([`cuda`]: cuDNN, cuBLAS and our kernels) share the layers.
+//! On a GPU, [`cuda::MathMode::Bf16`] trains in mixed precision: the trunk's activations are
+//! bf16 tensors ([`DType::Bf16`]), everything the optimiser and the loss see stays f32.
 //!
 //! ```
 //! use simclr_nn::{Device, HeadConfig, Lars, ResNetConfig, SimClr, SimClrConfig, Stem, Tensor};
