@@ -286,6 +286,59 @@ fn gpu_augment_matches_cpu_twin() {
     assert!(e.to_string().contains("view 3"), "{e}");
 }
 
+/// ReLU, its backward pass, the residual add (with and without its ReLU) and global average
+/// pooling on `x` and `b` (`[n, hw, c]`) of element type `T`, against the CPU twins: one
+/// rounding of the same f32 value on both sides, so the same bits, except the pooled sums
+/// (summed in another order).
+fn elementwise_and_average_pooling<T: simclr_kernels::Elem>(
+    gpu: &Gpu,
+    x: &[T],
+    b: &[T],
+    (n, hw, c): (usize, usize, usize),
+) {
+    let what = T::SUFFIX;
+    let xd = gpu.upload(x).unwrap();
+    let bd = gpu.upload(b).unwrap();
+    let mut yd = gpu.zeros::<T>(x.len()).unwrap();
+    train::relu(gpu, &xd, &mut yd).unwrap();
+    let mut want = x.to_vec();
+    cpu::eltwise::relu_inplace(&mut want);
+    assert_eq!(gpu.download(&yd).unwrap(), want, "{what} relu");
+    let mut dxd = gpu.zeros::<T>(x.len()).unwrap();
+    train::relu_backward(gpu, &bd, &yd, &mut dxd).unwrap();
+    let mut wd = b.to_vec();
+    cpu::eltwise::relu_backward_inplace(&mut wd, &want);
+    assert_eq!(gpu.download(&dxd).unwrap(), wd, "{what} relu backward");
+    for relu in [false, true] {
+        let mut ad = gpu.upload(x).unwrap();
+        train::add(gpu, &mut ad, &bd, relu).unwrap();
+        let mut wa = x.to_vec();
+        if relu {
+            cpu::eltwise::add_relu_inplace(&mut wa, b);
+        } else {
+            cpu::eltwise::add_inplace(&mut wa, b);
+        }
+        assert_eq!(gpu.download(&ad).unwrap(), wa, "{what} add (relu {relu})");
+    }
+    let mut gd = gpu.zeros::<f32>(n * c).unwrap();
+    train::gap_forward(gpu, &xd, n, hw, c, &mut gd).unwrap();
+    let mut wg = vec![0.0; n * c];
+    cpu::pooling::gap_forward(x, n, hw, c, &mut wg);
+    assert!(
+        rel_max_diff(&gpu.download(&gd).unwrap(), &wg, 1e-6) < 1e-5,
+        "{what} average pooling"
+    );
+    let mut gbd = gpu.zeros::<T>(x.len()).unwrap();
+    train::gap_backward(gpu, &gd, n, hw, c, &mut gbd).unwrap();
+    let mut wgb = vec![T::default(); x.len()];
+    cpu::pooling::gap_backward(&gpu.download(&gd).unwrap(), hw, c, &mut wgb);
+    assert_eq!(
+        gpu.download(&gbd).unwrap(),
+        wgb,
+        "{what} average pooling backward"
+    );
+}
+
 #[test]
 fn gpu_elementwise_pooling_and_casts_match_cpu_twins() {
     let Some(gpu) = gpu_or_skip("gpu_elementwise_pooling_and_casts_match_cpu_twins") else {
@@ -296,41 +349,7 @@ fn gpu_elementwise_pooling_and_casts_match_cpu_twins() {
     let x = rng.vec(n * hw * c);
     let b = rng.vec(n * hw * c);
     let xd = gpu.upload(&x).unwrap();
-    let bd = gpu.upload(&b).unwrap();
-
-    let mut yd = gpu.zeros::<f32>(x.len()).unwrap();
-    train::relu(&gpu, &xd, &mut yd).unwrap();
-    let mut want = x.clone();
-    cpu::eltwise::relu_inplace(&mut want);
-    assert_eq!(gpu.download(&yd).unwrap(), want);
-
-    let mut dxd = gpu.zeros::<f32>(x.len()).unwrap();
-    train::relu_backward(&gpu, &bd, &yd, &mut dxd).unwrap();
-    let mut wd = b.clone();
-    cpu::eltwise::relu_backward_inplace(&mut wd, &want);
-    assert_eq!(gpu.download(&dxd).unwrap(), wd);
-
-    let mut ad = gpu.upload(&x).unwrap();
-    train::add(&gpu, &mut ad, &bd, false).unwrap();
-    let mut wa = x.clone();
-    cpu::eltwise::add_inplace(&mut wa, &b);
-    assert_eq!(gpu.download(&ad).unwrap(), wa);
-    let mut ard = gpu.upload(&x).unwrap();
-    train::add(&gpu, &mut ard, &bd, true).unwrap();
-    let mut war = x.clone();
-    cpu::eltwise::add_relu_inplace(&mut war, &b);
-    assert_eq!(gpu.download(&ard).unwrap(), war, "add + relu");
-
-    let mut gd = gpu.zeros::<f32>(n * c).unwrap();
-    train::gap_forward(&gpu, &xd, n, hw, c, &mut gd).unwrap();
-    let mut wg = vec![0.0; n * c];
-    cpu::pooling::gap_forward(&x, n, hw, c, &mut wg);
-    assert!(rel_max_diff(&gpu.download(&gd).unwrap(), &wg, 1e-6) < 1e-5);
-    let mut gbd = gpu.zeros::<f32>(x.len()).unwrap();
-    train::gap_backward(&gpu, &gd, n, hw, c, &mut gbd).unwrap();
-    let mut wgb = vec![0.0; x.len()];
-    cpu::pooling::gap_backward(&gpu.download(&gd).unwrap(), hw, c, &mut wgb);
-    assert_eq!(gpu.download(&gbd).unwrap(), wgb);
+    elementwise_and_average_pooling(&gpu, &x, &b, (n, hw, c));
 
     let mut hd = gpu.zeros::<bf16>(x.len()).unwrap();
     train::cast_f32_to_bf16(&gpu, &xd, &mut hd).unwrap();
@@ -378,42 +397,7 @@ fn gpu_bf16_activation_kernels_match_cpu_twins() {
     let (n, hw, c) = (3usize, 49usize, 40usize);
     let x = to_bf16(&rng.vec(n * hw * c));
     let b = to_bf16(&rng.vec(n * hw * c));
-    let xd = gpu.upload(&x).unwrap();
-    let bd = gpu.upload(&b).unwrap();
-
-    // Element-wise: one rounding of the same f32 value on both sides, so the same bits.
-    let mut yd = gpu.zeros::<bf16>(x.len()).unwrap();
-    train::relu(&gpu, &xd, &mut yd).unwrap();
-    let mut want = x.clone();
-    cpu::eltwise::relu_inplace(&mut want);
-    assert_eq!(gpu.download(&yd).unwrap(), want, "relu");
-    let mut dxd = gpu.zeros::<bf16>(x.len()).unwrap();
-    train::relu_backward(&gpu, &bd, &yd, &mut dxd).unwrap();
-    let mut wd = b.clone();
-    cpu::eltwise::relu_backward_inplace(&mut wd, &want);
-    assert_eq!(gpu.download(&dxd).unwrap(), wd, "relu backward");
-    let mut ad = gpu.upload(&x).unwrap();
-    train::add(&gpu, &mut ad, &bd, false).unwrap();
-    let mut wa = x.clone();
-    cpu::eltwise::add_inplace(&mut wa, &b);
-    assert_eq!(gpu.download(&ad).unwrap(), wa, "add");
-    let mut ard = gpu.upload(&x).unwrap();
-    train::add(&gpu, &mut ard, &bd, true).unwrap();
-    let mut war = x.clone();
-    cpu::eltwise::add_relu_inplace(&mut war, &b);
-    assert_eq!(gpu.download(&ard).unwrap(), war, "add + relu");
-
-    // Global average pooling: bf16 in, f32 features out; and back.
-    let mut gd = gpu.zeros::<f32>(n * c).unwrap();
-    train::gap_forward(&gpu, &xd, n, hw, c, &mut gd).unwrap();
-    let mut wg = vec![0.0; n * c];
-    cpu::pooling::gap_forward(&x, n, hw, c, &mut wg);
-    assert!(rel_max_diff(&gpu.download(&gd).unwrap(), &wg, 1e-6) < 1e-5);
-    let mut gbd = gpu.zeros::<bf16>(x.len()).unwrap();
-    train::gap_backward(&gpu, &gd, n, hw, c, &mut gbd).unwrap();
-    let mut wgb = vec![bf16::ZERO; x.len()];
-    cpu::pooling::gap_backward(&gpu.download(&gd).unwrap(), hw, c, &mut wgb);
-    assert_eq!(gpu.download(&gbd).unwrap(), wgb, "gap backward");
+    elementwise_and_average_pooling(&gpu, &x, &b, (n, hw, c));
 
     // Max pooling with overlapping windows: same maxima, same indices, same summed gradients.
     let g = PoolGeom {

@@ -22,13 +22,18 @@ const STEPS: usize = 3;
 const LR: f32 = 0.5;
 
 fn model(seed: u64) -> SimClr {
+    model_with_output(seed, 8)
+}
+
+/// The test model with `output_dim` embedding dimensions.
+fn model_with_output(seed: u64, output_dim: usize) -> SimClr {
     let mut encoder = ResNetConfig::resnet(18, 1, Stem::Cifar).unwrap();
     encoder.layers = [1, 1, 1, 1];
     encoder.base_width = 4;
     let head = HeadConfig::Mlp {
         hidden_layers: 1,
         hidden_dim: 16,
-        output_dim: 8,
+        output_dim,
     };
     SimClr::new(
         &SimClrConfig { encoder, head },
@@ -360,19 +365,7 @@ fn replicas_with_different_batches_all_stop_with_an_error() {
 #[test]
 fn replicas_with_different_models_all_stop_at_the_broadcast() {
     let errs = on_two_ranks(|c| {
-        let mut m = model(0);
-        if c.rank() == 1 {
-            let mut encoder = ResNetConfig::resnet(18, 1, Stem::Cifar).unwrap();
-            encoder.layers = [1, 1, 1, 1];
-            encoder.base_width = 4;
-            let head = HeadConfig::Mlp {
-                hidden_layers: 1,
-                hidden_dim: 16,
-                output_dim: 12,
-            };
-            let cfg = SimClrConfig { encoder, head };
-            m = SimClr::new(&cfg, simclr_nn::Device::Cpu, 0).unwrap();
-        }
+        let mut m = model_with_output(0, if c.rank() == 1 { 12 } else { 8 });
         broadcast_state(&mut m, &c, 0).unwrap_err().to_string()
     });
     for e in &errs {

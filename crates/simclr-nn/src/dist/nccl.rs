@@ -139,6 +139,9 @@ impl std::fmt::Debug for NcclComm {
     }
 }
 
+/// What one NCCL call returns.
+type NcclResult = Result<nccl::result::NcclStatus, nccl::result::NcclError>;
+
 fn nccl_err(op: &str) -> impl Fn(nccl::result::NcclError) -> CommError + '_ {
     move |e| CommError::Mismatch {
         op: op.to_string(),
@@ -407,24 +410,7 @@ impl NcclComm {
                     self.world_size()
                 ),
             })?;
-        let ((), event) = self.launch(op, |c| {
-            nccl::group_start().map_err(nccl_err(op))?;
-            let mut first_err = None;
-            for b in bufs.iter_mut() {
-                if let Err(e) = c.broadcast_in_place(&mut **b, root) {
-                    first_err.get_or_insert(e);
-                }
-            }
-            let end = nccl::group_end();
-            // As in `start_all_reduce_many_f32`: the write events again, after group_end.
-            for b in bufs.iter_mut() {
-                let (_, _written) = b.device_ptr_mut(&self.stream);
-            }
-            if let Some(e) = first_err {
-                return Err(nccl_err(op)(e));
-            }
-            end.map(|_| ()).map_err(nccl_err(op))
-        })?;
+        let event = self.launch_group(op, bufs, |c, b| c.broadcast_in_place(b, root))?;
         self.wait_event(op, &event)
     }
 
@@ -492,16 +478,33 @@ impl NcclComm {
         bufs: &mut [&mut CudaSlice<f32>],
     ) -> Result<NcclPending, CommError> {
         let op = "all_reduce (device, grouped)";
+        let event = self.launch_group(op, bufs, |c, b| c.all_reduce_in_place(b, &ReduceOp::Sum))?;
+        Ok(NcclPending { event, op })
+    }
+
+    /// Waits (up to the timeout) for a collective started earlier.
+    pub fn wait(&self, pending: NcclPending) -> Result<(), CommError> {
+        self.wait_event(pending.op, &pending.event)
+    }
+
+    /// `each` over every buffer of `bufs` as one NCCL group (NCCL fuses the group's
+    /// collectives) queued on this communicator's stream; the event that marks its end.
+    fn launch_group(
+        &self,
+        op: &str,
+        bufs: &mut [&mut CudaSlice<f32>],
+        each: impl Fn(&Comm, &mut CudaSlice<f32>) -> NcclResult,
+    ) -> Result<CudaEvent, CommError> {
         let ((), event) = self.launch(op, |c| {
             nccl::group_start().map_err(nccl_err(op))?;
             let mut first_err = None;
             for b in bufs.iter_mut() {
-                if let Err(e) = c.all_reduce_in_place(&mut **b, &ReduceOp::Sum) {
+                if let Err(e) = each(c, b) {
                     first_err.get_or_insert(e);
                 }
             }
             let end = nccl::group_end();
-            // The grouped reductions are queued at group_end, after the write events that
+            // The grouped collectives are queued at group_end, after the write events that
             // cudarc recorded for each buffer: record them again, after the kernels, so that
             // any later use of a buffer on another stream waits for them.
             for b in bufs.iter_mut() {
@@ -512,12 +515,7 @@ impl NcclComm {
             }
             end.map(|_| ()).map_err(nccl_err(op))
         })?;
-        Ok(NcclPending { event, op })
-    }
-
-    /// Waits (up to the timeout) for a collective started earlier.
-    pub fn wait(&self, pending: NcclPending) -> Result<(), CommError> {
-        self.wait_event(pending.op, &pending.event)
+        Ok(event)
     }
 
     fn upload<T: simclr_kernels::cuda::cudarc::driver::DeviceRepr>(
