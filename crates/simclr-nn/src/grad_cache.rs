@@ -155,6 +155,7 @@ pub fn train_step_cached(
         });
     }
     optimizer.step(model, lr)?;
+    crate::buffers::end_step();
     Ok(StepStats { loss: l, lr })
 }
 

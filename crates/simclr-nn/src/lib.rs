@@ -28,6 +28,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod buffers;
 pub mod checkpoint;
 pub mod cpu;
 pub mod cuda;

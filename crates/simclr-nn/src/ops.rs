@@ -3,6 +3,7 @@
 //! Layers call these and never touch a backend directly; each operation checks shapes, then
 //! hands the values to the backend of the device: [`crate::cpu`] or [`crate::cuda`].
 
+use crate::buffers::HostBuffer;
 use crate::cpu;
 use crate::cpu::conv::ConvGeom;
 use crate::cpu::gemm::{matmul, Mat, Par};
@@ -22,12 +23,13 @@ fn same_device(op: &'static str, a: &Tensor, b: &Tensor) -> Result<Device> {
     Ok(a.device())
 }
 
-fn out(shape: &[usize], device: Device, data: Vec<f32>) -> Result<Tensor> {
-    Tensor::from_vec(shape, data)?.to_device(device)
+fn out(shape: &[usize], device: Device, data: HostBuffer) -> Result<Tensor> {
+    Tensor::from_host(shape, data)?.to_device(device)
 }
 
-fn uninit(n: usize) -> Vec<f32> {
-    vec![0.0; n]
+/// An output buffer the operation overwrites entirely, from the cache of earlier steps' buffers.
+fn uninit(n: usize) -> HostBuffer {
+    HostBuffer::uninit(n)
 }
 
 /// The geometry of a convolution of NHWC `x` with OHWI `w`, checked.
@@ -413,7 +415,7 @@ pub fn linear_backward(
         false,
         Par::Pool,
     );
-    let mut db = vec![0.0f32; o];
+    let mut db = HostBuffer::zeroed(o);
     cpu::eltwise::column_sums(dys, &mut db);
     let dx = if need_dx {
         let mut dx = uninit(n * i);
@@ -482,11 +484,14 @@ pub fn take_rows(x: &Tensor, ranges: &[std::ops::Range<usize>]) -> Result<Tensor
         return gpu::take_rows(x, ranges, per, &shape);
     }
     let src = x.as_slice()?;
-    let mut y = Vec::with_capacity(shape[0] * per);
+    let mut y = uninit(shape[0] * per);
+    let mut at = 0;
     for r in ranges {
-        y.extend_from_slice(&src[r.start * per..r.end * per]);
+        let n = (r.end - r.start) * per;
+        y[at..at + n].copy_from_slice(&src[r.start * per..r.end * per]);
+        at += n;
     }
-    Tensor::from_vec(&shape, y)
+    Tensor::from_host(&shape, y)
 }
 
 #[cfg(test)]

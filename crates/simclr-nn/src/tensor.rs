@@ -25,6 +25,7 @@ use simclr_kernels::cuda::cudarc::driver::CudaSlice;
 use simclr_kernels::cuda::GpuError;
 use simclr_kernels::Elem;
 
+use crate::buffers::HostBuffer;
 use crate::cuda::{CudaBackend, CudaBuffer};
 use crate::error::{NnError, Result};
 
@@ -165,8 +166,8 @@ impl fmt::Display for Device {
 #[derive(Clone)]
 #[non_exhaustive]
 pub enum Storage {
-    /// f32 values in host memory.
-    Cpu(Arc<Vec<f32>>),
+    /// f32 values in host memory, cached for reuse when dropped (see [`crate::buffers`]).
+    Cpu(Arc<HostBuffer>),
     /// f32 values in the memory of a CUDA device.
     Cuda(Arc<CudaBuffer>),
     /// bf16 values in the memory of a CUDA device (mixed-precision activations).
@@ -215,7 +216,7 @@ impl Tensor {
         match device {
             Device::Cpu => Ok(Tensor {
                 shape: shape.to_vec(),
-                storage: Storage::Cpu(Arc::new(vec![value; n])),
+                storage: Storage::Cpu(Arc::new(HostBuffer::filled(n, value))),
             }),
             Device::Cuda(i) => {
                 let backend = CudaBackend::get(i)?;
@@ -340,16 +341,21 @@ impl Tensor {
     pub fn empty() -> Tensor {
         Tensor {
             shape: vec![0],
-            storage: Storage::Cpu(Arc::new(Vec::new())),
+            storage: Storage::Cpu(Arc::new(HostBuffer::default())),
         }
     }
 
     /// A CPU tensor from values; fails if their count does not fit the shape.
     pub fn from_vec(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
+        Self::from_host(shape, HostBuffer::from_vec(data))
+    }
+
+    /// A CPU tensor over a host buffer; fails if its length does not fit the shape.
+    pub fn from_host(shape: &[usize], data: HostBuffer) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         if n != data.len() {
             return Err(NnError::Invalid {
-                op: "Tensor::from_vec",
+                op: "Tensor::from_host",
                 msg: format!("shape {shape:?} holds {n} values, got {}", data.len()),
             });
         }
@@ -391,7 +397,7 @@ impl Tensor {
     /// The values of a CPU tensor; an error for a tensor on a GPU (see [`Tensor::to_device`]).
     pub fn as_slice(&self) -> Result<&[f32]> {
         match &self.storage {
-            Storage::Cpu(v) => Ok(v.as_slice()),
+            Storage::Cpu(v) => Ok(&v[..]),
             _ => Err(self.not_on_cpu("as_slice")),
         }
     }
@@ -402,7 +408,7 @@ impl Tensor {
             return Err(self.not_on_cpu("as_mut_slice"));
         }
         match &mut self.storage {
-            Storage::Cpu(v) => Ok(Arc::make_mut(v).as_mut_slice()),
+            Storage::Cpu(v) => Ok(&mut Arc::make_mut(v)[..]),
             _ => unreachable!("handled above"),
         }
     }
@@ -512,7 +518,7 @@ impl Tensor {
     /// The values copied to a host vector, whatever the device (bf16 widened to f32, exactly).
     pub fn try_to_vec(&self) -> Result<Vec<f32>> {
         match &self.storage {
-            Storage::Cpu(v) => Ok(v.as_ref().clone()),
+            Storage::Cpu(v) => Ok(v.to_vec()),
             Storage::Cuda(b) => {
                 let mut v = b.backend.gpu().download(&b.data)?;
                 v.truncate(self.numel());
@@ -554,7 +560,7 @@ impl Tensor {
             Storage::Cpu(v) => {
                 match Arc::get_mut(v) {
                     Some(v) => v.fill(0.0),
-                    None => *v = Arc::new(vec![0.0; v.len()]),
+                    None => *v = Arc::new(HostBuffer::zeroed(v.len())),
                 }
                 Ok(())
             }

@@ -51,6 +51,7 @@ pub fn train_step_with_h(
     model.backward(&dz)?;
     check_finite_grads(model)?;
     optimizer.step(model, lr)?;
+    crate::buffers::end_step();
     Ok((StepStats { loss, lr }, h))
 }
 

@@ -551,6 +551,7 @@ pub fn train_step_dp(
 ) -> Result<(StepStats, Tensor)> {
     let (l, h) = forward_backward_dp(model, views, loss, dp)?;
     optimizer.step(model, lr)?;
+    crate::buffers::end_step();
     Ok((StepStats { loss: l, lr }, h))
 }
 

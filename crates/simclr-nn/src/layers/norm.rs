@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use simclr_kernels::cpu;
 
+use crate::buffers::HostBuffer;
 use crate::cuda::ops as cuda;
 use crate::dist::Communicator;
 use crate::error::{NnError, Result};
@@ -270,7 +271,7 @@ impl BatchNorm {
         let local = cpu::norm::batchnorm_backward_sums(x, dys, relu_out, rows, c, mean, invstd);
         let mut global = local.clone();
         comm.all_reduce_f64(&mut global)?;
-        let mut dx = vec![0.0f32; x.len()];
+        let mut dx = HostBuffer::uninit(x.len());
         let gamma = self.weight.value.as_slice()?;
         cpu::norm::batchnorm_backward_dx(
             x, dys, relu_out, c, mean, invstd, gamma, &global, s.count, &mut dx,
@@ -282,7 +283,7 @@ impl BatchNorm {
         for (g, d) in self.bias.grad.as_mut_slice()?.iter_mut().zip(db) {
             *g += *d as f32;
         }
-        Tensor::from_vec(s.x.shape(), dx)
+        Tensor::from_host(s.x.shape(), dx)
     }
 }
 
