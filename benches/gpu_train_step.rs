@@ -70,7 +70,7 @@ fn run(
         loss = simclr::nn::train_step(&mut model, &x, opt.as_mut(), 1e-3, c.temperature)?.loss;
     }
     backend.synchronize()?;
-    let before = backend.pool_stats()?;
+    let (before, cache_before) = (backend.pool_stats()?, backend.buffer_stats());
     let mut times = Vec::new();
     for _ in 0..timed {
         let s = Instant::now();
@@ -78,12 +78,13 @@ fn run(
         backend.synchronize()?;
         times.push(s.elapsed().as_secs_f64());
     }
-    let after = backend.pool_stats()?;
+    let (after, cache_after) = (backend.pool_stats()?, backend.buffer_stats());
     times.sort_by(|a, b| a.total_cmp(b));
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let memory = Memory {
         peak_mib: mib(after.reserved_peak),
         growth_mib: mib(after.reserved.saturating_sub(before.reserved)),
+        allocations: cache_after.misses - cache_before.misses,
     };
     Ok((c.batch as f64 / times[times.len() / 2], loss, memory))
 }
@@ -93,6 +94,8 @@ fn run(
 struct Memory {
     peak_mib: f64,
     growth_mib: f64,
+    /// Buffers the timed steps allocated rather than took from the cache (0 expected).
+    allocations: u64,
 }
 
 fn main() {
@@ -148,12 +151,12 @@ fn main() {
                 Ok((ips, loss, mem)) => {
                     println!(
                         "step/{}/{variant:<10} {ips:10.1} images/s   (loss {loss:.4}, pool peak \
-                         {:.0} MiB, {:+.1} MiB in the steady state)",
-                        c.name, mem.peak_mib, mem.growth_mib
+                         {:.0} MiB, {:+.1} MiB and {} allocations in the steady state)",
+                        c.name, mem.peak_mib, mem.growth_mib, mem.allocations
                     );
                     rows.push(format!(
-                        "{{\"name\": \"step/{}/{variant}\", \"model\": \"{}\", \"variant\": \"{variant}\", \"batch\": {}, \"side\": {}, \"images_per_s\": {ips}, \"loss\": {loss}, \"pool_peak_mib\": {}, \"steady_growth_mib\": {}}}",
-                        c.name, c.name, c.batch, c.side, mem.peak_mib, mem.growth_mib
+                        "{{\"name\": \"step/{}/{variant}\", \"model\": \"{}\", \"variant\": \"{variant}\", \"batch\": {}, \"side\": {}, \"images_per_s\": {ips}, \"loss\": {loss}, \"pool_peak_mib\": {}, \"steady_growth_mib\": {}, \"steady_allocations\": {}}}",
+                        c.name, c.name, c.batch, c.side, mem.peak_mib, mem.growth_mib, mem.allocations
                     ));
                 }
                 Err(e) => {

@@ -9,9 +9,9 @@
 //! next request of about the same size takes them from there: after the first step, a step
 //! takes no new memory (see [`stats`]).
 //!
-//! Memory held: the cache keeps buffers of the sizes the last step used ([`end_step`], which
-//! the training steps call, frees the others), never more than [`limit_bytes`] in all, and
-//! [`release`] frees everything. Buffers under 128 KiB go straight back to the allocator, whose
+//! Memory held: the cache keeps, of each size, as many buffers as the last step freed
+//! ([`end_step`], which the training steps call, frees the others), never more than
+//! [`limit_bytes`] in all, and [`release`] frees everything. Buffers under 128 KiB go straight back to the allocator, whose
 //! own free lists serve them without faults.
 //!
 //! A buffer taken with [`HostBuffer::uninit`] holds whatever its last user left there: the
@@ -117,23 +117,122 @@ pub struct BufferStats {
     pub limit_bytes: usize,
 }
 
-struct Cache {
-    /// Free buffers by capacity, each list with the step that last used that capacity.
-    free: BTreeMap<usize, (Vec<Vec<f32>>, u64)>,
+/// Free buffers by a key (a size): the core of the host cache here and of each GPU's
+/// (`crate::cuda`). Buffers it lets go are returned to the caller, to be dropped after the lock
+/// is released.
+///
+/// At the end of a step a list keeps at most as many buffers as the step gave back to it: what
+/// the step freed is what the next one needs, and a buffer given back every step but never
+/// taken (a data loader's batch, allocated elsewhere) does not pile up.
+pub(crate) struct FreeLists<K, B> {
+    lists: BTreeMap<K, FreeList<B>>,
     bytes: usize,
-    limit: Option<usize>,
-    step: u64,
     hits: u64,
     misses: u64,
 }
 
+struct FreeList<B> {
+    bufs: Vec<B>,
+    bytes_each: usize,
+    /// Buffers given back since the last end of a step.
+    given: usize,
+}
+
+impl<K: Ord + Copy, B> FreeLists<K, B> {
+    pub(crate) const fn new() -> Self {
+        FreeLists {
+            lists: BTreeMap::new(),
+            bytes: 0,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// A buffer of the smallest key in `keys`, counted as a hit, or a miss.
+    pub(crate) fn take(&mut self, keys: std::ops::RangeInclusive<K>) -> Option<(K, B)> {
+        let found = self.lists.range_mut(keys).find_map(|(&k, list)| {
+            let b = list.bufs.pop()?;
+            Some((k, b, list.bytes_each))
+        });
+        match found {
+            Some((k, b, bytes)) => {
+                self.bytes -= bytes;
+                self.hits += 1;
+                Some((k, b))
+            }
+            None => {
+                self.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Keeps `b` (of `bytes` bytes) under `key`, or hands it back when that would take the
+    /// cache over `limit` bytes.
+    pub(crate) fn give(&mut self, key: K, b: B, bytes: usize, limit: usize) -> Option<B> {
+        if self.bytes.saturating_add(bytes) > limit {
+            return Some(b);
+        }
+        let list = self.lists.entry(key).or_insert_with(|| FreeList {
+            bufs: Vec::new(),
+            bytes_each: bytes,
+            given: 0,
+        });
+        list.bufs.push(b);
+        list.given += 1;
+        self.bytes += bytes;
+        None
+    }
+
+    /// Ends a step: each list keeps at most as many buffers as the step gave back to it (none
+    /// for a size the step did not free) and lets go of the rest.
+    pub(crate) fn end_step(&mut self) -> Vec<B> {
+        let mut out = Vec::new();
+        for list in self.lists.values_mut() {
+            let extra = list.bufs.len().saturating_sub(list.given);
+            self.bytes -= extra * list.bytes_each;
+            out.extend(list.bufs.drain(..extra));
+            list.given = 0;
+        }
+        self.lists.retain(|_, l| !l.bufs.is_empty());
+        out
+    }
+
+    /// Lets go of buffers, the largest first, until at most `bytes` are held.
+    pub(crate) fn trim_to(&mut self, bytes: usize) -> Vec<B> {
+        let mut out = Vec::new();
+        while self.bytes > bytes {
+            let Some(mut entry) = self.lists.last_entry() else {
+                break;
+            };
+            let list = entry.get_mut();
+            match list.bufs.pop() {
+                Some(b) => {
+                    self.bytes -= list.bytes_each;
+                    out.push(b);
+                }
+                None => {
+                    entry.remove();
+                }
+            }
+        }
+        out
+    }
+
+    /// Hits and misses so far, and the bytes held.
+    pub(crate) fn counts(&self) -> (u64, u64, usize) {
+        (self.hits, self.misses, self.bytes)
+    }
+}
+
+struct Cache {
+    free: FreeLists<usize, Vec<f32>>,
+    limit: Option<usize>,
+}
+
 static CACHE: Mutex<Cache> = Mutex::new(Cache {
-    free: BTreeMap::new(),
-    bytes: 0,
+    free: FreeLists::new(),
     limit: None,
-    step: 0,
-    hits: 0,
-    misses: 0,
 });
 
 /// Whether [`set_poison`] has been called, and with what.
@@ -179,12 +278,6 @@ impl Cache {
     fn limit(&self) -> usize {
         self.limit.unwrap_or_else(default_limit)
     }
-
-    fn remove_list(&mut self, cap: usize) {
-        if let Some((list, _)) = self.free.remove(&cap) {
-            self.bytes -= list.len() * cap * 4;
-        }
-    }
 }
 
 /// A vector of `len` values; those beyond what a reused buffer held before are `fill`, the
@@ -193,31 +286,9 @@ fn take(len: usize, fill: f32) -> Vec<f32> {
     if len < MIN_LEN {
         return vec![fill; len];
     }
-    let reused = {
-        let mut c = cache();
-        let step = c.step;
-        let found = c
-            .free
-            .range_mut(len..=len + len / SLACK)
-            .find_map(|(&cap, (list, used))| {
-                let v = list.pop()?;
-                *used = step;
-                Some((cap, v))
-            });
-        match found {
-            Some((cap, v)) => {
-                c.bytes -= cap * 4;
-                c.hits += 1;
-                Some(v)
-            }
-            None => {
-                c.misses += 1;
-                None
-            }
-        }
-    };
+    let reused = cache().free.take(len..=len + len / SLACK);
     match reused {
-        Some(mut v) => {
+        Some((_, mut v)) => {
             v.truncate(len);
             v.resize(len, fill);
             v
@@ -232,76 +303,54 @@ fn give(v: Vec<f32>) {
     if cap < MIN_LEN {
         return;
     }
-    let mut c = cache();
-    if c.bytes + cap * 4 > c.limit() {
-        return;
-    }
-    let step = c.step;
-    let (list, used) = c.free.entry(cap).or_default();
-    list.push(v);
-    *used = step;
-    c.bytes += cap * 4;
+    let refused = {
+        let mut c = cache();
+        let limit = c.limit();
+        c.free.give(cap, v, cap * 4, limit)
+    };
+    drop(refused);
 }
 
-/// Ends a training step: frees the cached buffers of sizes this step neither took nor gave
-/// back, so that memory follows the current shapes (after an evaluation at another batch
-/// size, say). The training steps of this crate call it.
+/// Ends a training step, here and on every GPU in use: the cache keeps, of each size, at most
+/// as many buffers as the step freed, so that memory follows the current shapes (after an
+/// evaluation at another batch size, say) and buffers allocated elsewhere and given back every
+/// step (a data loader's batches) do not pile up. The training steps of this crate call it.
 pub fn end_step() {
-    let mut c = cache();
-    let step = c.step;
-    let stale: Vec<usize> = c
-        .free
-        .iter()
-        .filter(|(_, (_, used))| *used < step)
-        .map(|(&cap, _)| cap)
-        .collect();
-    for cap in stale {
-        c.remove_list(cap);
-    }
-    c.step += 1;
+    let freed = cache().free.end_step();
+    drop(freed);
+    crate::cuda::end_step_all();
 }
 
-/// Frees every cached buffer (tensors in use keep theirs).
+/// Frees every cached host buffer (tensors in use keep theirs).
 pub fn release() {
-    let mut c = cache();
-    c.free.clear();
-    c.bytes = 0;
+    let freed = cache().free.trim_to(0);
+    drop(freed);
 }
 
-/// Caps the bytes the cache holds, freeing what is over; `0` turns caching off. The default is
-/// half the machine's memory (8 GiB where it cannot be read).
+/// Caps the bytes the host cache holds, freeing what is over; `0` turns caching off. The
+/// default is half the machine's memory (8 GiB where it cannot be read).
 pub fn set_limit(bytes: usize) {
-    let mut c = cache();
-    c.limit = Some(bytes);
-    // Larger buffers first: fewer frees for the same memory.
-    while c.bytes > bytes {
-        let Some((&cap, _)) = c.free.iter().next_back() else {
-            break;
-        };
-        let emptied = {
-            let (list, _) = c.free.get_mut(&cap).expect("listed above");
-            list.pop();
-            list.is_empty()
-        };
-        c.bytes -= cap * 4;
-        if emptied {
-            c.free.remove(&cap);
-        }
-    }
+    let freed = {
+        let mut c = cache();
+        c.limit = Some(bytes);
+        c.free.trim_to(bytes)
+    };
+    drop(freed);
 }
 
-/// The cache's byte limit now.
+/// The host cache's byte limit now.
 pub fn limit_bytes() -> usize {
     cache().limit()
 }
 
-/// The counts so far and the bytes held.
+/// The host cache's counts so far and the bytes it holds.
 pub fn stats() -> BufferStats {
     let c = cache();
+    let (hits, misses, cached_bytes) = c.free.counts();
     BufferStats {
-        hits: c.hits,
-        misses: c.misses,
-        cached_bytes: c.bytes,
+        hits,
+        misses,
+        cached_bytes,
         limit_bytes: c.limit(),
     }
 }
@@ -321,6 +370,50 @@ mod tests {
     //! only what does not depend on the cache's contents. `tests/buffers.rs` checks the rest.
 
     use super::*;
+
+    #[test]
+    fn free_lists_serve_the_smallest_fitting_key_and_count() {
+        let mut f: FreeLists<usize, &str> = FreeLists::new();
+        assert!(f.take(10..=12).is_none());
+        assert_eq!(f.give(12, "a", 48, usize::MAX), None);
+        assert_eq!(f.give(11, "b", 44, usize::MAX), None);
+        assert_eq!(f.give(20, "c", 80, usize::MAX), None);
+        assert_eq!(f.counts(), (0, 1, 172));
+        assert_eq!(f.take(10..=12), Some((11, "b")));
+        assert_eq!(f.take(10..=12), Some((12, "a")));
+        assert_eq!(f.take(10..=12), None);
+        assert_eq!(f.counts(), (2, 2, 80));
+        // Over the limit, the buffer comes back to be freed.
+        assert_eq!(f.give(30, "d", 120, 150), Some("d"));
+        assert_eq!(f.trim_to(0), vec!["c"]);
+        assert_eq!(f.counts().2, 0);
+    }
+
+    #[test]
+    fn a_step_end_keeps_what_the_step_gave_back() {
+        let mut f: FreeLists<usize, u32> = FreeLists::new();
+        // Step 1 frees three buffers of one size and one of another.
+        for b in [1, 2, 3] {
+            f.give(100, b, 400, usize::MAX);
+        }
+        f.give(7, 9, 28, usize::MAX);
+        assert!(f.end_step().is_empty());
+        // Step 2 takes and frees two of the first size, and none of the second.
+        for _ in 0..2 {
+            let (k, b) = f.take(100..=100).unwrap();
+            f.give(k, b, 400, usize::MAX);
+        }
+        let mut freed = f.end_step();
+        freed.sort();
+        assert_eq!(freed, vec![1, 9], "one spare of size 100 and all of size 7");
+        assert_eq!(f.counts().2, 800);
+        // A buffer given every step and never taken (a loader's batch) stays one.
+        for step in 0..5 {
+            f.give(55, 100 + step, 220, usize::MAX);
+            f.end_step();
+        }
+        assert_eq!(f.counts().2, 220, "no pile-up");
+    }
 
     #[test]
     fn poisoned_buffers_are_nan_and_zeroed_ones_zero() {

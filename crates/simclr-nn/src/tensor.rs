@@ -30,7 +30,7 @@ use crate::cuda::{CudaBackend, CudaBuffer};
 use crate::error::{NnError, Result};
 
 /// The element type of a tensor's values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[non_exhaustive]
 pub enum DType {
     /// 32-bit floats: every CPU tensor, parameters and gradients everywhere.
@@ -51,7 +51,7 @@ impl fmt::Display for DType {
 }
 
 /// An element type a CUDA tensor can hold, with the storage variant that holds it.
-pub(crate) trait DeviceElem: Elem {
+pub(crate) trait DeviceElem: Elem + crate::cuda::Cached {
     /// This type's [`DType`].
     const DTYPE: DType;
     /// The buffer of `s` when it holds this type on a GPU.
@@ -247,7 +247,7 @@ impl Tensor {
     ) -> Tensor {
         Tensor {
             shape: shape.to_vec(),
-            storage: T::storage(Arc::new(CudaBuffer { backend, data })),
+            storage: T::storage(Arc::new(CudaBuffer::new(backend, data))),
         }
     }
 
@@ -280,12 +280,12 @@ impl Tensor {
         }
         match (&self.storage, dtype) {
             (Storage::Cuda(b), DType::Bf16) => {
-                let mut y = b.backend.gpu().uninit::<bf16>(b.data.len())?;
+                let mut y = b.backend.uninit::<bf16>(b.data.len())?;
                 simclr_kernels::cuda::train::cast_f32_to_bf16(b.backend.gpu(), &b.data, &mut y)?;
                 Ok(Tensor::from_cuda_of(&self.shape, b.backend.clone(), y))
             }
             (Storage::CudaBf16(b), DType::F32) => {
-                let mut y = b.backend.gpu().uninit::<f32>(b.data.len())?;
+                let mut y = b.backend.uninit::<f32>(b.data.len())?;
                 simclr_kernels::cuda::train::cast_bf16_to_f32(b.backend.gpu(), &b.data, &mut y)?;
                 Ok(Tensor::from_cuda(&self.shape, b.backend.clone(), y))
             }
@@ -327,11 +327,17 @@ impl Tensor {
             Device::Cpu => Tensor::from_vec(&self.shape, host),
             Device::Cuda(i) => {
                 let backend = CudaBackend::get(i)?;
-                let data = if host.is_empty() {
-                    backend.zeros(0)?
-                } else {
-                    backend.gpu().upload(&host)?
-                };
+                // Into a cached buffer: a training loop uploads a batch of the same size every
+                // step.
+                let mut data = backend.uninit::<f32>(host.len())?;
+                if !host.is_empty() {
+                    let mut view = data.slice_mut(0..host.len());
+                    backend
+                        .gpu()
+                        .stream()
+                        .memcpy_htod(&host, &mut view)
+                        .map_err(GpuError::from)?;
+                }
                 Ok(Tensor::from_cuda(&self.shape, backend, data))
             }
         }
@@ -605,17 +611,17 @@ impl Tensor {
 }
 
 /// Zeroes a device buffer in place, or replaces it with a zeroed one when it is shared.
-fn zero_buffer<T: Elem>(b: &mut Arc<CudaBuffer<T>>) -> Result<()> {
+fn zero_buffer<T: DeviceElem>(b: &mut Arc<CudaBuffer<T>>) -> Result<()> {
     let backend = b.backend.clone();
     match Arc::get_mut(b) {
         Some(buf) => backend
             .gpu()
             .stream()
-            .memset_zeros(&mut buf.data)
+            .memset_zeros(&mut *buf.data)
             .map_err(GpuError::from)?,
         None => {
-            let data = backend.gpu().zeros::<T>(b.data.len())?;
-            *b = Arc::new(CudaBuffer { backend, data });
+            let data = backend.zeros_of::<T>(b.data.len())?;
+            *b = Arc::new(CudaBuffer::new(backend, data));
         }
     }
     Ok(())

@@ -580,8 +580,9 @@ fn cuda_finiteness_checks_match_the_host() {
     }
 }
 
-/// From the third step on, a training step takes no new memory from the driver (everything
-/// comes from the pool, which keeps what is freed), and gives back all it takes: nothing leaks.
+/// From the third step on, a training step makes no allocation (every buffer comes from the
+/// backend's cache), takes no new memory from the driver, and gives back all it takes: nothing
+/// leaks.
 #[test]
 fn cuda_steady_state_steps_take_no_new_device_memory() {
     let Some((dev, _turn)) = cuda_or_skip("cuda_steady_state_steps_take_no_new_device_memory")
@@ -597,13 +598,22 @@ fn cuda_steady_state_steps_take_no_new_device_memory() {
         simclr_nn::train_step(&mut m, &views, &mut lars, 0.3, 0.5).unwrap();
     }
     backend.synchronize().unwrap();
-    let before = backend.pool_stats().unwrap();
+    let (before, cached_before) = (backend.pool_stats().unwrap(), backend.buffer_stats());
     for _ in 0..3 {
         simclr_nn::train_step(&mut m, &views, &mut lars, 0.3, 0.5).unwrap();
     }
     backend.synchronize().unwrap();
-    let after = backend.pool_stats().unwrap();
+    let (after, cached_after) = (backend.pool_stats().unwrap(), backend.buffer_stats());
     println!("pool before {before:?}, after {after:?}");
+    println!("buffer cache before {cached_before:?}, after {cached_after:?}");
+    assert_eq!(
+        cached_after.misses, cached_before.misses,
+        "steady-state steps allocated buffers"
+    );
+    assert!(
+        cached_after.hits > cached_before.hits + 3 * 20,
+        "steady-state steps should take their buffers from the cache"
+    );
     assert_eq!(
         after.reserved, before.reserved,
         "steady-state steps took new memory"

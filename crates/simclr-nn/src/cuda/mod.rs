@@ -9,10 +9,12 @@
 //! error that says what is missing and nothing else changes.
 
 mod blas;
+mod cache;
 mod dnn;
 pub(crate) mod ops;
 
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use simclr_kernels::cuda::cudarc::cublas::CudaBlas;
@@ -20,7 +22,10 @@ use simclr_kernels::cuda::cudarc::driver::CudaSlice;
 use simclr_kernels::cuda::ntxent::{NtXentGpu, Precision as LossPrecision};
 use simclr_kernels::cuda::{Gpu, GpuError};
 
+pub(crate) use cache::{end_step_all, Cached};
+
 use crate::error::{NnError, Result};
+use crate::tensor::DeviceElem;
 
 /// How the convolutions and products of the CUDA backend compute in f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -63,6 +68,7 @@ pub struct CudaBackend {
     blas: CudaBlas,
     dnn: Mutex<dnn::Dnn>,
     losses: Mutex<HashMap<(usize, usize), NtXentGpu>>,
+    cache: cache::DeviceCache,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -119,6 +125,7 @@ impl CudaBackend {
             blas,
             dnn: Mutex::new(dnn),
             losses: Mutex::new(HashMap::new()),
+            cache: cache::DeviceCache::new(),
         })
     }
 
@@ -151,9 +158,9 @@ impl CudaBackend {
         Ok(self.gpu.synchronize()?)
     }
 
-    /// A zeroed buffer of `len` floats.
+    /// A zeroed buffer of `len` floats (at least one), from the cache when it holds one.
     pub(crate) fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
-        Ok(self.gpu.zeros(len)?)
+        self.zeros_of::<f32>(len)
     }
 
     /// The NT-Xent workspace for `rows x dim`, kept between steps.
@@ -202,7 +209,8 @@ fn default_pool(gpu: &Gpu) -> Result<simclr_kernels::cuda::cudarc::driver::sys::
 impl CudaBackend {
     /// The memory pool's figures. Between training steps, with the pool keeping what is freed,
     /// `reserved` stays put once the first steps have run: the steady-state step takes no new
-    /// memory from the driver; and `used` comes back to where it was: nothing leaks.
+    /// memory from the driver; and `used` comes back to where it was: nothing leaks. (`used`
+    /// counts the buffers of [`CudaBackend::buffer_stats`]'s cache.)
     pub fn pool_stats(&self) -> Result<PoolStats> {
         use simclr_kernels::cuda::cudarc::driver::sys::{CUmemPool_attribute as A, CUresult};
         if !self.gpu.context().has_async_alloc() {
@@ -235,11 +243,12 @@ impl CudaBackend {
         })
     }
 
-    /// Hands the pool's unused memory back to the driver and restarts its peak from what it
-    /// holds then (between benchmark cases, so each case's peak is its own). Waits for the
-    /// device first.
+    /// Frees the cached buffers ([`CudaBackend::release_buffers`]), hands the pool's unused
+    /// memory back to the driver and restarts its peak from what it holds then (between
+    /// benchmark cases, so each case's peak is its own). Waits for the device first.
     pub fn trim_pool(&self) -> Result<()> {
         use simclr_kernels::cuda::cudarc::driver::sys::{self, CUmemPool_attribute as A, CUresult};
+        self.release_buffers()?;
         if !self.gpu.context().has_async_alloc() {
             return Ok(());
         }
@@ -315,13 +324,45 @@ pub(crate) fn cuda_err<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> 
     move |e| NnError::Cuda(format!("{what}: {e:?}"))
 }
 
-/// Values in device memory (f32 unless said otherwise), with the backend that owns them.
+/// Values in device memory (f32 unless said otherwise), with the backend that owns them. When
+/// dropped, the memory goes to the backend's cache for the next buffer of its size.
 pub struct CudaBuffer<T = f32> {
     pub(crate) backend: Arc<CudaBackend>,
-    pub(crate) data: CudaSlice<T>,
+    pub(crate) data: ManuallyDrop<CudaSlice<T>>,
+    /// Gives the memory to the backend's cache (set where `T`'s cache is known).
+    recycle: fn(&CudaBackend, CudaSlice<T>),
 }
 
-impl<T: simclr_kernels::Elem> CudaBuffer<T> {
+// The bounds sit on the crate-private methods: `DeviceElem` is not part of the public API.
+impl<T> CudaBuffer<T> {
+    /// A buffer over `data`, memory of `backend`'s device.
+    pub(crate) fn new(backend: Arc<CudaBackend>, data: CudaSlice<T>) -> CudaBuffer<T>
+    where
+        T: DeviceElem,
+    {
+        CudaBuffer {
+            backend,
+            data: ManuallyDrop::new(data),
+            recycle: CudaBackend::give_back::<T>,
+        }
+    }
+
+    /// A copy in other device memory (from the cache when it holds a buffer of this size).
+    pub(crate) fn duplicate(&self) -> Result<CudaBuffer<T>>
+    where
+        T: DeviceElem,
+    {
+        let mut data = self.backend.uninit::<T>(self.data.len())?;
+        self.backend
+            .gpu()
+            .stream()
+            .memcpy_dtod(&*self.data, &mut data)
+            .map_err(GpuError::from)?;
+        Ok(CudaBuffer::new(self.backend.clone(), data))
+    }
+}
+
+impl<T> CudaBuffer<T> {
     /// The backend of the device holding the values.
     pub fn backend(&self) -> &Arc<CudaBackend> {
         &self.backend
@@ -331,22 +372,16 @@ impl<T: simclr_kernels::Elem> CudaBuffer<T> {
     pub fn slice(&self) -> &CudaSlice<T> {
         &self.data
     }
-
-    /// A copy in new device memory.
-    pub(crate) fn duplicate(&self) -> Result<CudaBuffer<T>> {
-        let data = self.data.try_clone().map_err(GpuError::from)?;
-        Ok(CudaBuffer {
-            backend: self.backend.clone(),
-            data,
-        })
-    }
 }
 
 impl<T> Drop for CudaBuffer<T> {
     fn drop(&mut self) {
-        // The device memory is freed right after this, in the thread's current context: make
+        // Should the cache free the memory, it does so in the thread's current context: make
         // sure it is this GPU's (a tensor may be dropped on any thread).
         let _ = self.backend.gpu().context().bind_to_thread();
+        // SAFETY: `data` is taken once, here, and never used again.
+        let data = unsafe { ManuallyDrop::take(&mut self.data) };
+        (self.recycle)(&self.backend, data);
     }
 }
 

@@ -78,7 +78,7 @@ fn new(b: &Arc<CudaBackend>, shape: &[usize]) -> Result<CudaSlice<f32>> {
 }
 
 fn new_of<T: DeviceElem>(b: &Arc<CudaBackend>, shape: &[usize]) -> Result<CudaSlice<T>> {
-    Ok(b.gpu().uninit::<T>(shape.iter().product())?)
+    b.uninit::<T>(shape.iter().product())
 }
 
 fn wrap(b: &Arc<CudaBackend>, shape: &[usize], data: CudaSlice<f32>) -> Tensor {
@@ -110,14 +110,14 @@ fn fits_cudnn(g: &ConvGeom) -> Result<()> {
 
 /// f32 weights rounded to bf16 for a bf16 convolution (as autocast does, per call).
 fn to_bf16(b: &CudaBackend, x: &CudaSlice<f32>) -> Result<CudaSlice<bf16>> {
-    let mut y = b.gpu().uninit::<bf16>(x.len())?;
+    let mut y = b.uninit::<bf16>(x.len())?;
     k::cast_f32_to_bf16(b.gpu(), x, &mut y)?;
     Ok(y)
 }
 
 /// bf16 values widened to f32.
 fn from_bf16(b: &CudaBackend, x: &CudaSlice<bf16>) -> Result<CudaSlice<f32>> {
-    let mut y = b.gpu().uninit::<f32>(x.len())?;
+    let mut y = b.uninit::<f32>(x.len())?;
     k::cast_bf16_to_f32(b.gpu(), x, &mut y)?;
     Ok(y)
 }

@@ -1,0 +1,198 @@
+//! Device buffers kept from one training step for the next.
+//!
+//! The buffers of a step are the same every step, so when the last tensor holding one drops,
+//! it goes to its GPU's cache rather than back to the driver, and the next request of that
+//! element type and length takes it: after the first step, a step makes no allocation call at
+//! all (no `cuMemAllocAsync`, and none of the events cudarc creates per allocation), which
+//! [`CudaBackend::buffer_stats`] shows. The buffer keeps its cudarc read and write events, so
+//! its next user on another stream (an NCCL all-reduce) still waits for its last one.
+//!
+//! Memory held: [`crate::buffers::end_step`] keeps of each size as many buffers as the step
+//! freed, an allocation
+//! the device cannot serve frees the whole cache and tries again, and
+//! [`CudaBackend::set_buffer_limit`] caps it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use half::bf16;
+use simclr_kernels::cuda::cudarc::driver::{sys, CudaSlice, DriverError};
+use simclr_kernels::cuda::GpuError;
+
+use super::{CudaBackend, BACKENDS};
+use crate::buffers::{BufferStats, FreeLists};
+use crate::error::Result;
+use crate::tensor::{DType, DeviceElem};
+
+/// A cached buffer of either element type.
+pub(crate) enum DeviceSlice {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<bf16>),
+}
+
+/// One GPU's free buffers, by element type and length.
+pub(crate) struct DeviceCache {
+    lists: Mutex<FreeLists<(DType, usize), DeviceSlice>>,
+    limit: AtomicUsize,
+}
+
+impl DeviceCache {
+    pub(crate) fn new() -> DeviceCache {
+        DeviceCache {
+            lists: Mutex::new(FreeLists::new()),
+            limit: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    fn lists(&self) -> MutexGuard<'_, FreeLists<(DType, usize), DeviceSlice>> {
+        // Every update leaves the lists consistent: a panic while they were held changes nothing.
+        self.lists.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn out_of_memory(e: &GpuError) -> bool {
+    matches!(
+        e,
+        GpuError::Driver(DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY))
+    )
+}
+
+impl CudaBackend {
+    /// A buffer of `len` `T`s (at least one) whose values are unspecified: for an output the
+    /// operation writes entirely. From the cache when it holds one of that length.
+    pub(crate) fn uninit<T: DeviceElem>(&self, len: usize) -> Result<CudaSlice<T>> {
+        let len = len.max(1);
+        let key = (T::DTYPE, len);
+        let cached = self.cache.lists().take(key..=key);
+        if let Some((_, s)) = cached {
+            return Ok(T::from_device_slice(s).expect("the key holds the element type"));
+        }
+        match self.gpu.uninit::<T>(len) {
+            Err(e) if out_of_memory(&e) => {
+                // Buffers of other sizes may be what the device lacks: give them all back to
+                // the memory pool (in stream order, so this allocation can reuse them).
+                self.release_buffers()?;
+                Ok(self.gpu.uninit::<T>(len)?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// A zeroed buffer of `len` `T`s (at least one).
+    pub(crate) fn zeros_of<T: DeviceElem>(&self, len: usize) -> Result<CudaSlice<T>> {
+        let mut s = self.uninit::<T>(len)?;
+        self.gpu
+            .stream()
+            .memset_zeros(&mut s)
+            .map_err(GpuError::from)?;
+        Ok(s)
+    }
+
+    /// Keeps `s` for a later [`CudaBackend::uninit`] of its length, or frees it when the cache
+    /// is at its limit. Called as a tensor's buffer drops, with this device's context current.
+    pub(crate) fn give_back<T: DeviceElem>(&self, s: CudaSlice<T>) {
+        let (len, bytes) = (s.len(), s.len() * std::mem::size_of::<T>());
+        let limit = self.cache.limit.load(Ordering::Relaxed);
+        let refused =
+            self.cache
+                .lists()
+                .give((T::DTYPE, len), T::into_device_slice(s), bytes, limit);
+        drop(refused);
+    }
+
+    /// The cache's counts so far (hits and misses of [`CudaBackend::uninit`]) and the bytes
+    /// it holds: between two steady-state training steps the misses do not move.
+    pub fn buffer_stats(&self) -> BufferStats {
+        let (hits, misses, cached_bytes) = self.cache.lists().counts();
+        BufferStats {
+            hits,
+            misses,
+            cached_bytes,
+            limit_bytes: self.cache.limit.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Frees every cached buffer of this device (to its memory pool; [`CudaBackend::trim_pool`]
+    /// hands the pool's back to the driver).
+    pub fn release_buffers(&self) -> Result<()> {
+        self.gpu
+            .context()
+            .bind_to_thread()
+            .map_err(GpuError::from)?;
+        let freed = self.cache.lists().trim_to(0);
+        drop(freed);
+        Ok(())
+    }
+
+    /// Caps the bytes this device's cache holds, freeing what is over; `0` turns it off.
+    /// Unlimited by default: a step's buffers fit the device, and an allocation that does not
+    /// fit frees the cache first.
+    pub fn set_buffer_limit(&self, bytes: usize) -> Result<()> {
+        self.cache.limit.store(bytes, Ordering::Relaxed);
+        self.gpu
+            .context()
+            .bind_to_thread()
+            .map_err(GpuError::from)?;
+        let freed = self.cache.lists().trim_to(bytes);
+        drop(freed);
+        Ok(())
+    }
+
+    fn end_step(&self) {
+        // Without this context current the freed buffers could not be released; they are
+        // then kept until the next step rather than freed in the wrong context.
+        if self.gpu.context().bind_to_thread().is_err() {
+            return;
+        }
+        let freed = self.cache.lists().end_step();
+        drop(freed);
+    }
+}
+
+/// [`crate::buffers::end_step`] on every GPU opened so far.
+pub(crate) fn end_step_all() {
+    let Some(map) = BACKENDS.get() else {
+        return;
+    };
+    let backends: Vec<_> = map
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    for b in backends {
+        b.end_step();
+    }
+}
+
+/// What [`DeviceSlice`] holds for each element type.
+pub(crate) trait Cached: Sized {
+    /// The type's variant.
+    fn into_device_slice(s: CudaSlice<Self>) -> DeviceSlice;
+    /// The slice, when `s` holds this type.
+    fn from_device_slice(s: DeviceSlice) -> Option<CudaSlice<Self>>;
+}
+
+impl Cached for f32 {
+    fn into_device_slice(s: CudaSlice<f32>) -> DeviceSlice {
+        DeviceSlice::F32(s)
+    }
+    fn from_device_slice(s: DeviceSlice) -> Option<CudaSlice<f32>> {
+        match s {
+            DeviceSlice::F32(s) => Some(s),
+            DeviceSlice::Bf16(_) => None,
+        }
+    }
+}
+
+impl Cached for bf16 {
+    fn into_device_slice(s: CudaSlice<bf16>) -> DeviceSlice {
+        DeviceSlice::Bf16(s)
+    }
+    fn from_device_slice(s: DeviceSlice) -> Option<CudaSlice<bf16>> {
+        match s {
+            DeviceSlice::Bf16(s) => Some(s),
+            DeviceSlice::F32(_) => None,
+        }
+    }
+}
