@@ -94,6 +94,8 @@ pub fn extract(
                 z.unwrap_or(h).to_vec()
             }
         };
+        // Each batch is a step for the buffer cache: it keeps what the next batch will need.
+        simclr_nn::buffers::end_step();
         dim = rows.len() / n.max(1);
         data.extend_from_slice(&rows);
         match &b.labels {

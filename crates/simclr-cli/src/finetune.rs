@@ -156,6 +156,7 @@ pub fn finetune(
             let lr = schedule.lr(step);
             opt_enc.step(&mut model.encoder, lr)?;
             opt_fc.step(&mut fc, lr)?;
+            simclr_nn::buffers::end_step();
             step += 1;
             progress(step, total, loss);
         }

@@ -121,9 +121,14 @@ pub struct BufferStats {
 /// (`crate::cuda`). Buffers it lets go are returned to the caller, to be dropped after the lock
 /// is released.
 ///
+/// A key accepts only as many buffers as were taken under it and not yet given back, so the
+/// cache never holds more of a size than the most that were in use at once: a buffer allocated
+/// elsewhere (a data loader's batch) and given back every step does not pile up, with or
+/// without step ends. A taken buffer counts under the key it was taken as (a miss: the key the
+/// caller allocates, [`FreeLists::miss_key`]).
+///
 /// At the end of a step a list keeps at most as many buffers as the step gave back to it: what
-/// the step freed is what the next one needs, and a buffer given back every step but never
-/// taken (a data loader's batch, allocated elsewhere) does not pile up.
+/// the step freed is what the next one needs after a change of shapes.
 pub(crate) struct FreeLists<K, B> {
     lists: BTreeMap<K, FreeList<B>>,
     bytes: usize,
@@ -136,6 +141,8 @@ struct FreeList<B> {
     bytes_each: usize,
     /// Buffers given back since the last end of a step.
     given: usize,
+    /// Buffers taken under this key and not given back yet.
+    out: usize,
 }
 
 impl<K: Ord + Copy, B> FreeLists<K, B> {
@@ -148,10 +155,17 @@ impl<K: Ord + Copy, B> FreeLists<K, B> {
         }
     }
 
-    /// A buffer of the smallest key in `keys`, counted as a hit, or a miss.
-    pub(crate) fn take(&mut self, keys: std::ops::RangeInclusive<K>) -> Option<(K, B)> {
+    /// A buffer of the smallest key in `keys`, counted as a hit; or a miss, and the caller
+    /// allocates a buffer of key `miss` (`bytes` bytes), which counts as taken.
+    pub(crate) fn take(
+        &mut self,
+        keys: std::ops::RangeInclusive<K>,
+        miss: K,
+        bytes: usize,
+    ) -> Option<(K, B)> {
         let found = self.lists.range_mut(keys).find_map(|(&k, list)| {
             let b = list.bufs.pop()?;
+            list.out += 1;
             Some((k, b, list.bytes_each))
         });
         match found {
@@ -162,22 +176,33 @@ impl<K: Ord + Copy, B> FreeLists<K, B> {
             }
             None => {
                 self.misses += 1;
+                self.list(miss, bytes).out += 1;
                 None
             }
         }
     }
 
-    /// Keeps `b` (of `bytes` bytes) under `key`, or hands it back when that would take the
-    /// cache over `limit` bytes.
-    pub(crate) fn give(&mut self, key: K, b: B, bytes: usize, limit: usize) -> Option<B> {
-        if self.bytes.saturating_add(bytes) > limit {
-            return Some(b);
-        }
-        let list = self.lists.entry(key).or_insert_with(|| FreeList {
+    fn list(&mut self, key: K, bytes: usize) -> &mut FreeList<B> {
+        self.lists.entry(key).or_insert_with(|| FreeList {
             bufs: Vec::new(),
             bytes_each: bytes,
             given: 0,
-        });
+            out: 0,
+        })
+    }
+
+    /// Keeps `b` (of `bytes` bytes) under `key`, or hands it back: when no buffer taken under
+    /// `key` is out (`b` was allocated elsewhere), or when it would take the cache over `limit`
+    /// bytes.
+    pub(crate) fn give(&mut self, key: K, b: B, bytes: usize, limit: usize) -> Option<B> {
+        let over = self.bytes.saturating_add(bytes) > limit;
+        let Some(list) = self.lists.get_mut(&key).filter(|l| l.out > 0) else {
+            return Some(b);
+        };
+        list.out -= 1;
+        if over {
+            return Some(b);
+        }
         list.bufs.push(b);
         list.given += 1;
         self.bytes += bytes;
@@ -194,28 +219,25 @@ impl<K: Ord + Copy, B> FreeLists<K, B> {
             out.extend(list.bufs.drain(..extra));
             list.given = 0;
         }
-        self.lists.retain(|_, l| !l.bufs.is_empty());
+        self.lists.retain(|_, l| !l.bufs.is_empty() || l.out > 0);
         out
     }
 
-    /// Lets go of buffers, the largest first, until at most `bytes` are held.
+    /// Lets go of buffers, the last keys first (the largest, on the host), until at most
+    /// `bytes` are held.
     pub(crate) fn trim_to(&mut self, bytes: usize) -> Vec<B> {
         let mut out = Vec::new();
-        while self.bytes > bytes {
-            let Some(mut entry) = self.lists.last_entry() else {
+        for list in self.lists.values_mut().rev() {
+            if self.bytes <= bytes {
                 break;
-            };
-            let list = entry.get_mut();
-            match list.bufs.pop() {
-                Some(b) => {
-                    self.bytes -= list.bytes_each;
-                    out.push(b);
-                }
-                None => {
-                    entry.remove();
-                }
+            }
+            while self.bytes > bytes {
+                let Some(b) = list.bufs.pop() else { break };
+                self.bytes -= list.bytes_each;
+                out.push(b);
             }
         }
+        self.lists.retain(|_, l| !l.bufs.is_empty() || l.out > 0);
         out
     }
 
@@ -241,7 +263,7 @@ static POISON: AtomicBool = AtomicBool::new(false);
 
 /// Whether [`HostBuffer::uninit`] fills with NaN: as last [`set_poison`], else as
 /// `SIMCLR_POISON_BUFFERS` says (`1` on, `0` off), else in debug builds only.
-fn poisoning() -> bool {
+pub(crate) fn poisoning() -> bool {
     if POISON_SET.load(Ordering::Acquire) {
         return POISON.load(Ordering::Relaxed);
     }
@@ -286,7 +308,7 @@ fn take(len: usize, fill: f32) -> Vec<f32> {
     if len < MIN_LEN {
         return vec![fill; len];
     }
-    let reused = cache().free.take(len..=len + len / SLACK);
+    let reused = cache().free.take(len..=len + len / SLACK, len, len * 4);
     match reused {
         Some((_, mut v)) => {
             v.truncate(len);
@@ -372,47 +394,59 @@ mod tests {
     use super::*;
 
     #[test]
-    fn free_lists_serve_the_smallest_fitting_key_and_count() {
+    fn free_lists_serve_the_smallest_fitting_key_and_take_back_only_their_own() {
+        const MAX: usize = usize::MAX;
         let mut f: FreeLists<usize, &str> = FreeLists::new();
-        assert!(f.take(10..=12).is_none());
-        assert_eq!(f.give(12, "a", 48, usize::MAX), None);
-        assert_eq!(f.give(11, "b", 44, usize::MAX), None);
-        assert_eq!(f.give(20, "c", 80, usize::MAX), None);
-        assert_eq!(f.counts(), (0, 1, 172));
-        assert_eq!(f.take(10..=12), Some((11, "b")));
-        assert_eq!(f.take(10..=12), Some((12, "a")));
-        assert_eq!(f.take(10..=12), None);
-        assert_eq!(f.counts(), (2, 2, 80));
+        assert!(f.take(10..=12, 12, 48).is_none());
+        assert!(f.take(10..=12, 11, 44).is_none());
+        assert!(f.take(20..=20, 20, 80).is_none());
+        assert_eq!(f.give(12, "a", 48, MAX), None);
+        assert_eq!(f.give(11, "b", 44, MAX), None);
+        assert_eq!(f.give(20, "c", 80, MAX), None);
+        // More than was taken under a key: allocated elsewhere, handed back to be freed.
+        assert_eq!(f.give(11, "x", 44, MAX), Some("x"));
+        assert_eq!(f.give(13, "y", 52, MAX), Some("y"));
+        assert_eq!(f.counts(), (0, 3, 172));
+        assert_eq!(f.take(10..=12, 10, 40), Some((11, "b")));
+        assert_eq!(f.take(10..=12, 10, 40), Some((12, "a")));
+        assert_eq!(f.take(10..=12, 10, 40), None);
+        assert_eq!(f.counts(), (2, 4, 80));
         // Over the limit, the buffer comes back to be freed.
-        assert_eq!(f.give(30, "d", 120, 150), Some("d"));
+        assert_eq!(f.give(12, "a", 48, 100), Some("a"));
         assert_eq!(f.trim_to(0), vec!["c"]);
         assert_eq!(f.counts().2, 0);
     }
 
     #[test]
     fn a_step_end_keeps_what_the_step_gave_back() {
+        const MAX: usize = usize::MAX;
         let mut f: FreeLists<usize, u32> = FreeLists::new();
-        // Step 1 frees three buffers of one size and one of another.
-        for b in [1, 2, 3] {
-            f.give(100, b, 400, usize::MAX);
+        // Step 1 allocates and frees three buffers of one size and one of another.
+        for _ in 0..3 {
+            assert!(f.take(100..=100, 100, 400).is_none());
         }
-        f.give(7, 9, 28, usize::MAX);
+        assert!(f.take(7..=7, 7, 28).is_none());
+        for b in [1, 2, 3] {
+            assert_eq!(f.give(100, b, 400, MAX), None);
+        }
+        assert_eq!(f.give(7, 9, 28, MAX), None);
         assert!(f.end_step().is_empty());
         // Step 2 takes and frees two of the first size, and none of the second.
         for _ in 0..2 {
-            let (k, b) = f.take(100..=100).unwrap();
-            f.give(k, b, 400, usize::MAX);
+            let (k, b) = f.take(100..=100, 100, 400).unwrap();
+            assert_eq!(f.give(k, b, 400, MAX), None);
         }
         let mut freed = f.end_step();
         freed.sort();
         assert_eq!(freed, vec![1, 9], "one spare of size 100 and all of size 7");
         assert_eq!(f.counts().2, 800);
-        // A buffer given every step and never taken (a loader's batch) stays one.
+        // A buffer allocated elsewhere and given back every step does not pile up.
         for step in 0..5 {
-            f.give(55, 100 + step, 220, usize::MAX);
+            assert_eq!(f.give(55, 100 + step, 220, MAX), Some(100 + step));
             f.end_step();
         }
-        assert_eq!(f.counts().2, 220, "no pile-up");
+        // And the size-100 buffers, unused by these steps, went at the first end.
+        assert_eq!(f.counts().2, 0);
     }
 
     #[test]
@@ -430,13 +464,14 @@ mod tests {
     }
 
     #[test]
-    fn clones_copy_and_small_buffers_bypass_the_cache() {
+    fn clones_are_independent_copies() {
         let a = HostBuffer::from_vec((0..MIN_LEN + 3).map(|i| i as f32).collect());
-        let b = a.clone();
-        assert_ne!(a.as_ptr(), b.as_ptr());
+        let mut b = a.clone();
         assert_eq!(&a[..], &b[..]);
+        b[0] = -1.0;
+        assert_eq!(a[0], 0.0);
         let v = b.into_vec();
-        assert_eq!(v.len(), MIN_LEN + 3);
+        assert_eq!((v.len(), v[0]), (MIN_LEN + 3, -1.0));
         assert_eq!(HostBuffer::zeroed(0).len(), 0);
     }
 }

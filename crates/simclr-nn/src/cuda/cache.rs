@@ -13,13 +13,13 @@
 //! [`CudaBackend::set_buffer_limit`] caps it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use half::bf16;
-use simclr_kernels::cuda::cudarc::driver::{sys, CudaSlice, DriverError};
+use simclr_kernels::cuda::cudarc::driver::{sys, CudaSlice, DevicePtrMut, DriverError};
 use simclr_kernels::cuda::GpuError;
 
-use super::{CudaBackend, BACKENDS};
+use super::{CudaBackend, CudaBuffer, BACKENDS};
 use crate::buffers::{BufferStats, FreeLists};
 use crate::error::Result;
 use crate::tensor::{DType, DeviceElem};
@@ -58,24 +58,67 @@ fn out_of_memory(e: &GpuError) -> bool {
 }
 
 impl CudaBackend {
-    /// A buffer of `len` `T`s (at least one) whose values are unspecified: for an output the
-    /// operation writes entirely. From the cache when it holds one of that length.
+    /// A buffer of `len` `T`s (at least one) whose values are unspecified (all bits set, NaN,
+    /// when [`crate::buffers::set_poison`] is on): for an output the operation writes
+    /// entirely. From the cache when it holds one of that length; it goes back there only as
+    /// the buffer of a tensor or a [`CudaBackend::scratch`].
     pub(crate) fn uninit<T: DeviceElem>(&self, len: usize) -> Result<CudaSlice<T>> {
         let len = len.max(1);
         let key = (T::DTYPE, len);
-        let cached = self.cache.lists().take(key..=key);
-        if let Some((_, s)) = cached {
-            return Ok(T::from_device_slice(s).expect("the key holds the element type"));
+        let bytes = len * std::mem::size_of::<T>();
+        let cached = self.cache.lists().take(key..=key, key, bytes);
+        let mut s = match cached {
+            Some((_, s)) => T::from_device_slice(s).expect("the key holds the element type"),
+            None => match self.gpu.uninit::<T>(len) {
+                Err(e) if out_of_memory(&e) => {
+                    // Buffers of other sizes may be what the device lacks: hand them and the
+                    // pool's free memory back to the driver, then try once more.
+                    self.free_unused_memory()?;
+                    self.gpu.uninit::<T>(len)?
+                }
+                other => other?,
+            },
+        };
+        if crate::buffers::poisoning() {
+            let stream = self.gpu.stream().clone();
+            let (ptr, _sync) = s.device_ptr_mut(&stream);
+            // SAFETY: `ptr` addresses `bytes` bytes of `s`, which `_sync` keeps borrowed (and
+            // ordered on `stream`) for the call. 0xFF bytes are NaN in f32 and bf16.
+            unsafe { sys::cuMemsetD8Async(ptr, 0xFF, bytes, stream.cu_stream()) }
+                .result()
+                .map_err(GpuError::from)?;
         }
-        match self.gpu.uninit::<T>(len) {
-            Err(e) if out_of_memory(&e) => {
-                // Buffers of other sizes may be what the device lacks: give them all back to
-                // the memory pool (in stream order, so this allocation can reuse them).
-                self.release_buffers()?;
-                Ok(self.gpu.uninit::<T>(len)?)
-            }
-            other => Ok(other?),
+        Ok(s)
+    }
+
+    /// A buffer for an operation's own use (a weight cast, a partial sum), from the cache and
+    /// back to it when dropped.
+    pub(crate) fn scratch<T: DeviceElem>(self: &Arc<Self>, len: usize) -> Result<CudaBuffer<T>> {
+        Ok(CudaBuffer::new(self.clone(), self.uninit::<T>(len)?))
+    }
+
+    /// [`CudaBackend::scratch`], zeroed.
+    pub(crate) fn scratch_zeroed<T: DeviceElem>(
+        self: &Arc<Self>,
+        len: usize,
+    ) -> Result<CudaBuffer<T>> {
+        Ok(CudaBuffer::new(self.clone(), self.zeros_of::<T>(len)?))
+    }
+
+    /// `v` in a [`CudaBackend::scratch`] buffer.
+    pub(crate) fn upload_scratch<T: DeviceElem>(
+        self: &Arc<Self>,
+        v: &[T],
+    ) -> Result<CudaBuffer<T>> {
+        let mut b = self.scratch::<T>(v.len())?;
+        if !v.is_empty() {
+            let mut view = b.slice_mut(0..v.len());
+            self.gpu
+                .stream()
+                .memcpy_htod(v, &mut view)
+                .map_err(GpuError::from)?;
         }
+        Ok(b)
     }
 
     /// A zeroed buffer of `len` `T`s (at least one).
@@ -139,9 +182,14 @@ impl CudaBackend {
     }
 
     fn end_step(&self) {
-        // Without this context current the freed buffers could not be released; they are
-        // then kept until the next step rather than freed in the wrong context.
-        if self.gpu.context().bind_to_thread().is_err() {
+        // The freed buffers must be released in this device's context. Binding it also reports
+        // (and clears) an error an earlier asynchronous free recorded: it is logged rather than
+        // lost, and the buffers are kept for the next step.
+        if let Err(e) = self.gpu.context().bind_to_thread() {
+            tracing::warn!(
+                "cuda:{}: a step end found a device error: {e}",
+                self.ordinal
+            );
             return;
         }
         let freed = self.cache.lists().end_step();

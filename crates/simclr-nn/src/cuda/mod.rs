@@ -248,29 +248,41 @@ impl CudaBackend {
     /// benchmark cases, so each case's peak is its own). Waits for the device first.
     pub fn trim_pool(&self) -> Result<()> {
         use simclr_kernels::cuda::cudarc::driver::sys::{self, CUmemPool_attribute as A, CUresult};
+        self.free_unused_memory()?;
+        if !self.gpu.context().has_async_alloc() {
+            return Ok(());
+        }
+        let pool = default_pool(&self.gpu)?;
+        let mut zero = 0u64;
+        // SAFETY: a driver call on this device's pool; `zero` outlives it.
+        let r = unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                (&mut zero as *mut u64).cast(),
+            )
+        };
+        if r != CUresult::CUDA_SUCCESS {
+            return Err(NnError::Cuda(format!("cuMemPoolSetAttribute: {r:?}")));
+        }
+        Ok(())
+    }
+
+    /// Frees the cached buffers and hands the pool's free memory back to the driver (after
+    /// the device is done with it): what an allocation that failed needs before a retry.
+    pub(crate) fn free_unused_memory(&self) -> Result<()> {
+        use simclr_kernels::cuda::cudarc::driver::sys::{self, CUresult};
         self.release_buffers()?;
         if !self.gpu.context().has_async_alloc() {
             return Ok(());
         }
         self.synchronize()?;
         let pool = default_pool(&self.gpu)?;
-        let mut zero = 0u64;
-        // SAFETY: driver calls on this device's pool; `zero` outlives them. Trimming only
-        // releases memory no allocation holds.
-        let (r1, r2) = unsafe {
-            (
-                sys::cuMemPoolTrimTo(pool, 0),
-                sys::cuMemPoolSetAttribute(
-                    pool,
-                    A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
-                    (&mut zero as *mut u64).cast(),
-                ),
-            )
-        };
-        for (what, r) in [("cuMemPoolTrimTo", r1), ("cuMemPoolSetAttribute", r2)] {
-            if r != CUresult::CUDA_SUCCESS {
-                return Err(NnError::Cuda(format!("{what}: {r:?}")));
-            }
+        // SAFETY: a driver call on this device's pool; trimming releases only memory no
+        // allocation holds.
+        let r = unsafe { sys::cuMemPoolTrimTo(pool, 0) };
+        if r != CUresult::CUDA_SUCCESS {
+            return Err(NnError::Cuda(format!("cuMemPoolTrimTo: {r:?}")));
         }
         Ok(())
     }
@@ -371,6 +383,19 @@ impl<T> CudaBuffer<T> {
     /// The device values.
     pub fn slice(&self) -> &CudaSlice<T> {
         &self.data
+    }
+}
+
+impl<T> std::ops::Deref for CudaBuffer<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.data
+    }
+}
+
+impl<T> std::ops::DerefMut for CudaBuffer<T> {
+    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.data
     }
 }
 

@@ -10,7 +10,7 @@ use simclr_kernels::cuda::cudarc::driver::CudaSlice;
 use simclr_kernels::cuda::train::{self as k, BatchNormGpu, BnParams, BnSaved};
 use simclr_kernels::cuda::{layout, GpuError};
 
-use super::{blas, CudaBackend, MathMode};
+use super::{blas, CudaBackend, CudaBuffer, MathMode};
 use crate::cpu::conv::ConvGeom;
 use crate::dist::Communicator;
 use crate::error::{NnError, Result};
@@ -89,8 +89,8 @@ fn wrap_of<T: DeviceElem>(b: &Arc<CudaBackend>, shape: &[usize], data: CudaSlice
     Tensor::from_cuda_of(shape, b.clone(), data)
 }
 
-fn upload(b: &CudaBackend, v: &[f32]) -> Result<CudaSlice<f32>> {
-    Ok(b.gpu().upload(v)?)
+fn upload(b: &Arc<CudaBackend>, v: &[f32]) -> Result<CudaBuffer<f32>> {
+    b.upload_scratch(v)
 }
 
 /// cuDNN's 4-D descriptors hold fewer than 2^31 values per tensor.
@@ -109,8 +109,8 @@ fn fits_cudnn(g: &ConvGeom) -> Result<()> {
 }
 
 /// f32 weights rounded to bf16 for a bf16 convolution (as autocast does, per call).
-fn to_bf16(b: &CudaBackend, x: &CudaSlice<f32>) -> Result<CudaSlice<bf16>> {
-    let mut y = b.uninit::<bf16>(x.len())?;
+fn to_bf16(b: &Arc<CudaBackend>, x: &CudaSlice<f32>) -> Result<CudaBuffer<bf16>> {
+    let mut y = b.scratch::<bf16>(x.len())?;
     k::cast_f32_to_bf16(b.gpu(), x, &mut y)?;
     Ok(y)
 }
@@ -136,7 +136,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, g: &ConvGeom) -> Result<Tensor> {
         let xs = on_of::<bf16>(b, &x, "conv2d")?;
         let wb = to_bf16(b, ws)?;
         let mut y = new_of::<bf16>(b, &shape)?;
-        dnn.forward::<bf16>(b.gpu(), g, xs, &wb, &mut y)?;
+        dnn.forward::<bf16>(b.gpu(), g, xs, &*wb, &mut y)?;
         return Ok(wrap_of(b, &shape, y));
     }
     let x = as_dtype(x, DType::F32)?;
@@ -162,12 +162,12 @@ pub(crate) fn conv2d_backward(
         let (xb, dyb) = (as_dtype(x, DType::Bf16)?, as_dtype(dy, DType::Bf16)?);
         let xs = on_of::<bf16>(b, &xb, "conv2d_backward (x)")?;
         let dys = on_of::<bf16>(b, &dyb, "conv2d_backward (dy)")?;
-        let mut dwb = b.gpu().uninit::<bf16>(w.numel())?;
-        dnn.backward_filter::<bf16>(b.gpu(), g, xs, dys, &mut dwb, 0.0)?;
+        let mut dwb = b.scratch::<bf16>(w.numel())?;
+        dnn.backward_filter::<bf16>(b.gpu(), g, xs, dys, &mut *dwb, 0.0)?;
         let dx = if need_dx {
             let wb = to_bf16(b, ws)?;
             let mut dxb = new_of::<bf16>(b, x.shape())?;
-            dnn.backward_data::<bf16>(b.gpu(), g, &wb, dys, &mut dxb)?;
+            dnn.backward_data::<bf16>(b.gpu(), g, &*wb, dys, &mut dxb)?;
             Some(wrap_of(b, x.shape(), dxb).to_dtype(x.dtype())?)
         } else {
             None
@@ -595,7 +595,7 @@ fn batch_norm_backward_of<T: DeviceElem>(
     };
     let gs = on(b, gamma, "BatchNorm backward (weight)")?;
     let mut dx = new_of::<T>(b, x.shape())?;
-    let (mut dg, mut db) = (b.zeros(c)?, b.zeros(c)?);
+    let (mut dg, mut db) = (b.scratch_zeroed::<f32>(c)?, b.scratch_zeroed::<f32>(c)?);
     // For global batch norm the sums are all-reduced for dx, but the parameter gradients take
     // this replica's own sums (the gradient all-reduce adds the others'), as on the CPU.
     let mut local: Option<Vec<f64>> = None;

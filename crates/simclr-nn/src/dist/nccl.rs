@@ -272,7 +272,7 @@ impl NcclComm {
         };
         // NCCL connects its peers lazily, inside the first collectives, and allocates its
         // buffers then: do it now, under the timeout, before the first step.
-        let mut probe = nccl.backend.zeros(1)?;
+        let mut probe = nccl.backend.scratch_zeroed::<f32>(1)?;
         nccl.all_reduce_device_f32(&mut probe)?;
         Ok(nccl)
     }

@@ -146,7 +146,7 @@ impl GradBuckets {
             // communicator's kernels.
             let first = bucket_values.min((FIRST_BUCKET_MIB * (1 << 20) as f64 / 4.0) as usize);
             for n in [first, bucket_values] {
-                let mut warm = nccl.backend().zeros(n)?;
+                let mut warm = nccl.backend().scratch_zeroed::<f32>(n)?;
                 nccl.all_reduce_device_f32(&mut warm)?;
             }
         }

@@ -423,13 +423,16 @@ fn nt_xent_nccl(z: &Tensor, temperature: f32, nccl: &super::NcclComm) -> Result<
     let buf = z.cuda()?;
     let backend = buf.backend().clone();
     let gpu = backend.gpu();
-    let mut all = backend.zeros(m * dim)?;
+    let mut all = backend.scratch_zeroed::<f32>(m * dim)?;
     for half in 0..2 {
         let src = buf.slice().slice(half * b * dim..(half + 1) * b * dim);
         let mut dst = all.slice_mut(half * big_b * dim..(half + 1) * big_b * dim);
         nccl.all_gather_view(&src, &mut dst)?;
     }
-    let (mut grad, mut part) = (backend.zeros(m * dim)?, backend.zeros(m * dim)?);
+    let (mut grad, mut part) = (
+        backend.scratch_zeroed::<f32>(m * dim)?,
+        backend.scratch_zeroed::<f32>(m * dim)?,
+    );
     let mine = [
         rank * b..(rank + 1) * b,
         big_b + rank * b..big_b + (rank + 1) * b,
@@ -450,7 +453,7 @@ fn nt_xent_nccl(z: &Tensor, temperature: f32, nccl: &super::NcclComm) -> Result<
     nccl.all_reduce_f64(&mut lv)?;
     let mut dz = backend.zeros(rows * dim)?;
     for (half, r) in mine.iter().enumerate() {
-        let src = grad.slice(r.start * dim..r.end * dim);
+        let src = (*grad).slice(r.start * dim..r.end * dim);
         let mut dst = dz.slice_mut(half * b * dim..(half + 1) * b * dim);
         gpu.stream()
             .memcpy_dtod(&src, &mut dst)
@@ -551,7 +554,13 @@ pub fn train_step_dp(
 ) -> Result<(StepStats, Tensor)> {
     let (l, h) = forward_backward_dp(model, views, loss, dp)?;
     optimizer.step(model, lr)?;
-    crate::buffers::end_step();
+    // One rank ends the step for the buffer caches: ranks that are threads of one process
+    // share them, and a step end from each, moments apart, would count nothing given back in
+    // between and free what the next step needs. Caches of other processes stay bounded by
+    // their steps' own use (see `crate::buffers`).
+    if dp.comm.rank() == 0 {
+        crate::buffers::end_step();
+    }
     Ok((StepStats { loss: l, lr }, h))
 }
 
