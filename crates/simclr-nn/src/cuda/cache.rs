@@ -143,7 +143,7 @@ impl CudaBackend {
         drop(refused);
     }
 
-    /// The cache's counts so far (hits and misses of [`CudaBackend::uninit`]) and the bytes
+    /// The cache's counts so far (hits: buffers reused; misses: buffers allocated) and the bytes
     /// it holds: between two steady-state training steps the misses do not move.
     pub fn buffer_stats(&self) -> BufferStats {
         let (hits, misses, cached_bytes) = self.cache.lists().counts();
