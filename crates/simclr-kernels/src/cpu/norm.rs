@@ -79,25 +79,41 @@ pub fn affine_rows<T: Elem>(
     y: &mut [T],
     relu: bool,
 ) {
+    let (scale, shift) = (&scale[..c], &shift[..c]);
     y.par_chunks_mut(c * 256)
         .zip(x.par_chunks(c * 256))
         .for_each(|(yc, xc)| {
             for (yr, xr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
-                for i in 0..c {
-                    let v = xr[i].to_f32() * scale[i] + shift[i];
-                    yr[i] = T::from_f32(if relu { v.max(0.0) } else { v });
+                // Rows and parameters all of length c, and the ReLU decided outside the loop:
+                // the compiler vectorises it.
+                let lanes = yr.iter_mut().zip(xr).zip(scale.iter().zip(shift));
+                if relu {
+                    for ((y, x), (s, b)) in lanes {
+                        *y = T::from_f32((x.to_f32() * s + b).max(0.0));
+                    }
+                } else {
+                    for ((y, x), (s, b)) in lanes {
+                        *y = T::from_f32(x.to_f32() * s + b);
+                    }
                 }
             }
         });
 }
 
-/// `dy[i]` widened to f32, or 0 where the fused ReLU's output is not positive (NaN keeps `dy`).
+/// `dy` widened to f32, or 0 where the fused ReLU's output `y` is not positive (NaN keeps `dy`).
 #[inline(always)]
-fn masked_grad<T: Elem>(dy: &[T], relu_out: Option<&[T]>, i: usize) -> f32 {
-    match relu_out {
-        Some(y) if y[i].to_f32() <= 0.0 => 0.0,
-        _ => dy[i].to_f32(),
+fn masked<T: Elem>(dy: T, y: T) -> f32 {
+    if y.to_f32() <= 0.0 {
+        0.0
+    } else {
+        dy.to_f32()
     }
+}
+
+/// Row `r` of a `[rows, c]` matrix.
+#[inline(always)]
+fn row<T>(m: &[T], r: usize, c: usize) -> &[T] {
+    &m[r * c..(r + 1) * c]
 }
 
 /// The per-channel sums of the batch-norm backward pass, `[sum g | sum g * xhat]` (`2c` values,
@@ -113,13 +129,32 @@ pub fn batchnorm_backward_sums<T: Elem>(
     mean: &[f32],
     invstd: &[f32],
 ) -> Vec<f64> {
-    let grad = |i: usize| masked_grad(dy, relu_out, i);
+    let (mean, invstd) = (&mean[..c], &invstd[..c]);
+    // Per element: g in f64 added to db, and g times xhat (computed in f32) added to dg.
+    let add = |db: &mut f64, dg: &mut f64, g: f32, x: T, m: f32, s: f32| {
+        let g = g as f64;
+        *db += g;
+        *dg += g * ((x.to_f32() - m) * s) as f64;
+    };
     channel_sums(rows, 2 * c, |r, acc| {
         let (db, dg) = acc.split_at_mut(c);
-        for i in 0..c {
-            let g = grad(r * c + i) as f64;
-            db[i] += g;
-            dg[i] += g * ((x[r * c + i].to_f32() - mean[i]) * invstd[i]) as f64;
+        let (xr, dyr) = (row(x, r, c), row(dy, r, c));
+        // Slices of one length and no branch on the ReLU inside: the loops vectorise.
+        let sums = db.iter_mut().zip(dg.iter_mut());
+        let params = mean.iter().zip(invstd);
+        match relu_out {
+            Some(y) => {
+                let yr = row(y, r, c);
+                let values = xr.iter().zip(dyr.iter().zip(yr));
+                for ((db, dg), ((x, (dy, y)), (m, s))) in sums.zip(values.zip(params)) {
+                    add(db, dg, masked(*dy, *y), *x, *m, *s);
+                }
+            }
+            None => {
+                for ((db, dg), ((x, dy), (m, s))) in sums.zip(xr.iter().zip(dyr).zip(params)) {
+                    add(db, dg, dy.to_f32(), *x, *m, *s);
+                }
+            }
         }
     })
 }
@@ -139,21 +174,36 @@ pub fn batchnorm_backward_dx<T: Elem>(
     count: usize,
     dx: &mut [T],
 ) {
-    let grad = |i: usize| masked_grad(dy, relu_out, i);
     let (dbeta, dgamma) = sums.split_at(c);
     let k1: Vec<f32> = (0..c).map(|i| gamma[i] * invstd[i]).collect();
     let mb: Vec<f32> = dbeta.iter().map(|&b| (b / count as f64) as f32).collect();
     let mg: Vec<f32> = dgamma.iter().map(|&g| (g / count as f64) as f32).collect();
+    // Every slice below has length c, so the loops index without bounds checks and vectorise.
+    let (mean, invstd, k1, mb, mg) = (&mean[..c], &invstd[..c], &k1[..c], &mb[..c], &mg[..c]);
+    // Per element, in f32: dx = k1 * (g - mb - xhat * mg), rounded once to T.
+    let dx_of = |g: f32, x: T, i: usize| {
+        let xhat = (x.to_f32() - mean[i]) * invstd[i];
+        T::from_f32(k1[i] * (g - mb[i] - xhat * mg[i]))
+    };
     const BLOCK: usize = 256;
     dx.par_chunks_mut(c * BLOCK)
         .enumerate()
         .for_each(|(bi, dxc)| {
-            let base = bi * BLOCK * c;
-            for (r, dr) in dxc.chunks_exact_mut(c).enumerate() {
-                let o = base + r * c;
-                for i in 0..c {
-                    let xhat = (x[o + i].to_f32() - mean[i]) * invstd[i];
-                    dr[i] = T::from_f32(k1[i] * (grad(o + i) - mb[i] - xhat * mg[i]));
+            for (k, dr) in dxc.chunks_exact_mut(c).enumerate() {
+                let r = bi * BLOCK + k;
+                let (xr, dyr, dr) = (row(x, r, c), row(dy, r, c), &mut dr[..c]);
+                match relu_out {
+                    Some(y) => {
+                        let yr = row(y, r, c);
+                        for i in 0..c {
+                            dr[i] = dx_of(masked(dyr[i], yr[i]), xr[i], i);
+                        }
+                    }
+                    None => {
+                        for i in 0..c {
+                            dr[i] = dx_of(dyr[i].to_f32(), xr[i], i);
+                        }
+                    }
                 }
             }
         });
