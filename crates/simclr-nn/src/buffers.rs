@@ -9,10 +9,11 @@
 //! next request of about the same size takes them from there: after the first step, a step
 //! takes no new memory (see [`stats`]).
 //!
-//! Memory held: the cache keeps, of each size, as many buffers as the last step freed
-//! ([`end_step`], which the training steps call, frees the others), never more than
-//! [`limit_bytes`] in all, and [`release`] frees everything. Buffers under 128 KiB go straight back to the allocator, whose
-//! own free lists serve them without faults.
+//! Memory held: the cache takes back only buffers it handed out, so it never holds more of a
+//! size than were in use at once; it keeps, of each size, as many buffers as the last step
+//! freed ([`end_step`], which the training steps call, frees the others); never more than
+//! [`limit_bytes`] in all; and [`release`] frees everything. Buffers under 128 KiB go straight
+//! back to the allocator, whose own free lists serve them without faults.
 //!
 //! A buffer taken with [`HostBuffer::uninit`] holds whatever its last user left there: the
 //! operations that take one write every value before anything reads it. [`set_poison`] (or
@@ -280,18 +281,30 @@ fn cache() -> MutexGuard<'static, Cache> {
     CACHE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Half the machine's memory where Linux says how much that is, else 8 GiB.
+/// Half the memory this process may use: the machine's, or its container's limit when lower
+/// (cgroup v2 `memory.max`, or v1 `memory.limit_in_bytes`); 8 GiB where Linux does not say.
 fn default_limit() -> usize {
     static LIMIT: OnceLock<usize> = OnceLock::new();
     *LIMIT.get_or_init(|| {
-        let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let read = |path: &str| std::fs::read_to_string(path).ok();
+        let total = read("/proc/meminfo").and_then(|m| {
             m.lines()
                 .find_map(|l| l.strip_prefix("MemTotal:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+                .map(|kib| kib.saturating_mul(1024))
         });
-        match total_kib {
-            Some(kib) => kib.saturating_mul(1024) / 2,
-            None => 8 << 30,
+        // "max" (no limit) and v1's huge sentinel both leave the machine's figure in charge.
+        let container = [
+            "/sys/fs/cgroup/memory.max",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ]
+        .iter()
+        .filter_map(|p| read(p)?.trim().parse::<usize>().ok())
+        .min();
+        match (total, container) {
+            (Some(t), Some(c)) => t.min(c) / 2,
+            (Some(m), None) | (None, Some(m)) => m / 2,
+            (None, None) => 8 << 30,
         }
     })
 }
@@ -350,7 +363,8 @@ pub fn release() {
 }
 
 /// Caps the bytes the host cache holds, freeing what is over; `0` turns caching off. The
-/// default is half the machine's memory (8 GiB where it cannot be read).
+/// default is half the memory the process may use (the machine's, or its container's limit
+/// when lower; 8 GiB where neither can be read).
 pub fn set_limit(bytes: usize) {
     let freed = {
         let mut c = cache();
