@@ -68,7 +68,11 @@ impl HostBuffer {
 
     /// The values as a `Vec`, which leaves the cache's care.
     pub fn into_vec(mut self) -> Vec<f32> {
-        std::mem::take(&mut self.v)
+        let v = std::mem::take(&mut self.v);
+        if v.capacity() >= MIN_LEN {
+            cache().free.untake(v.capacity());
+        }
+        v
     }
 }
 
@@ -126,7 +130,8 @@ pub struct BufferStats {
 /// cache never holds more of a size than the most that were in use at once: a buffer allocated
 /// elsewhere (a data loader's batch) and given back every step does not pile up, with or
 /// without step ends. A taken buffer counts under the key it was taken as (a miss: the key the
-/// caller allocates, [`FreeLists::miss_key`]).
+/// caller allocates, given to [`FreeLists::take`]); [`FreeLists::untake`] undoes the count of
+/// a buffer that never came back (its allocation failed, or it left the cache's care).
 ///
 /// At the end of a step a list keeps at most as many buffers as the step gave back to it: what
 /// the step freed is what the next one needs after a change of shapes.
@@ -179,6 +184,16 @@ impl<K: Ord + Copy, B> FreeLists<K, B> {
                 self.misses += 1;
                 self.list(miss, bytes).out += 1;
                 None
+            }
+        }
+    }
+
+    /// Forgets a buffer taken under `key` that will not be given back.
+    pub(crate) fn untake(&mut self, key: K) {
+        if let Some(list) = self.lists.get_mut(&key) {
+            list.out = list.out.saturating_sub(1);
+            if list.out == 0 && list.bufs.is_empty() {
+                self.lists.remove(&key);
             }
         }
     }
@@ -351,9 +366,14 @@ fn give(v: Vec<f32>) {
 /// evaluation at another batch size, say) and buffers allocated elsewhere and given back every
 /// step (a data loader's batches) do not pile up. The training steps of this crate call it.
 pub fn end_step() {
+    end_host_step();
+    crate::cuda::end_step_all();
+}
+
+/// [`end_step`] for the host cache only.
+pub(crate) fn end_host_step() {
     let freed = cache().free.end_step();
     drop(freed);
-    crate::cuda::end_step_all();
 }
 
 /// Frees every cached host buffer (tensors in use keep theirs).
@@ -429,6 +449,10 @@ mod tests {
         assert_eq!(f.give(12, "a", 48, 100), Some("a"));
         assert_eq!(f.trim_to(0), vec!["c"]);
         assert_eq!(f.counts().2, 0);
+        // A buffer taken and never given back (its allocation failed): forgotten.
+        assert!(f.take(30..=30, 30, 120).is_none());
+        f.untake(30);
+        assert_eq!(f.give(30, "z", 120, MAX), Some("z"));
     }
 
     #[test]

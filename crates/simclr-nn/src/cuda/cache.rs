@@ -2,9 +2,10 @@
 //!
 //! The buffers of a step are the same every step, so when the last tensor holding one drops,
 //! it goes to its GPU's cache rather than back to the driver, and the next request of that
-//! element type and length takes it: after the first step, a step makes no allocation call at
-//! all (no `cuMemAllocAsync`, and none of the events cudarc creates per allocation), which
-//! [`CudaBackend::buffer_stats`] shows. The buffer keeps its cudarc read and write events, so
+//! element type and length takes it: after the first step, a step makes no allocation call for
+//! its tensors and temporaries (no `cuMemAllocAsync`, and none of the events cudarc creates per
+//! allocation), which [`CudaBackend::buffer_stats`] shows. Max pooling's argmax indices (one
+//! small u32 buffer per pooling layer, the stem's only) still come from the pool. The buffer keeps its cudarc read and write events, so
 //! its next user on another stream (an NCCL all-reduce) still waits for its last one.
 //!
 //! Memory held: [`crate::buffers::end_step`] keeps of each size as many buffers as the step
@@ -21,7 +22,7 @@ use simclr_kernels::cuda::GpuError;
 
 use super::{CudaBackend, CudaBuffer, BACKENDS};
 use crate::buffers::{BufferStats, FreeLists};
-use crate::error::Result;
+use crate::error::{NnError, Result};
 use crate::tensor::{DType, DeviceElem};
 
 /// A cached buffer of either element type.
@@ -67,28 +68,47 @@ impl CudaBackend {
         let key = (T::DTYPE, len);
         let bytes = len * std::mem::size_of::<T>();
         let cached = self.cache.lists().take(key..=key, key, bytes);
-        let mut s = match cached {
-            Some((_, s)) => T::from_device_slice(s).expect("the key holds the element type"),
+        let s = match cached {
+            Some((_, s)) => Ok(T::from_device_slice(s).expect("the key holds the element type")),
             None => match self.gpu.uninit::<T>(len) {
                 Err(e) if out_of_memory(&e) => {
                     // Buffers of other sizes may be what the device lacks: hand them and the
                     // pool's free memory back to the driver, then try once more.
-                    self.free_unused_memory()?;
-                    self.gpu.uninit::<T>(len)?
+                    self.free_unused_memory()
+                        .and_then(|()| Ok(self.gpu.uninit::<T>(len)?))
                 }
-                other => other?,
+                other => other.map_err(NnError::from),
             },
         };
-        if crate::buffers::poisoning() {
-            let stream = self.gpu.stream().clone();
-            let (ptr, _sync) = s.device_ptr_mut(&stream);
-            // SAFETY: `ptr` addresses `bytes` bytes of `s`, which `_sync` keeps borrowed (and
-            // ordered on `stream`) for the call. 0xFF bytes are NaN in f32 and bf16.
-            unsafe { sys::cuMemsetD8Async(ptr, 0xFF, bytes, stream.cu_stream()) }
-                .result()
-                .map_err(GpuError::from)?;
+        let poisoned = s.and_then(|mut s| {
+            if crate::buffers::poisoning() {
+                self.poison(&mut s, bytes)?;
+            }
+            Ok(s)
+        });
+        if poisoned.is_err() {
+            // Never handed out: it will not come back.
+            self.cache.lists().untake(key);
         }
-        Ok(s)
+        poisoned
+    }
+
+    /// Sets every byte of `s` (`bytes` long) to 0xFF: NaN in f32 and bf16.
+    fn poison<T: DeviceElem>(&self, s: &mut CudaSlice<T>, bytes: usize) -> Result<()> {
+        // A buffer from the cache comes without a driver call that would make this device's
+        // context current on this thread.
+        self.gpu
+            .context()
+            .bind_to_thread()
+            .map_err(GpuError::from)?;
+        let stream = self.gpu.stream().clone();
+        let (ptr, _sync) = s.device_ptr_mut(&stream);
+        // SAFETY: `ptr` addresses the `bytes` bytes of `s`, which `_sync` keeps borrowed (and
+        // ordered on `stream`) for the call.
+        unsafe { sys::cuMemsetD8Async(ptr, 0xFF, bytes, stream.cu_stream()) }
+            .result()
+            .map_err(GpuError::from)?;
+        Ok(())
     }
 
     /// A buffer for an operation's own use (a weight cast, a partial sum), from the cache and
@@ -181,7 +201,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn end_step(&self) {
+    /// Ends a step for this device's cache (see [`crate::buffers::end_step`]).
+    pub(crate) fn end_step(&self) {
         // The freed buffers must be released in this device's context. Binding it also reports
         // (and clears) an error an earlier asynchronous free recorded: it is logged rather than
         // lost, and the buffers are kept for the next step.

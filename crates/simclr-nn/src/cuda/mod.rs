@@ -402,8 +402,16 @@ impl<T> std::ops::DerefMut for CudaBuffer<T> {
 impl<T> Drop for CudaBuffer<T> {
     fn drop(&mut self) {
         // Should the cache free the memory, it does so in the thread's current context: make
-        // sure it is this GPU's (a tensor may be dropped on any thread).
-        let _ = self.backend.gpu().context().bind_to_thread();
+        // sure it is this GPU's (a tensor may be dropped on any thread). Binding reports and
+        // clears an error an earlier asynchronous call recorded: log it, and bind again.
+        let ctx = self.backend.gpu().context();
+        if let Err(e) = ctx.bind_to_thread() {
+            tracing::warn!(
+                "cuda:{}: a device error surfaced: {e}",
+                self.backend.ordinal
+            );
+            let _ = ctx.bind_to_thread();
+        }
         // SAFETY: `data` is taken once, here, and never used again.
         let data = unsafe { ManuallyDrop::take(&mut self.data) };
         (self.recycle)(&self.backend, data);

@@ -554,12 +554,15 @@ pub fn train_step_dp(
 ) -> Result<(StepStats, Tensor)> {
     let (l, h) = forward_backward_dp(model, views, loss, dp)?;
     optimizer.step(model, lr)?;
-    // One rank ends the step for the buffer caches: ranks that are threads of one process
-    // share them, and a step end from each, moments apart, would count nothing given back in
-    // between and free what the next step needs. Caches of other processes stay bounded by
-    // their steps' own use (see `crate::buffers`).
+    // Each rank ends the step for its own GPU's buffer cache, and one rank for the host's:
+    // ranks that are threads of one process share it, and a step end from each, moments apart,
+    // would count nothing given back in between and free what the next step needs. The host
+    // caches of other processes stay bounded by their steps' own use (see `crate::buffers`).
+    if let crate::Device::Cuda(i) = views.device() {
+        crate::cuda::CudaBackend::get(i)?.end_step();
+    }
     if dp.comm.rank() == 0 {
-        crate::buffers::end_step();
+        crate::buffers::end_host_step();
     }
     Ok((StepStats { loss: l, lr }, h))
 }
