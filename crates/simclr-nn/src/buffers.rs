@@ -41,9 +41,8 @@ impl HostBuffer {
     /// `len` values, unspecified (left over from an earlier use, or NaN when poisoning): the
     /// caller writes every one before reading it.
     pub fn uninit(len: usize) -> HostBuffer {
-        let fill = if poisoning() { f32::NAN } else { 0.0 };
-        let mut v = take(len, fill);
-        if fill.is_nan() {
+        let mut v = take(len, 0.0);
+        if poisoning() {
             v.fill(f32::NAN);
         }
         HostBuffer { v }
@@ -61,7 +60,8 @@ impl HostBuffer {
         HostBuffer { v }
     }
 
-    /// Takes `v` over; it goes to the cache when dropped like any other buffer.
+    /// Takes `v` over. Allocated elsewhere, it is freed when dropped: the cache takes back only
+    /// buffers it handed out.
     pub fn from_vec(v: Vec<f32>) -> HostBuffer {
         HostBuffer { v }
     }
@@ -112,9 +112,9 @@ impl std::fmt::Debug for HostBuffer {
 /// What the cache has done since the process started (counts), and what it holds now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BufferStats {
-    /// Requests of cached size (128 KiB or more) served from the cache.
+    /// Requests served from the cache (on the host, of those of 128 KiB or more).
     pub hits: u64,
-    /// Requests of cached size that found nothing to reuse and allocated.
+    /// Requests that found nothing to reuse and allocated.
     pub misses: u64,
     /// Bytes the cache holds now, in buffers no tensor uses.
     pub cached_bytes: usize,
@@ -347,7 +347,8 @@ fn take(len: usize, fill: f32) -> Vec<f32> {
     }
 }
 
-/// Keeps `v` for a later [`take`], unless it is small or the cache is full.
+/// Keeps `v` for a later [`take`], unless it is small, was not handed out by the cache, or the
+/// cache is full.
 fn give(v: Vec<f32>) {
     let cap = v.capacity();
     if cap < MIN_LEN {
@@ -363,8 +364,7 @@ fn give(v: Vec<f32>) {
 
 /// Ends a training step, here and on every GPU in use: the cache keeps, of each size, at most
 /// as many buffers as the step freed, so that memory follows the current shapes (after an
-/// evaluation at another batch size, say) and buffers allocated elsewhere and given back every
-/// step (a data loader's batches) do not pile up. The training steps of this crate call it.
+/// evaluation at another batch size, say). The training steps of this crate call it.
 pub fn end_step() {
     end_host_step();
     crate::cuda::end_step_all();

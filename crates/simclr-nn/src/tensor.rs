@@ -26,7 +26,7 @@ use simclr_kernels::cuda::GpuError;
 use simclr_kernels::Elem;
 
 use crate::buffers::HostBuffer;
-use crate::cuda::{CudaBackend, CudaBuffer};
+use crate::cuda::{CudaBackend, CudaBuffer, DeviceSlice};
 use crate::error::{NnError, Result};
 
 /// The element type of a tensor's values.
@@ -51,7 +51,7 @@ impl fmt::Display for DType {
 }
 
 /// An element type a CUDA tensor can hold, with the storage variant that holds it.
-pub(crate) trait DeviceElem: Elem + crate::cuda::Cached {
+pub(crate) trait DeviceElem: Elem {
     /// This type's [`DType`].
     const DTYPE: DType;
     /// The buffer of `s` when it holds this type on a GPU.
@@ -60,6 +60,10 @@ pub(crate) trait DeviceElem: Elem + crate::cuda::Cached {
     fn buffer_mut(s: &mut Storage) -> Option<&mut Arc<CudaBuffer<Self>>>;
     /// The storage over `b`.
     fn storage(b: Arc<CudaBuffer<Self>>) -> Storage;
+    /// `s` as a buffer of a GPU's cache.
+    fn into_device_slice(s: CudaSlice<Self>) -> DeviceSlice;
+    /// The slice, when the cache's buffer `s` holds this type.
+    fn from_device_slice(s: DeviceSlice) -> Option<CudaSlice<Self>>;
 }
 
 impl DeviceElem for f32 {
@@ -79,6 +83,15 @@ impl DeviceElem for f32 {
     fn storage(b: Arc<CudaBuffer<f32>>) -> Storage {
         Storage::Cuda(b)
     }
+    fn into_device_slice(s: CudaSlice<f32>) -> DeviceSlice {
+        DeviceSlice::F32(s)
+    }
+    fn from_device_slice(s: DeviceSlice) -> Option<CudaSlice<f32>> {
+        match s {
+            DeviceSlice::F32(s) => Some(s),
+            DeviceSlice::Bf16(_) => None,
+        }
+    }
 }
 
 impl DeviceElem for bf16 {
@@ -97,6 +110,15 @@ impl DeviceElem for bf16 {
     }
     fn storage(b: Arc<CudaBuffer<bf16>>) -> Storage {
         Storage::CudaBf16(b)
+    }
+    fn into_device_slice(s: CudaSlice<bf16>) -> DeviceSlice {
+        DeviceSlice::Bf16(s)
+    }
+    fn from_device_slice(s: DeviceSlice) -> Option<CudaSlice<bf16>> {
+        match s {
+            DeviceSlice::Bf16(s) => Some(s),
+            DeviceSlice::F32(_) => None,
+        }
     }
 }
 
@@ -223,7 +245,7 @@ impl Tensor {
                 let data = if value == 0.0 {
                     backend.zeros(n)?
                 } else {
-                    backend.gpu().upload(&vec![value; n.max(1)])?
+                    backend.upload(&vec![value; n])?
                 };
                 Ok(Tensor::from_cuda(shape, backend, data))
             }
@@ -329,15 +351,7 @@ impl Tensor {
                 let backend = CudaBackend::get(i)?;
                 // Into a cached buffer: a training loop uploads a batch of the same size every
                 // step.
-                let mut data = backend.uninit::<f32>(host.len())?;
-                if !host.is_empty() {
-                    let mut view = data.slice_mut(0..host.len());
-                    backend
-                        .gpu()
-                        .stream()
-                        .memcpy_htod(&host, &mut view)
-                        .map_err(GpuError::from)?;
-                }
+                let data = backend.upload(&host)?;
                 Ok(Tensor::from_cuda(&self.shape, backend, data))
             }
         }

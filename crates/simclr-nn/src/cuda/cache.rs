@@ -5,13 +5,13 @@
 //! element type and length takes it: after the first step, a step makes no allocation call for
 //! its tensors and temporaries (no `cuMemAllocAsync`, and none of the events cudarc creates per
 //! allocation), which [`CudaBackend::buffer_stats`] shows. Max pooling's argmax indices (one
-//! small u32 buffer per pooling layer, the stem's only) still come from the pool. The buffer keeps its cudarc read and write events, so
-//! its next user on another stream (an NCCL all-reduce) still waits for its last one.
+//! small u32 buffer per pooling layer, the stem's only) still come from the pool. A buffer
+//! keeps its cudarc read and write events, so its next user on another stream (an NCCL
+//! all-reduce) still waits for its last one.
 //!
-//! Memory held: [`crate::buffers::end_step`] keeps of each size as many buffers as the step
-//! freed, an allocation
-//! the device cannot serve frees the whole cache and tries again, and
-//! [`CudaBackend::set_buffer_limit`] caps it.
+//! Memory held: the cache takes back only buffers it handed out; [`crate::buffers::end_step`]
+//! keeps of each size as many buffers as the step freed; an allocation the device cannot serve
+//! frees the whole cache and tries again; and [`CudaBackend::set_buffer_limit`] caps it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -125,20 +125,25 @@ impl CudaBackend {
         Ok(CudaBuffer::new(self.clone(), self.zeros_of::<T>(len)?))
     }
 
-    /// `v` in a [`CudaBackend::scratch`] buffer.
-    pub(crate) fn upload_scratch<T: DeviceElem>(
-        self: &Arc<Self>,
-        v: &[T],
-    ) -> Result<CudaBuffer<T>> {
-        let mut b = self.scratch::<T>(v.len())?;
+    /// `v` (at least one value's room) in a buffer from the cache.
+    pub(crate) fn upload<T: DeviceElem>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        let mut s = self.uninit::<T>(v.len())?;
         if !v.is_empty() {
-            let mut view = b.slice_mut(0..v.len());
+            let mut view = s.slice_mut(0..v.len());
             self.gpu
                 .stream()
                 .memcpy_htod(v, &mut view)
                 .map_err(GpuError::from)?;
         }
-        Ok(b)
+        Ok(s)
+    }
+
+    /// [`CudaBackend::upload`] into a [`CudaBackend::scratch`] buffer.
+    pub(crate) fn upload_scratch<T: DeviceElem>(
+        self: &Arc<Self>,
+        v: &[T],
+    ) -> Result<CudaBuffer<T>> {
+        Ok(CudaBuffer::new(self.clone(), self.upload(v)?))
     }
 
     /// A zeroed buffer of `len` `T`s (at least one).
@@ -178,13 +183,7 @@ impl CudaBackend {
     /// Frees every cached buffer of this device (to its memory pool; [`CudaBackend::trim_pool`]
     /// hands the pool's back to the driver).
     pub fn release_buffers(&self) -> Result<()> {
-        self.gpu
-            .context()
-            .bind_to_thread()
-            .map_err(GpuError::from)?;
-        let freed = self.cache.lists().trim_to(0);
-        drop(freed);
-        Ok(())
+        self.trim_cache(0)
     }
 
     /// Caps the bytes this device's cache holds, freeing what is over; `0` turns it off.
@@ -192,6 +191,11 @@ impl CudaBackend {
     /// fit frees the cache first.
     pub fn set_buffer_limit(&self, bytes: usize) -> Result<()> {
         self.cache.limit.store(bytes, Ordering::Relaxed);
+        self.trim_cache(bytes)
+    }
+
+    /// Frees cached buffers until at most `bytes` are held, in this device's context.
+    fn trim_cache(&self, bytes: usize) -> Result<()> {
         self.gpu
             .context()
             .bind_to_thread()
@@ -231,37 +235,5 @@ pub(crate) fn end_step_all() {
         .collect();
     for b in backends {
         b.end_step();
-    }
-}
-
-/// What [`DeviceSlice`] holds for each element type.
-pub(crate) trait Cached: Sized {
-    /// The type's variant.
-    fn into_device_slice(s: CudaSlice<Self>) -> DeviceSlice;
-    /// The slice, when `s` holds this type.
-    fn from_device_slice(s: DeviceSlice) -> Option<CudaSlice<Self>>;
-}
-
-impl Cached for f32 {
-    fn into_device_slice(s: CudaSlice<f32>) -> DeviceSlice {
-        DeviceSlice::F32(s)
-    }
-    fn from_device_slice(s: DeviceSlice) -> Option<CudaSlice<f32>> {
-        match s {
-            DeviceSlice::F32(s) => Some(s),
-            DeviceSlice::Bf16(_) => None,
-        }
-    }
-}
-
-impl Cached for bf16 {
-    fn into_device_slice(s: CudaSlice<bf16>) -> DeviceSlice {
-        DeviceSlice::Bf16(s)
-    }
-    fn from_device_slice(s: DeviceSlice) -> Option<CudaSlice<bf16>> {
-        match s {
-            DeviceSlice::Bf16(s) => Some(s),
-            DeviceSlice::F32(_) => None,
-        }
     }
 }

@@ -22,7 +22,7 @@ use simclr_kernels::cuda::cudarc::driver::CudaSlice;
 use simclr_kernels::cuda::ntxent::{NtXentGpu, Precision as LossPrecision};
 use simclr_kernels::cuda::{Gpu, GpuError};
 
-pub(crate) use cache::{end_step_all, Cached};
+pub(crate) use cache::{end_step_all, DeviceSlice};
 
 use crate::error::{NnError, Result};
 use crate::tensor::DeviceElem;
