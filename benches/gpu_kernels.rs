@@ -323,7 +323,7 @@ fn maxpool_case<T: Elem>(
     let mut ad = gpu.zeros::<u32>(nout)?;
     let bytes = (nin * T::BYTES + nout * (T::BYTES + 4)) as f64;
     let s = time(gpu, reps, 10, || {
-        l::maxpool_forward(gpu, &xd, g, &mut yd, &mut ad)
+        l::maxpool_forward(gpu, &xd, g, &mut yd, &mut ad.as_view_mut())
     })?;
     r.add(
         &format!("layout/maxpool-fwd-{}/{name}", T::SUFFIX),
@@ -331,7 +331,7 @@ fn maxpool_case<T: Elem>(
     );
     let mut dxd = gpu.zeros::<T>(nin)?;
     let s = time(gpu, reps, 10, || {
-        l::maxpool_backward(gpu, &yd, &ad, g, &mut dxd)
+        l::maxpool_backward(gpu, &yd, &ad.as_view(), g, &mut dxd)
     })?;
     r.add(
         &format!("layout/maxpool-bwd-{}/{name}", T::SUFFIX),

@@ -5,6 +5,7 @@
 use std::sync::{Mutex, MutexGuard};
 
 use simclr::nn::buffers::{self, HostBuffer};
+use simclr::nn::ops;
 use simclr::nn::{Device, HeadConfig, ResNetConfig, Sgd, SimClr, SimClrConfig, Stem, Tensor};
 
 static TURN: Mutex<()> = Mutex::new(());
@@ -149,4 +150,38 @@ fn steps_keep_what_they_freed_and_the_limit_bounds_the_rest() {
     buffers::set_limit(usize::MAX);
     buffers::release();
     assert_eq!(buffers::stats().cached_bytes, 0);
+}
+
+#[test]
+fn max_pooling_indices_come_from_the_cache_and_survive_reuse() {
+    let _t = turn();
+    buffers::set_limit(usize::MAX);
+    buffers::release();
+    // An ImageNet stem's pooling at a size the cache keeps: 64K outputs and as many indices.
+    let shape = [2, 64, 64, 32];
+    let n: usize = shape.iter().product();
+    let x = Tensor::from_vec(&shape, (0..n).map(|i| ((i * 7919) % 1013) as f32).collect()).unwrap();
+    let (y, arg) = ops::max_pool(&x, 3, 2, 1).unwrap();
+    let (want_y, want_arg) = (y.to_vec(), arg.to_vec().unwrap());
+    assert_eq!(want_y.len(), 2 * 32 * 32 * 32);
+    drop((y, arg));
+    // Stale indices in the reused buffer would show: the pool of another input differs.
+    let other = Tensor::from_vec(&shape, (0..n).map(|i| (n - i) as f32).collect()).unwrap();
+    drop(ops::max_pool(&other, 3, 2, 1).unwrap());
+    let before = buffers::stats();
+    let (y, arg) = ops::max_pool(&x, 3, 2, 1).unwrap();
+    let after = buffers::stats();
+    assert_eq!(
+        (after.hits, after.misses),
+        (before.hits + 2, before.misses),
+        "the output and its indices reused cached buffers"
+    );
+    assert_eq!(y.to_vec(), want_y);
+    assert_eq!(arg.to_vec().unwrap(), want_arg);
+    let dx = ops::max_pool_backward(&y, &arg, &shape, 3, 2, 1).unwrap();
+    // Every output's gradient lands on its window's maximum: the sums agree.
+    let total: f64 = dx.to_vec().iter().map(|&v| v as f64).sum();
+    let want: f64 = want_y.iter().map(|&v| v as f64).sum();
+    assert_eq!(total, want);
+    buffers::release();
 }

@@ -418,7 +418,7 @@ fn gpu_bf16_activation_kernels_match_cpu_twins() {
     let pxd = gpu.upload(&px).unwrap();
     let mut pyd = gpu.zeros::<bf16>(out).unwrap();
     let mut pad = gpu.zeros::<u32>(out).unwrap();
-    layout::maxpool_forward(&gpu, &pxd, &g, &mut pyd, &mut pad).unwrap();
+    layout::maxpool_forward(&gpu, &pxd, &g, &mut pyd, &mut pad.as_view_mut()).unwrap();
     assert_eq!(gpu.download(&pyd).unwrap(), py, "max pool");
     assert_eq!(gpu.download(&pad).unwrap(), parg, "max pool indices");
     let pdy = to_bf16(&rng.vec(out));
@@ -426,7 +426,7 @@ fn gpu_bf16_activation_kernels_match_cpu_twins() {
     cpu::pooling::maxpool_backward(&pdy, &parg, &g, &mut pdx);
     let pdyd = gpu.upload(&pdy).unwrap();
     let mut pdxd = gpu.zeros::<bf16>(px.len()).unwrap();
-    layout::maxpool_backward(&gpu, &pdyd, &pad, &g, &mut pdxd).unwrap();
+    layout::maxpool_backward(&gpu, &pdyd, &pad.as_view(), &g, &mut pdxd).unwrap();
     assert_eq!(gpu.download(&pdxd).unwrap(), pdx, "max pool backward");
 
     // Batch norm with a fused ReLU: f64 statistics of the widened values on both sides (summed
@@ -750,7 +750,7 @@ fn gpu_maxpool_permutes_and_bias_match_cpu_twins() {
         let xd = gpu.upload(&x).unwrap();
         let mut yd = gpu.zeros::<f32>(out).unwrap();
         let mut ad = gpu.zeros::<u32>(out).unwrap();
-        layout::maxpool_forward(&gpu, &xd, &g, &mut yd, &mut ad).unwrap();
+        layout::maxpool_forward(&gpu, &xd, &g, &mut yd, &mut ad.as_view_mut()).unwrap();
         assert_eq!(gpu.download(&yd).unwrap(), y, "{g:?}");
         assert_eq!(gpu.download(&ad).unwrap(), arg, "{g:?}");
         let dy = rng.vec(out);
@@ -758,7 +758,7 @@ fn gpu_maxpool_permutes_and_bias_match_cpu_twins() {
         cpu::pooling::maxpool_backward(&dy, &arg, &g, &mut dx);
         let dyd = gpu.upload(&dy).unwrap();
         let mut dxd = gpu.zeros::<f32>(x.len()).unwrap();
-        layout::maxpool_backward(&gpu, &dyd, &ad, &g, &mut dxd).unwrap();
+        layout::maxpool_backward(&gpu, &dyd, &ad.as_view(), &g, &mut dxd).unwrap();
         // Same contributions in the same order: the same bits.
         assert_eq!(gpu.download(&dxd).unwrap(), dx, "{g:?}");
     }

@@ -249,21 +249,24 @@ pub fn add_relu_(a: &mut Tensor, b: &Tensor) -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct PoolIndices(Indices);
 
+///
+/// The u32 indices live in the bits of an f32 buffer, so that they come from the buffer caches
+/// (see [`crate::buffers`]) like a tensor's values: a steady-state step allocates nothing.
 #[derive(Clone, Debug)]
 enum Indices {
-    Host(Vec<u32>),
-    Cuda(std::sync::Arc<simclr_kernels::cuda::cudarc::driver::CudaSlice<u32>>),
+    Host(std::sync::Arc<HostBuffer>),
+    Cuda(std::sync::Arc<crate::cuda::CudaBuffer<f32>>),
 }
 
 impl PoolIndices {
     /// The indices copied to the host.
     pub fn to_vec(&self) -> Result<Vec<u32>> {
         match &self.0 {
-            Indices::Host(v) => Ok(v.clone()),
+            Indices::Host(v) => Ok(bytemuck::cast_slice::<f32, u32>(&v[..]).to_vec()),
             Indices::Cuda(s) => {
                 let stream = s.stream().clone();
                 Ok(stream
-                    .clone_dtoh(s.as_ref())
+                    .clone_dtoh(&gpu::indices(s))
                     .map_err(simclr_kernels::cuda::GpuError::from)?)
             }
         }
@@ -300,11 +303,16 @@ pub fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<(Tens
         return Ok((y, PoolIndices(Indices::Cuda(std::sync::Arc::new(arg)))));
     }
     let n_out = g.n * g.oh() * g.ow() * g.c;
-    let (mut y, mut arg) = (uninit(n_out), vec![0u32; n_out]);
-    cpu::pool::maxpool_forward(x.as_slice()?, &g, &mut y, &mut arg);
+    let (mut y, mut arg) = (uninit(n_out), HostBuffer::uninit(n_out));
+    cpu::pool::maxpool_forward(
+        x.as_slice()?,
+        &g,
+        &mut y,
+        bytemuck::cast_slice_mut(&mut arg[..]),
+    );
     Ok((
         out(&[g.n, g.oh(), g.ow(), g.c], x.device(), y)?,
-        PoolIndices(Indices::Host(arg)),
+        PoolIndices(Indices::Host(std::sync::Arc::new(arg))),
     ))
 }
 
@@ -329,7 +337,7 @@ pub fn max_pool_backward(
     dy.expect_shape("max_pool_backward", &[g.n, g.oh(), g.ow(), g.c])?;
     let arg = match (&arg.0, dy.device()) {
         (Indices::Cuda(a), Device::Cuda(_)) => return gpu::max_pool_backward(dy, a, &g),
-        (Indices::Host(a), Device::Cpu) => a,
+        (Indices::Host(a), Device::Cpu) => bytemuck::cast_slice::<f32, u32>(&a[..]),
         _ => {
             return Err(NnError::Device {
                 op: "max_pool_backward (indices)",

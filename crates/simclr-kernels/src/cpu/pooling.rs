@@ -53,6 +53,8 @@ pub fn maxpool_forward<T: Elem>(x: &[T], g: &PoolGeom, y: &mut [T], arg: &mut [u
                     let yo = &mut yi[(oy * ow + ox) * c..][..c];
                     let ao = &mut ai[(oy * ow + ox) * c..][..c];
                     yo.fill(T::from_f32(f32::NEG_INFINITY));
+                    // A window of -inf only keeps index 0, as the GPU kernel does.
+                    ao.fill(0);
                     for ky in 0..g.k {
                         let iy = (oy * g.stride + ky) as isize - g.pad as isize;
                         if iy < 0 || iy >= g.h as isize {

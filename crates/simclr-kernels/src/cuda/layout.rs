@@ -2,7 +2,7 @@
 //! twins of [`crate::cpu::pooling`]'s max pooling and of [`crate::cpu::eltwise`]'s
 //! `nchw_to_nhwc`, `nhwc_to_nchw`, `broadcast_rows` and `column_sums`.
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
 use super::train::{elem_kernel, grid_for, same_len};
 use super::{ensure, int, Gpu, GpuError, Module};
@@ -35,13 +35,14 @@ fn pool_args(g: &PoolGeom) -> Result<[i32; 9], GpuError> {
     ])
 }
 
-/// Max pooling forward of NHWC `x`; `arg` gets the flat input index of each maximum.
+/// Max pooling forward of NHWC `x`; `arg` gets the flat input index of each maximum (a view,
+/// so that callers may keep the indices in a buffer of another element type).
 pub fn maxpool_forward<T: Elem>(
     gpu: &Gpu,
     x: &CudaSlice<T>,
     g: &PoolGeom,
     y: &mut CudaSlice<T>,
-    arg: &mut CudaSlice<u32>,
+    arg: &mut CudaViewMut<'_, u32>,
 ) -> Result<(), GpuError> {
     let a = pool_args(g)?;
     let out = g.n * g.oh() * g.ow() * g.c;
@@ -66,7 +67,7 @@ pub fn maxpool_forward<T: Elem>(
 pub fn maxpool_backward<T: Elem>(
     gpu: &Gpu,
     dy: &CudaSlice<T>,
-    arg: &CudaSlice<u32>,
+    arg: &CudaView<'_, u32>,
     g: &PoolGeom,
     dx: &mut CudaSlice<T>,
 ) -> Result<(), GpuError> {

@@ -4,10 +4,10 @@
 //! it goes to its GPU's cache rather than back to the driver, and the next request of that
 //! element type and length takes it: after the first step, a step makes no allocation call for
 //! its tensors and temporaries (no `cuMemAllocAsync`, and none of the events cudarc creates per
-//! allocation), which [`CudaBackend::buffer_stats`] shows. Max pooling's argmax indices (one
-//! small u32 buffer per pooling layer, the stem's only) still come from the pool. A buffer
-//! keeps its cudarc read and write events, so its next user on another stream (an NCCL
-//! all-reduce) still waits for its last one.
+//! allocation), which [`CudaBackend::buffer_stats`] shows. Max pooling keeps its u32 indices in
+//! an f32 buffer's bits so that they come from here too. A buffer keeps its cudarc read and
+//! write events, so its next user on another stream (an NCCL all-reduce) still waits for its
+//! last one.
 //!
 //! Memory held: the cache takes back only buffers it handed out; [`crate::buffers::end_step`]
 //! keeps of each size as many buffers as the step freed; an allocation the device cannot serve

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use half::bf16;
 use simclr_kernels::cpu::pooling::PoolGeom;
-use simclr_kernels::cuda::cudarc::driver::CudaSlice;
+use simclr_kernels::cuda::cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use simclr_kernels::cuda::train::{self as k, BatchNormGpu, BnParams, BnSaved};
 use simclr_kernels::cuda::{layout, GpuError};
 
@@ -294,27 +294,47 @@ fn add_of<T: DeviceElem>(a: &mut Tensor, x: &Tensor, relu: bool) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn max_pool(x: &Tensor, g: &PoolGeom) -> Result<(Tensor, CudaSlice<u32>)> {
-    fn go<T: DeviceElem>(x: &Tensor, g: &PoolGeom) -> Result<(Tensor, CudaSlice<u32>)> {
+/// Max pooling; the indices are u32 kept in the bits of an f32 buffer, so that they come from
+/// the device's cache like every other buffer of a step.
+pub(crate) fn max_pool(x: &Tensor, g: &PoolGeom) -> Result<(Tensor, CudaBuffer<f32>)> {
+    fn go<T: DeviceElem>(x: &Tensor, g: &PoolGeom) -> Result<(Tensor, CudaBuffer<f32>)> {
         let (b, xs) = dev_of::<T>(x)?;
         let shape = [g.n, g.oh(), g.ow(), g.c];
+        let n_out = shape.iter().product();
         let mut y = new_of::<T>(b, &shape)?;
-        let mut arg = b.gpu().uninit::<u32>(shape.iter().product())?;
-        layout::maxpool_forward(b.gpu(), xs, g, &mut y, &mut arg)?;
+        let mut arg = b.scratch::<f32>(n_out)?;
+        layout::maxpool_forward(b.gpu(), xs, g, &mut y, &mut indices_mut(&mut arg))?;
         Ok((wrap_of(b, &shape, y), arg))
     }
     by_dtype!(x.dtype(), go(x, g))
 }
 
-pub(crate) fn max_pool_backward(dy: &Tensor, arg: &CudaSlice<u32>, g: &PoolGeom) -> Result<Tensor> {
-    fn go<T: DeviceElem>(dy: &Tensor, arg: &CudaSlice<u32>, g: &PoolGeom) -> Result<Tensor> {
+/// Max pooling backward, from the indices [`max_pool`] returned.
+pub(crate) fn max_pool_backward(
+    dy: &Tensor,
+    arg: &CudaBuffer<f32>,
+    g: &PoolGeom,
+) -> Result<Tensor> {
+    fn go<T: DeviceElem>(dy: &Tensor, arg: &CudaBuffer<f32>, g: &PoolGeom) -> Result<Tensor> {
         let (b, dys) = dev_of::<T>(dy)?;
         let shape = [g.n, g.h, g.w, g.c];
         let mut dx = new_of::<T>(b, &shape)?;
-        layout::maxpool_backward(b.gpu(), dys, arg, g, &mut dx)?;
+        layout::maxpool_backward(b.gpu(), dys, &indices(arg), g, &mut dx)?;
         Ok(wrap_of(b, &shape, dx))
     }
     by_dtype!(dy.dtype(), go(dy, arg, g))
+}
+
+/// The u32 indices held in `arg`'s bits.
+pub(crate) fn indices(arg: &CudaBuffer<f32>) -> CudaView<'_, u32> {
+    // SAFETY: u32 and f32 have the same size, and every bit pattern is a valid u32.
+    unsafe { arg.transmute::<u32>(arg.len()) }.expect("u32 is as large as f32")
+}
+
+fn indices_mut(arg: &mut CudaBuffer<f32>) -> CudaViewMut<'_, u32> {
+    let len = arg.len();
+    // SAFETY: as in `indices`.
+    unsafe { arg.transmute_mut::<u32>(len) }.expect("u32 is as large as f32")
 }
 
 /// The pooled features are f32 whatever the activations' type.
