@@ -2,6 +2,12 @@
 # Runs on the GPU machine (no Rust, no network): every GPU test, the kernel benchmarks and the
 # PyTorch comparison on the same GPU. Made by `cargo xtask gpu-check`; run as
 #   bash gpu-check/run.sh            (results under $OUT, or gpu-check/out)
+# SECTIONS picks what runs, in this order (default: all but torch-compile):
+#   tests step torch-step kernels torch-kernels torch-compile
+# e.g. SECTIONS="step torch-compile" for a second call that sets our step beside PyTorch's
+# torch.compile step.
+# QUICK=1 shrinks the benchmarks. The device tool brings back at most 8 files from $OUT, so
+# everything goes to 7: log.txt, tests.txt and the five JSON results.
 set -u -o pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-$HERE/out}"
@@ -33,11 +39,16 @@ export NCCL_RUNTIME_CONNECT="${NCCL_RUNTIME_CONNECT:-0}"
 SIMCLR_REPO_ROOT="$(cd "$HERE/.." && pwd)"
 export SIMCLR_REPO_ROOT
 
+SECTIONS="${SECTIONS:-tests step torch-step kernels torch-kernels}"
+want() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+LOG="$OUT/log.txt"
+
 {
   echo "== machine"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-} | tee "$OUT/machine.txt"
+  echo "SECTIONS=$SECTIONS"
+} | tee -a "$LOG"
 
 status=0
 # One device call may run 600 s: every section gets what is left of BUDGET seconds (the most
@@ -56,40 +67,59 @@ section() {  # section LOG WANT CMD...: runs CMD under the capped timeout, appen
   fi
   timeout "$t" "$@" 2>&1 | tee -a "$log"
 }
+header() { echo "== $1" | tee -a "$LOG"; }
 
-# Every buffer an operation takes starts as NaN (host and device), so an output value a kernel
-# leaves unwritten shows rather than passing on stale, plausible values. Not for the benchmarks.
-export SIMCLR_POISON_BUFFERS=1
-for t in "$HERE"/bin/test-*; do
-  name=$(basename "$t")
-  echo "== $name" | tee -a "$OUT/tests.txt"
-  if ! section "$OUT/tests.txt" 240 "$t" --test-threads 1 --nocapture; then
-    echo "FAILED: $name" | tee -a "$OUT/tests.txt"
-    status=1
-  fi
-done
+if want tests; then
+  # Every buffer an operation takes starts as NaN (host and device), so an output value a
+  # kernel leaves unwritten shows rather than passing on stale, plausible values. Not for the
+  # benchmarks.
+  export SIMCLR_POISON_BUFFERS=1
+  for t in "$HERE"/bin/test-*; do
+    name=$(basename "$t")
+    echo "== $name" | tee -a "$OUT/tests.txt"
+    if ! section "$OUT/tests.txt" 240 "$t" --test-threads 1 --nocapture; then
+      echo "FAILED: $name" | tee -a "$OUT/tests.txt"
+      status=1
+    fi
+  done
+  # The verdicts in the log too: tests.txt is long.
+  grep -E "^== test-|^test result:|^FAILED|panicked|^skipped" "$OUT/tests.txt" >> "$LOG"
+  unset SIMCLR_POISON_BUFFERS
+fi
 
-unset SIMCLR_POISON_BUFFERS
+if want step; then
+  header "training step on the CUDA backend"
+  section "$LOG" 240 "$HERE/bin/bench-gpu_train_step" --json "$OUT/step.json" ${QUICK:+--quick} || status=1
+fi
 
-echo "== training step on the CUDA backend" | tee "$OUT/step.txt"
-section "$OUT/step.txt" 240 "$HERE/bin/bench-gpu_train_step" --json "$OUT/step.json" ${QUICK:+--quick} || status=1
-
-if [ -f "$HERE/torch_gpu_baseline.py" ]; then
-  echo "== PyTorch training step on the same GPU (no torch.compile)" | tee "$OUT/torch_step.txt"
-  section "$OUT/torch_step.txt" 240 "$PY" "$HERE/torch_gpu_baseline.py" --only step --no-compile \
+if want torch-step && [ -f "$HERE/torch_gpu_baseline.py" ]; then
+  header "PyTorch training step on the same GPU (eager)"
+  section "$LOG" 240 "$PY" "$HERE/torch_gpu_baseline.py" --only step --no-compile \
     --section-timeout "$(cap 200)" ${QUICK:+--quick} --json "$OUT/torch_step.json" || status=1
 fi
 
-if [ -f "$OUT/step.json" ] && [ -f "$OUT/torch_step.json" ]; then
-  echo "== training step: ours / PyTorch" | tee "$OUT/step_ratio.txt"
-  "$PY" "$HERE/step_ratio.py" "$OUT/step.json" "$OUT/torch_step.json" 2>&1 | tee -a "$OUT/step_ratio.txt"
+if want torch-compile && [ -f "$HERE/torch_gpu_baseline.py" ]; then
+  header "PyTorch training step on the same GPU (eager and torch.compile)"
+  section "$LOG" 400 "$PY" "$HERE/torch_gpu_baseline.py" --only step \
+    --section-timeout "$(cap 380)" ${QUICK:+--quick} --json "$OUT/torch_compile.json" || status=1
 fi
 
-echo "== kernel benchmarks" | tee "$OUT/bench.txt"
-section "$OUT/bench.txt" 180 "$HERE/bin/bench-gpu_kernels" --json "$OUT/gpu_kernels.json" ${QUICK:+--quick} || status=1
+if [ -f "$OUT/step.json" ] && { [ -f "$OUT/torch_step.json" ] || [ -f "$OUT/torch_compile.json" ]; }; then
+  header "training step: ours / PyTorch"
+  theirs=()
+  for f in "$OUT/torch_step.json" "$OUT/torch_compile.json"; do [ -f "$f" ] && theirs+=("$f"); done
+  "$PY" "$HERE/step_ratio.py" "$OUT/step.json" "${theirs[@]}" 2>&1 | tee -a "$LOG"
+fi
 
-echo "== PyTorch on the same GPU" | tee "$OUT/torch.txt"
-section "$OUT/torch.txt" 180 "$PY" "$HERE/torch_gpu_compare.py" ${QUICK:+--quick} --json "$OUT/torch.json" --ours "$OUT/gpu_kernels.json" || status=1
+if want kernels; then
+  header "kernel benchmarks"
+  section "$LOG" 180 "$HERE/bin/bench-gpu_kernels" --json "$OUT/gpu_kernels.json" ${QUICK:+--quick} || status=1
+fi
 
-echo "== done in $(( $(date +%s) - START )) s, status $status"
+if want torch-kernels; then
+  header "PyTorch kernels on the same GPU"
+  section "$LOG" 180 "$PY" "$HERE/torch_gpu_compare.py" ${QUICK:+--quick} --json "$OUT/torch.json" --ours "$OUT/gpu_kernels.json" || status=1
+fi
+
+header "done in $(( $(date +%s) - START )) s, status $status"
 exit $status
