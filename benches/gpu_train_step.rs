@@ -70,7 +70,7 @@ fn run(
         loss = simclr::nn::train_step(&mut model, &x, opt.as_mut(), 1e-3, c.temperature)?.loss;
     }
     backend.synchronize()?;
-    let (before, cache_before) = (backend.pool_stats()?, backend.buffer_stats());
+    let (before, allocs_before) = (backend.pool_stats()?, backend.gpu().allocations());
     let mut times = Vec::new();
     for _ in 0..timed {
         let s = Instant::now();
@@ -78,13 +78,14 @@ fn run(
         backend.synchronize()?;
         times.push(s.elapsed().as_secs_f64());
     }
-    let (after, cache_after) = (backend.pool_stats()?, backend.buffer_stats());
+    let (after, allocs_after) = (backend.pool_stats()?, backend.gpu().allocations());
     times.sort_by(|a, b| a.total_cmp(b));
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let memory = Memory {
         peak_mib: mib(after.reserved_peak),
         growth_mib: mib(after.reserved.saturating_sub(before.reserved)),
-        allocations: cache_after.misses - cache_before.misses,
+        // Every device allocation, cache misses and the kernels' own workspaces alike.
+        allocations: allocs_after - allocs_before,
     };
     Ok((c.batch as f64 / times[times.len() / 2], loss, memory))
 }

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use simclr_data::{Batch, BatchData};
 use simclr_kernels::cuda::augment::{AugOutput, AugmentGpu, Layout};
+use simclr_kernels::cuda::cudarc::driver::CudaSlice;
+use simclr_kernels::cuda::GpuError;
 use simclr_nn::cuda::CudaBackend;
 use simclr_nn::{Device, NnError, Tensor};
 
@@ -13,8 +15,8 @@ use crate::error::{CliError, Result};
 /// The colour stage on one GPU, its buffers sized for the largest batch so far.
 pub struct GpuAugment {
     backend: Arc<CudaBackend>,
-    /// The buffers and the (views, height, width) they were made for.
-    stage: Option<(AugmentGpu, [usize; 3])>,
+    /// The buffers, the crops' room, and the (views, height, width) they were made for.
+    stage: Option<(AugmentGpu, CudaSlice<u8>, [usize; 3])>,
     mean: [f32; 3],
     std: [f32; 3],
 }
@@ -26,6 +28,10 @@ impl std::fmt::Debug for GpuAugment {
 }
 
 impl GpuAugment {
+    fn backend_device(&self) -> Device {
+        Device::Cuda(self.backend.ordinal())
+    }
+
     /// The colour stage on `device` (a GPU), normalising with `mean` and `std`.
     pub fn new(device: Device, mean: [f32; 3], std: [f32; 3]) -> Result<GpuAugment> {
         let Device::Cuda(i) = device else {
@@ -51,25 +57,38 @@ impl GpuAugment {
         let shape = batch.shape();
         let (views, h, w) = (shape[0], shape[2], shape[3]);
         let gpu = self.backend.gpu();
-        let fits =
-            matches!(&self.stage, Some((_, [v, sh, sw])) if *v >= views && *sh == h && *sw == w);
+        let fits = matches!(&self.stage,
+            Some((_, _, [v, sh, sw])) if *v >= views && *sh == h && *sw == w);
         if !fits {
             let stage =
                 AugmentGpu::new(gpu, views, h, w, self.mean, self.std).map_err(NnError::from)?;
-            self.stage = Some((stage, [views, h, w]));
+            let room = gpu.uninit::<u8>(views * 3 * h * w).map_err(NnError::from)?;
+            self.stage = Some((stage, room, [views, h, w]));
         }
-        let (stage, _) = self.stage.as_mut().expect("created above");
-        let up = gpu.upload(crops).map_err(NnError::from)?;
-        let mut out = gpu.zeros::<f32>(views * 3 * h * w).map_err(NnError::from)?;
+        let device = self.backend_device();
+        let (stage, room, _) = self.stage.as_mut().expect("created above");
+        if crops.len() > room.len() {
+            return Err(CliError::Usage(format!(
+                "data.gpu_augment: a batch of {} bytes for {views} views of 3x{h}x{w}",
+                crops.len()
+            )));
+        }
+        // The crops go to the stage's own room and the views to a cached tensor: a batch
+        // allocates nothing on the device once the first has run. (The stream orders this
+        // copy after the previous batch's kernels read the room.)
+        gpu.stream()
+            .memcpy_htod(&crops[..], &mut room.slice_mut(0..crops.len()))
+            .map_err(|e| NnError::from(GpuError::from(e)))?;
+        let mut views_t = Tensor::try_full(&shape, 0.0, device)?;
         stage
             .apply(
                 gpu,
-                &up,
+                room,
                 &batch.params,
                 Layout::Nchw,
-                AugOutput::F32(&mut out),
+                AugOutput::F32(views_t.cuda_mut()?),
             )
             .map_err(NnError::from)?;
-        Ok(Tensor::from_cuda_slice(&shape, self.backend.clone(), out)?)
+        Ok(views_t)
     }
 }

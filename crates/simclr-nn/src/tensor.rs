@@ -476,7 +476,7 @@ impl Tensor {
 
     /// The device values of an f32 CUDA tensor, to write; copied first if another tensor
     /// shares them.
-    pub(crate) fn cuda_mut(&mut self) -> Result<&mut CudaSlice<f32>> {
+    pub fn cuda_mut(&mut self) -> Result<&mut CudaSlice<f32>> {
         self.cuda_mut_of::<f32>()
     }
 
@@ -648,8 +648,11 @@ pub(crate) fn all_finite_each(ts: &[Tensor]) -> Result<Vec<bool>> {
     let mut on_gpu: Vec<usize> = Vec::new();
     for (i, t) in ts.iter().enumerate() {
         match &t.storage {
-            Storage::Cpu(v) => out[i] = v.iter().all(|x| x.is_finite()),
-            Storage::Cuda(_) => on_gpu.push(i),
+            // Only the tensor's values: a buffer may be longer than its shape (an empty
+            // tensor's holds one unspecified value).
+            Storage::Cpu(v) => out[i] = v[..t.numel()].iter().all(|x| x.is_finite()),
+            Storage::Cuda(_) if t.numel() > 0 => on_gpu.push(i),
+            Storage::Cuda(_) => {}
             // Rare (parameters and gradients are f32): widened on the device, then as f32.
             Storage::CudaBf16(_) => out[i] = t.to_dtype(DType::F32)?.try_all_finite()?,
         }
@@ -664,14 +667,21 @@ pub(crate) fn all_finite_each(ts: &[Tensor]) -> Result<Vec<bool>> {
             )
         });
         let gpu = backend.gpu();
-        let mut sums = gpu.zeros::<f64>(here.len())?;
+        // The f64 sums in the bits of a cached f32 buffer twice as long: no allocation.
+        let mut room = backend.scratch::<f32>(2 * here.len())?;
+        // SAFETY: two f32s make one f64 in size and alignment (the buffer starts on a 256-byte
+        // boundary), any bits are a valid f64, and every sum is written before it is read.
+        let mut sums = unsafe { room.transmute_mut::<f64>(here.len()) }
+            .ok_or_else(|| NnError::Cuda("finiteness sums: no room".into()))?;
         for (k, &i) in here.iter().enumerate() {
-            let data = &ts[i].cuda()?.data;
+            let t = &ts[i];
+            let data = t.cuda()?.data.slice(0..t.numel());
             // The f64 sum of f32 values is finite exactly when they all are (it cannot
             // overflow), and costs one reduction instead of a copy to the host.
-            simclr_kernels::cuda::train::sum_into(gpu, data, &mut sums.slice_mut(k..k + 1))?;
+            simclr_kernels::cuda::train::sum_into(gpu, &data, &mut sums.slice_mut(k..k + 1))?;
         }
-        for (s, &i) in gpu.download(&sums)?.iter().zip(&here) {
+        let sums = gpu.stream().clone_dtoh(&sums).map_err(GpuError::from)?;
+        for (s, &i) in sums.iter().zip(&here) {
             out[i] = s.is_finite();
         }
         on_gpu = rest;

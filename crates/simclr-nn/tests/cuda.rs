@@ -599,13 +599,21 @@ fn cuda_steady_state_steps_take_no_new_device_memory() {
     }
     backend.synchronize().unwrap();
     let (before, cached_before) = (backend.pool_stats().unwrap(), backend.buffer_stats());
+    let allocs_before = backend.gpu().allocations();
     for _ in 0..3 {
         simclr_nn::train_step(&mut m, &views, &mut lars, 0.3, 0.5).unwrap();
     }
     backend.synchronize().unwrap();
     let (after, cached_after) = (backend.pool_stats().unwrap(), backend.buffer_stats());
+    let allocs_after = backend.gpu().allocations();
     println!("pool before {before:?}, after {after:?}");
     println!("buffer cache before {cached_before:?}, after {cached_after:?}");
+    println!("device allocations before {allocs_before}, after {allocs_after}");
+    // Every allocation the kernels make counts here, not only the cache's misses.
+    assert_eq!(
+        allocs_after, allocs_before,
+        "steady-state steps made device allocations"
+    );
     assert_eq!(
         cached_after.misses, cached_before.misses,
         "steady-state steps allocated buffers"

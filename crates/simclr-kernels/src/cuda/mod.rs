@@ -18,6 +18,7 @@ pub mod source;
 pub mod train;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
@@ -93,6 +94,12 @@ pub struct Gpu {
     arch: String,
     sms: u32,
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
+    /// Kernels looked up so far: a launch then costs no `cuModuleGetFunction`.
+    functions: Mutex<HashMap<Module, HashMap<String, CudaFunction>>>,
+    /// Device allocations made through this `Gpu` (see [`Gpu::allocations`]).
+    allocations: AtomicU64,
+    /// The per-block partial sums of [`train::sum_into`], allocated once.
+    pub(crate) sum_partials: Mutex<Option<CudaSlice<f64>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -133,6 +140,9 @@ impl Gpu {
             arch: format!("sm_{major}{minor}"),
             sms,
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            allocations: AtomicU64::new(0),
+            sum_partials: Mutex::new(None),
         })
     }
 
@@ -163,6 +173,17 @@ impl Gpu {
 
     /// Kernel `name` of `module`, compiling the module on first use.
     pub fn function(&self, module: Module, name: &str) -> Result<CudaFunction, GpuError> {
+        let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        let known = functions.entry(module).or_default();
+        if let Some(f) = known.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self.load_function(module, name)?;
+        known.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    fn load_function(&self, module: Module, name: &str) -> Result<CudaFunction, GpuError> {
         let m = {
             let mut cache = self.modules.lock().unwrap_or_else(|e| e.into_inner());
             match cache.get(&module) {
@@ -180,6 +201,7 @@ impl Gpu {
 
     /// Copies host data to a new device buffer.
     pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>, GpuError> {
+        self.count_allocation();
         Ok(self.stream.clone_htod(data)?)
     }
 
@@ -196,6 +218,7 @@ impl Gpu {
         &self,
         len: usize,
     ) -> Result<CudaSlice<T>, GpuError> {
+        self.count_allocation();
         Ok(self.stream.alloc_zeros(len.max(1))?)
     }
 
@@ -207,9 +230,21 @@ impl Gpu {
         &self,
         len: usize,
     ) -> Result<CudaSlice<T>, GpuError> {
+        self.count_allocation();
         // SAFETY: any bits are a valid T (AnyBitPattern), and the memory is the stream's own
         // allocation, ordered after everything queued on it.
         Ok(unsafe { self.stream.alloc(len.max(1)) }?)
+    }
+
+    /// How many device buffers [`Gpu::upload`], [`Gpu::zeros`] and [`Gpu::uninit`] have
+    /// allocated so far (each one a `cuMemAllocAsync` and cudarc's two events): between two
+    /// steady-state training steps it does not move.
+    pub fn allocations(&self) -> u64 {
+        self.allocations.load(Ordering::Relaxed)
+    }
+
+    fn count_allocation(&self) {
+        self.allocations.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Waits for every launch so far.

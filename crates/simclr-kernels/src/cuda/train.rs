@@ -116,23 +116,33 @@ pub fn cast_bf16_to_f32(
 /// The sum of `x`, in f64, in a fixed order (reproducible run to run).
 pub fn sum(gpu: &Gpu, x: &CudaSlice<f32>) -> Result<f64, GpuError> {
     let mut out = gpu.zeros::<f64>(1)?;
-    sum_into(gpu, x, &mut out.slice_mut(0..1))?;
+    sum_into(gpu, &x.as_view(), &mut out.slice_mut(0..1))?;
     Ok(gpu.download(&out)?[0])
 }
 
-/// [`sum`] written to `out[0]` on the device, without a wait: many sums, one download.
+/// Most blocks of [`sum_into`]'s first pass (and so its partial sums).
+const SUM_BLOCKS: usize = 1024;
+
+/// [`sum`] written to `out[0]` on the device, without a wait: many sums, one download. The
+/// partial sums go to a buffer the `Gpu` keeps, so a call allocates nothing.
 pub fn sum_into(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
+    x: &CudaView<'_, f32>,
     out: &mut CudaViewMut<'_, f64>,
 ) -> Result<(), GpuError> {
     ensure(!out.is_empty(), || "sum_into: no room for the sum".into())?;
-    let blocks = x.len().div_ceil(THREADS as usize * 8).clamp(1, 1024);
-    let mut partials = gpu.zeros::<f64>(blocks)?;
+    let blocks = x.len().div_ceil(THREADS as usize * 8).clamp(1, SUM_BLOCKS);
+    // Held for both launches: calls from other threads queue their passes after ours on the
+    // same stream, so one buffer serves them all.
+    let mut held = gpu.sum_partials.lock().unwrap_or_else(|e| e.into_inner());
+    if held.is_none() {
+        *held = Some(gpu.zeros::<f64>(SUM_BLOCKS)?);
+    }
+    let partials = held.as_mut().expect("allocated above");
     let n = x.len() as u64;
     let f = gpu.function(Module::Train, "sum_partials_f32")?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(x).arg(&n).arg(&mut partials);
+    b.arg(x).arg(&n).arg(&mut *partials);
     // SAFETY: sum_partials_f32(const float*, u64, double*); partials holds one per block.
     unsafe {
         b.launch(LaunchConfig {
@@ -145,7 +155,7 @@ pub fn sum_into(
     let scale = 1.0f64;
     let f = gpu.function(Module::Train, "sum_finish")?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&partials).arg(&nb).arg(&scale).arg(out);
+    b.arg(&*partials).arg(&nb).arg(&scale).arg(out);
     // SAFETY: sum_finish(const double*, int, double, double*), one block; out holds >= 1.
     unsafe {
         b.launch(LaunchConfig {
@@ -256,7 +266,13 @@ pub struct BatchNormGpu {
     mean64: CudaSlice<f64>,
     scale: CudaSlice<f32>,
     shift: CudaSlice<f32>,
+    /// Statistics a backward pass is done with, for the next forward pass to fill.
+    spare: Vec<BnSaved>,
 }
+
+/// The most spare [`BnSaved`] a workspace keeps (more than one forward pass may be awaiting
+/// its backward pass, as with gradient caching).
+const BN_SPARES: usize = 8;
 
 /// The per-channel parameters and running statistics of one batch-norm layer.
 #[derive(Debug)]
@@ -286,7 +302,19 @@ impl BatchNormGpu {
             mean64: gpu.zeros(c)?,
             scale: gpu.zeros(c)?,
             shift: gpu.zeros(c)?,
+            spare: Vec::new(),
         })
+    }
+
+    /// Takes back the statistics of a finished backward pass: the next training forward pass
+    /// writes its own into them instead of allocating.
+    pub fn recycle(&mut self, saved: BnSaved) {
+        if saved.mean.len() == self.c
+            && saved.invstd.len() == self.c
+            && self.spare.len() < BN_SPARES
+        {
+            self.spare.push(saved);
+        }
     }
 
     fn partials<T: Elem>(
@@ -374,9 +402,13 @@ impl BatchNormGpu {
         ensure(count >= 2, || {
             format!("training batch norm needs more than one value per channel, got {count}")
         })?;
-        let mut saved = BnSaved {
-            mean: gpu.zeros(c)?,
-            invstd: gpu.zeros(c)?,
+        // Both are written in full below, before any read.
+        let mut saved = match self.spare.pop() {
+            Some(s) => s,
+            None => BnSaved {
+                mean: gpu.zeros(c)?,
+                invstd: gpu.zeros(c)?,
+            },
         };
         let stream = gpu.stream().clone();
         let ci = int(c, "c")?;

@@ -331,6 +331,21 @@ pub(crate) fn indices(arg: &CudaBuffer<f32>) -> CudaView<'_, u32> {
     unsafe { arg.transmute::<u32>(arg.len()) }.expect("u32 is as large as f32")
 }
 
+/// `len` f64s in the bits of `room`, an f32 buffer at least twice as long.
+fn f64_view(room: &CudaBuffer<f32>, len: usize) -> Result<CudaView<'_, f64>, GpuError> {
+    // SAFETY: the buffer starts on a 256-byte boundary, two f32s make one f64 in size, and any
+    // bits are a valid f64.
+    unsafe { room.transmute::<f64>(len) }
+        .ok_or_else(|| GpuError::Invalid(format!("no room for {len} f64 values")))
+}
+
+/// [`f64_view`], to write.
+fn f64_view_mut(room: &mut CudaBuffer<f32>, len: usize) -> Result<CudaViewMut<'_, f64>, GpuError> {
+    // SAFETY: as in `f64_view`.
+    unsafe { room.transmute_mut::<f64>(len) }
+        .ok_or_else(|| GpuError::Invalid(format!("no room for {len} f64 values")))
+}
+
 fn indices_mut(arg: &mut CudaBuffer<f32>) -> CudaViewMut<'_, u32> {
     let len = arg.len();
     // SAFETY: as in `indices`.
@@ -576,17 +591,22 @@ pub(crate) fn batch_norm_backward(
     x: &Tensor,
     dy: &Tensor,
     relu_out: Option<&Tensor>,
-    stats: &BnSaved,
+    stats: BnStats,
     count: usize,
     gamma: &Tensor,
     grads: (&mut Tensor, &mut Tensor),
     workspace: &mut BnWorkspace,
     sync: Option<&dyn Communicator>,
 ) -> Result<Tensor> {
-    by_dtype!(
+    let dx = by_dtype!(
         x.dtype(),
-        batch_norm_backward_of(x, dy, relu_out, stats, count, gamma, grads, workspace, sync)
-    )
+        batch_norm_backward_of(x, dy, relu_out, &stats, count, gamma, grads, workspace, sync)
+    )?;
+    // Done with: the layer's next forward pass writes its statistics there.
+    if let (Ok(saved), Some((_, bn))) = (Arc::try_unwrap(stats), workspace.0.as_mut()) {
+        bn.recycle(saved);
+    }
+    Ok(dx)
 }
 
 fn batch_norm_backward_of<T: DeviceElem>(
@@ -619,12 +639,19 @@ fn batch_norm_backward_of<T: DeviceElem>(
     // For global batch norm the sums are all-reduced for dx, but the parameter gradients take
     // this replica's own sums (the gradient all-reduce adds the others'), as on the CPU.
     let mut local: Option<Vec<f64>> = None;
-    let mut local_dev: Option<CudaSlice<f64>> = None;
+    // This replica's sums on the device, as f64 in the bits of a cached f32 buffer.
+    let mut local_dev: Option<CudaBuffer<f32>> = None;
     let in_line = nccl_in_line(b, sync);
     let mut reduce = |sums: &mut CudaSlice<f64>| -> Result<(), GpuError> {
         let Some(comm) = sync else { return Ok(()) };
         if let Some(nccl) = in_line {
-            local_dev = Some(sums.try_clone()?);
+            let mut room = b
+                .scratch::<f32>(2 * sums.len())
+                .map_err(|e| GpuError::Invalid(format!("global batch norm: {e}")))?;
+            b.gpu()
+                .stream()
+                .memcpy_dtod(&*sums, &mut f64_view_mut(&mut room, sums.len())?)?;
+            local_dev = Some(room);
             return nccl.queue_all_reduce_device_f64(sums).map_err(bn_comm_err);
         }
         let mut host = b.gpu().download(sums)?;
@@ -656,7 +683,8 @@ fn batch_norm_backward_of<T: DeviceElem>(
         db = upload(b, &f32s(sum_g))?;
         dg = upload(b, &f32s(sum_gx))?;
     }
-    if let Some(local) = local_dev {
+    if let Some(room) = local_dev {
+        let local = f64_view(&room, 2 * c)?;
         k::cast_f64_to_f32(b.gpu(), &local.slice(0..c), &mut db)?;
         k::cast_f64_to_f32(b.gpu(), &local.slice(c..2 * c), &mut dg)?;
     }

@@ -60,6 +60,23 @@ enum Stats {
     Cuda(cuda::BnStats),
 }
 
+impl Stats {
+    /// The device statistics, moved out (host statistics stay where they are).
+    fn take_cuda(&mut self) -> Option<cuda::BnStats> {
+        if let Stats::Host { .. } = self {
+            return None;
+        }
+        let host = Stats::Host {
+            mean: Vec::new(),
+            invstd: Vec::new(),
+        };
+        match std::mem::replace(self, host) {
+            Stats::Cuda(stats) => Some(stats),
+            Stats::Host { .. } => None,
+        }
+    }
+}
+
 impl BatchNorm {
     /// Batch norm over `channels`, optionally followed by ReLU.
     pub fn new(channels: usize, relu: bool, device: Device) -> BatchNorm {
@@ -215,23 +232,25 @@ impl BatchNorm {
 
     /// Adds dL/dgamma and dL/dbeta to the gradients and returns dL/dx.
     pub fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
-        let s = self.saved.take().ok_or(NnError::NoForward("BatchNorm"))?;
+        let mut s = self.saved.take().ok_or(NnError::NoForward("BatchNorm"))?;
+        // Moved out, not shared: the device statistics go back to the workspace once done.
+        if let Some(stats) = s.stats.take_cuda() {
+            dy.expect_shape("BatchNorm backward (dy)", s.x.shape())?;
+            return cuda::batch_norm_backward(
+                &s.x,
+                dy,
+                s.y.as_ref(),
+                stats,
+                s.count,
+                &self.weight.value,
+                (&mut self.weight.grad, &mut self.bias.grad),
+                &mut self.workspace,
+                self.sync.as_deref(),
+            );
+        }
         let (mean, invstd) = match &s.stats {
             Stats::Host { mean, invstd } => (mean, invstd),
-            Stats::Cuda(stats) => {
-                dy.expect_shape("BatchNorm backward (dy)", s.x.shape())?;
-                return cuda::batch_norm_backward(
-                    &s.x,
-                    dy,
-                    s.y.as_ref(),
-                    stats,
-                    s.count,
-                    &self.weight.value,
-                    (&mut self.weight.grad, &mut self.bias.grad),
-                    &mut self.workspace,
-                    self.sync.as_deref(),
-                );
-            }
+            Stats::Cuda(_) => return Err(NnError::NoForward("BatchNorm")),
         };
         if let Some(comm) = self.sync.clone() {
             return self.backward_global(&s, mean, invstd, dy, comm.as_ref());
