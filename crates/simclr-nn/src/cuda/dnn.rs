@@ -3,12 +3,16 @@
 //!
 //! A plan (descriptors and the three algorithms cuDNN's heuristics pick) is made once per
 //! geometry and element type (f32, or bf16 with f32 accumulation) and kept; one workspace,
-//! grown to the largest plan's need, serves them all.
+//! grown to the largest plan's need, serves them all. Should cuDNN refuse an algorithm it picked
+//! (its heuristics and its kernels disagree at times, for unusual shapes such as a 3-channel
+//! bf16 stem), the others are tried in turn and the first that runs replaces it in the plan.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use half::bf16;
+use simclr_kernels::cuda::cudarc::cudnn::result::CudnnError;
 use simclr_kernels::cuda::cudarc::cudnn::{
     sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
     FilterDescriptor, TensorDescriptor,
@@ -18,7 +22,7 @@ use simclr_kernels::cuda::Gpu;
 
 use super::{cuda_err, MathMode};
 use crate::cpu::conv::ConvGeom;
-use crate::error::Result;
+use crate::error::{NnError, Result};
 
 /// The cuDNN handle and what is cached with it. cuDNN handles may move between threads but not
 /// be used by two at once: the backend keeps this behind a mutex.
@@ -39,14 +43,133 @@ pub(crate) struct Plan<T> {
     x: TensorDescriptor<T>,
     w: FilterDescriptor<T>,
     y: TensorDescriptor<T>,
-    fwd: sys::cudnnConvolutionFwdAlgo_t,
-    bwd_data: sys::cudnnConvolutionBwdDataAlgo_t,
-    bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t,
+    // Cells: a refused algorithm is replaced while the descriptors are borrowed.
+    fwd: Cell<sys::cudnnConvolutionFwdAlgo_t>,
+    bwd_data: Cell<sys::cudnnConvolutionBwdDataAlgo_t>,
+    bwd_filter: Cell<sys::cudnnConvolutionBwdFilterAlgo_t>,
     workspace: usize,
 }
 
+/// The algorithms of one convolution pass.
+trait Algo: Copy + PartialEq + std::fmt::Debug + 'static {
+    /// All of them, in the order tried when cuDNN refuses its own pick (the general ones
+    /// first).
+    const ALL: &'static [Self];
+}
+
+impl Algo for sys::cudnnConvolutionFwdAlgo_t {
+    const ALL: &'static [Self] = {
+        use sys::cudnnConvolutionFwdAlgo_t::*;
+        &[
+            CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+            CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+            CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+            CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+            CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+            CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+            CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+        ]
+    };
+}
+
+impl Algo for sys::cudnnConvolutionBwdDataAlgo_t {
+    const ALL: &'static [Self] = {
+        use sys::cudnnConvolutionBwdDataAlgo_t::*;
+        &[
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+        ]
+    };
+}
+
+impl Algo for sys::cudnnConvolutionBwdFilterAlgo_t {
+    const ALL: &'static [Self] = {
+        use sys::cudnnConvolutionBwdFilterAlgo_t::*;
+        &[
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+        ]
+    };
+}
+
+fn refused(e: &CudnnError) -> bool {
+    e.0 == sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED
+}
+
+/// The heuristics' pick and its workspace, or when cuDNN cannot say or size it, the first
+/// algorithm it can size.
+fn pick<A: Algo>(
+    what: &'static str,
+    heuristic: std::result::Result<A, CudnnError>,
+    size: impl Fn(A) -> std::result::Result<usize, CudnnError>,
+) -> Result<(A, usize)> {
+    let first = heuristic.and_then(|a| Ok((a, size(a)?)));
+    match first {
+        Ok(found) => Ok(found),
+        Err(e) => A::ALL
+            .iter()
+            .find_map(|&a| size(a).ok().map(|n| (a, n)))
+            .ok_or_else(|| NnError::Cuda(format!("{what}: no algorithm for this shape ({e:?})"))),
+    }
+}
+
+/// Runs `launch` with the plan's algorithm in `choice`; should cuDNN refuse it, tries the
+/// others in turn (growing the workspace as they need) and keeps the first that runs.
+fn run<A: Algo>(
+    what: &'static str,
+    gpu: &Gpu,
+    workspace: &mut Option<CudaSlice<u8>>,
+    choice: &Cell<A>,
+    size: impl Fn(A) -> std::result::Result<usize, CudnnError>,
+    mut launch: impl FnMut(A, &mut CudaSlice<u8>) -> std::result::Result<(), CudnnError>,
+) -> Result<()> {
+    let first = choice.get();
+    let ws = workspace.as_mut().expect("sized for the plan");
+    match launch(first, ws) {
+        Err(e) if refused(&e) => {}
+        other => return other.map_err(cuda_err(what)),
+    }
+    for &a in A::ALL.iter().filter(|&&a| a != first) {
+        let Ok(need) = size(a) else { continue };
+        grow(gpu, workspace, need)?;
+        // A refusal comes before any work is queued: nothing was written, trying again is safe.
+        match launch(a, workspace.as_mut().expect("grown above")) {
+            Ok(()) => {
+                tracing::warn!("{what}: cuDNN refused {first:?}; {a:?} runs instead");
+                choice.set(a);
+                return Ok(());
+            }
+            Err(e) if refused(&e) => {}
+            Err(e) => return Err(cuda_err(what)(e)),
+        }
+    }
+    Err(NnError::Cuda(format!(
+        "{what}: cuDNN refuses every algorithm for this convolution"
+    )))
+}
+
+/// Makes `workspace` at least `need` bytes.
+fn grow(gpu: &Gpu, workspace: &mut Option<CudaSlice<u8>>, need: usize) -> Result<()> {
+    let need = need.max(1);
+    if workspace.as_ref().is_none_or(|w| w.len() < need) {
+        // The old one goes first: both at once may not fit.
+        *workspace = None;
+        *workspace = Some(gpu.zeros::<u8>(need)?);
+    }
+    Ok(())
+}
+
 /// The element types the convolutions run in, with their plan cache.
-pub(crate) trait ConvType: CudnnDataType + Sized {
+pub(crate) trait ConvType: CudnnDataType + Copy + Sized {
     /// This type's plans, out of the two caches.
     fn plans<'a>(
         f32s: &'a mut HashMap<ConvGeom, Plan<f32>>,
@@ -117,44 +240,41 @@ fn make_plan<T: ConvType>(h: &Arc<Cudnn>, g: &ConvGeom, math: MathMode) -> Resul
         w: &w,
         y: &y,
     };
-    let fwd = fwd_op
-        .pick_algorithm()
-        .map_err(cuda_err("cudnnGetConvolutionForwardAlgorithm_v7"))?;
-    let ws_fwd = fwd_op
-        .get_workspace_size(fwd)
-        .map_err(cuda_err("cudnnGetConvolutionForwardWorkspaceSize"))?;
+    let (fwd, ws_fwd) = pick(
+        "cudnnGetConvolutionForwardAlgorithm_v7",
+        fwd_op.pick_algorithm(),
+        |a| fwd_op.get_workspace_size(a),
+    )?;
     let data_op = ConvBackwardData {
         conv: &conv,
         dx: &x,
         w: &w,
         dy: &y,
     };
-    let bwd_data = data_op
-        .pick_algorithm()
-        .map_err(cuda_err("cudnnGetConvolutionBackwardDataAlgorithm_v7"))?;
-    let ws_data = data_op
-        .get_workspace_size(bwd_data)
-        .map_err(cuda_err("cudnnGetConvolutionBackwardDataWorkspaceSize"))?;
+    let (bwd_data, ws_data) = pick(
+        "cudnnGetConvolutionBackwardDataAlgorithm_v7",
+        data_op.pick_algorithm(),
+        |a| data_op.get_workspace_size(a),
+    )?;
     let filter_op = ConvBackwardFilter {
         conv: &conv,
         x: &x,
         dw: &w,
         dy: &y,
     };
-    let bwd_filter = filter_op
-        .pick_algorithm()
-        .map_err(cuda_err("cudnnGetConvolutionBackwardFilterAlgorithm_v7"))?;
-    let ws_filter = filter_op
-        .get_workspace_size(bwd_filter)
-        .map_err(cuda_err("cudnnGetConvolutionBackwardFilterWorkspaceSize"))?;
+    let (bwd_filter, ws_filter) = pick(
+        "cudnnGetConvolutionBackwardFilterAlgorithm_v7",
+        filter_op.pick_algorithm(),
+        |a| filter_op.get_workspace_size(a),
+    )?;
     Ok(Plan {
         conv,
         x,
         w,
         y,
-        fwd,
-        bwd_data,
-        bwd_filter,
+        fwd: Cell::new(fwd),
+        bwd_data: Cell::new(bwd_data),
+        bwd_filter: Cell::new(bwd_filter),
         workspace: ws_fwd.max(ws_data).max(ws_filter),
     })
 }
@@ -176,13 +296,13 @@ impl Dnn {
         self.plans_bf16.clear();
     }
 
-    /// The plan of `g` in `T` and a workspace large enough for it; binds the GPU's context to
+    /// The plan of `g` in `T` and the workspace, large enough for it; binds the GPU's context to
     /// this thread, as cuDNN runs in the current one.
     fn plan_and_workspace<T: ConvType>(
         &mut self,
         gpu: &Gpu,
         g: &ConvGeom,
-    ) -> Result<(&Plan<T>, &mut CudaSlice<u8>)> {
+    ) -> Result<(&Plan<T>, &mut Option<CudaSlice<u8>>)> {
         gpu.context()
             .bind_to_thread()
             .map_err(simclr_kernels::cuda::GpuError::from)?;
@@ -198,12 +318,8 @@ impl Dnn {
             plans.insert(*g, make_plan::<T>(handle, g, *math)?);
         }
         let plan = &plans[g];
-        let need = plan.workspace.max(1);
-        if workspace.as_ref().is_none_or(|w| w.len() < need) {
-            *workspace = None;
-            *workspace = Some(gpu.zeros::<u8>(need)?);
-        }
-        Ok((plan, workspace.as_mut().expect("allocated above")))
+        grow(gpu, workspace, plan.workspace)?;
+        Ok((plan, workspace))
     }
 
     /// `y = conv(x, w)`.
@@ -222,10 +338,18 @@ impl Dnn {
             w: &p.w,
             y: &p.y,
         };
-        // SAFETY: x, w and y hold n*h*w*cin, cout*kh*kw*cin and n*oh*ow*cout values of T in the
-        // NHWC / KRSC layouts the descriptors of this plan describe (checked by the caller).
-        unsafe { op.launch(p.fwd, Some(ws), (T::scalar(1.0), T::scalar(0.0)), x, w, y) }
-            .map_err(cuda_err("cudnnConvolutionForward"))
+        let scale = (T::scalar(1.0), T::scalar(0.0));
+        run(
+            "cudnnConvolutionForward",
+            gpu,
+            ws,
+            &p.fwd,
+            |a| op.get_workspace_size(a),
+            // SAFETY: x, w and y hold n*h*w*cin, cout*kh*kw*cin and n*oh*ow*cout values of T
+            // in the NHWC / KRSC layouts the descriptors of this plan describe (checked by the
+            // caller); the workspace holds what the algorithm needs.
+            |a, ws| unsafe { op.launch(a, Some(ws), scale, x, w, y) },
+        )
     }
 
     /// `dx = conv_transpose(dy, w)`.
@@ -244,18 +368,16 @@ impl Dnn {
             w: &p.w,
             dy: &p.y,
         };
-        // SAFETY: as in `forward`, dx shaped as x and dy as y.
-        unsafe {
-            op.launch(
-                p.bwd_data,
-                Some(ws),
-                (T::scalar(1.0), T::scalar(0.0)),
-                dx,
-                w,
-                dy,
-            )
-        }
-        .map_err(cuda_err("cudnnConvolutionBackwardData"))
+        let scale = (T::scalar(1.0), T::scalar(0.0));
+        run(
+            "cudnnConvolutionBackwardData",
+            gpu,
+            ws,
+            &p.bwd_data,
+            |a| op.get_workspace_size(a),
+            // SAFETY: as in `forward`, dx shaped as x and dy as y.
+            |a, ws| unsafe { op.launch(a, Some(ws), scale, dx, w, dy) },
+        )
     }
 
     /// `dw = beta * dw + dL/dw` (beta 1 accumulates into a gradient).
@@ -275,17 +397,15 @@ impl Dnn {
             dw: &p.w,
             dy: &p.y,
         };
-        // SAFETY: as in `forward`, dw shaped as w and dy as y.
-        unsafe {
-            op.launch(
-                p.bwd_filter,
-                Some(ws),
-                (T::scalar(1.0), T::scalar(beta)),
-                x,
-                dw,
-                dy,
-            )
-        }
-        .map_err(cuda_err("cudnnConvolutionBackwardFilter"))
+        let scale = (T::scalar(1.0), T::scalar(beta));
+        run(
+            "cudnnConvolutionBackwardFilter",
+            gpu,
+            ws,
+            &p.bwd_filter,
+            |a| op.get_workspace_size(a),
+            // SAFETY: as in `forward`, dw shaped as w and dy as y.
+            |a, ws| unsafe { op.launch(a, Some(ws), scale, x, dw, dy) },
+        )
     }
 }
