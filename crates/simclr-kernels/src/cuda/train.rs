@@ -629,8 +629,10 @@ pub struct LarsConfig {
 
 const LARS_CHUNK: usize = 4096;
 
-/// LARS over every tensor of a model in two launches (the norms, then the update), as
-/// [`crate::cpu::optim::lars_update`] per tensor. Keeps its tensor table between steps.
+/// LARS over a table of tensors in two launches (the norms, then the update), as
+/// [`crate::cpu::optim::lars_update`] per tensor. Keeps its tensor table between steps, and
+/// rebuilds it (an upload) only when a tensor's buffer moves. (`simclr-nn`'s optimiser passes
+/// one tensor per call, two launches per parameter tensor.)
 #[derive(Debug, Default)]
 pub struct LarsGpu {
     key: Vec<(u64, u64, u64, usize, bool)>,

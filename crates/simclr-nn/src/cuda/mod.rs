@@ -27,7 +27,9 @@ pub(crate) use cache::{end_step_all, DeviceSlice};
 use crate::error::{NnError, Result};
 use crate::tensor::DeviceElem;
 
-/// How the convolutions and products of the CUDA backend compute in f32.
+/// How the convolutions of the CUDA backend compute (and, in `Bf16`, what type the trunk's
+/// activations have). The linear layers' cuBLAS products and the NT-Xent loss stay f32 in every
+/// mode, as under PyTorch's defaults (TF32 allowed for cuDNN, not for matrix products).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum MathMode {
     /// Full f32 arithmetic (CUDA cores): the reference against the CPU, tight tolerances.
@@ -139,7 +141,8 @@ impl CudaBackend {
         &self.gpu
     }
 
-    /// The math of the convolutions: [`MathMode::Fp32`] unless `SIMCLR_CUDA_MATH=tf32`.
+    /// The math of the convolutions: [`MathMode::Fp32`] unless `SIMCLR_CUDA_MATH` says
+    /// `tf32` or `bf16` (or [`CudaBackend::set_math_mode`] changed it).
     pub fn math_mode(&self) -> MathMode {
         self.dnn.lock().unwrap_or_else(|e| e.into_inner()).math
     }
