@@ -1,7 +1,8 @@
 //! Data parallelism is exact: K replicas with B/K images each give the loss, the gradients and
 //! the weights after a few LARS steps of one replica with all B images, when batch norm is global
 //! and the negatives are gathered; with either switched off they do not (the difference is
-//! measured, so these tests can fail). Also: a killed rank ends the others with an error.
+//! measured, so these tests can fail). Also: a killed rank ends the others with an error, and
+//! ranks started by torchrun meet beside its agent's store.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -490,6 +491,64 @@ fn a_killed_rank_ends_the_others_with_an_error() {
     assert!(t.elapsed() < timeout, "took {:?}", t.elapsed());
     assert!(matches!(e, CommError::RankLost { rank: 1, .. }), "{e}");
     assert!(e.to_string().contains("rank 1 of 2"), "{e}");
+}
+
+/// Under torchrun the elastic agent's store already listens on `MASTER_PORT` on the master node
+/// (and the workers are told so by `TORCHELASTIC_USE_AGENT_STORE=True`): the ranks meet on the
+/// next port instead of failing with "address in use".
+#[test]
+fn ranks_under_torchrun_meet_beside_the_agents_store() {
+    // A port held by a stand-in for the agent's store, whose next port is free.
+    let (store, master_port) = (0..50)
+        .find_map(|_| {
+            let l = std::net::TcpListener::bind("0.0.0.0:0").ok()?;
+            let p = l.local_addr().ok()?.port();
+            let next = p.checked_add(1)?;
+            drop(std::net::TcpListener::bind(("0.0.0.0", next)).ok()?);
+            Some((l, p))
+        })
+        .expect("a free pair of ports");
+    let env = move |rank: usize| {
+        move |k: &str| -> Option<String> {
+            match k {
+                "RANK" => Some(rank.to_string()),
+                "WORLD_SIZE" => Some("2".into()),
+                "MASTER_ADDR" => Some("127.0.0.1".into()),
+                "MASTER_PORT" => Some(master_port.to_string()),
+                "TORCHELASTIC_USE_AGENT_STORE" => Some("True".into()),
+                _ => None,
+            }
+        }
+    };
+    let sums: Vec<f64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|rank| {
+                s.spawn(move || {
+                    let cfg = RendezvousConfig::from_vars(env(rank)).unwrap().unwrap();
+                    assert_eq!(cfg.port, master_port + 1);
+                    let c = TcpComm::connect(&cfg).unwrap();
+                    let mut v = [rank as f64 + 1.0];
+                    c.all_reduce_f64(&mut v).unwrap();
+                    v[0]
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(sums, vec![3.0, 3.0]);
+    // Without the hint, rank 0 would have tried the store's port: the error says what to do.
+    let cfg = RendezvousConfig {
+        rank: 0,
+        world_size: 2,
+        host: "127.0.0.1".into(),
+        port: master_port,
+        rendezvous_timeout: Duration::from_secs(1),
+        timeout: Duration::from_secs(1),
+    };
+    let e = TcpComm::connect(&cfg).unwrap_err().to_string();
+    assert!(e.contains(&format!("port {master_port}")), "{e}");
+    assert!(e.contains("SIMCLR_RENDEZVOUS_PORT"), "{e}");
+    drop(store);
 }
 
 #[test]

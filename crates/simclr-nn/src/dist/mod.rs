@@ -11,7 +11,12 @@
 //! (one process per replica over TCP, star-shaped through rank 0) for the CPU, and
 //! [`NcclComm`] (one process per GPU, NCCL, its unique id sent over a `TcpComm`). A rank
 //! that dies or never arrives makes every other rank's next collective fail with a
-//! [`CommError`] within the timeout, never hang.
+//! [`CommError`] within the timeout instead of hanging. Which rank the error names depends on
+//! what the rank sees: a [`TcpComm`] other than rank 0 talks to rank 0 alone, so it may report
+//! that rank 0 left (rank 0 stops when it sees the rank that died); NCCL says that a peer is gone
+//! or stuck, never which. With NCCL the timeout bounds the initialisation, every wait for a
+//! collective (an error NCCL reports ends it sooner) and NCCL calls blocked on the host (a
+//! watchdog aborts them); the communicators are aborted then, which releases their kernels.
 //!
 //! - [`train_step_dp`]: the data-parallel training step (global batch norm, gathered negatives, the
 //!   gradient all-reduce).
@@ -28,7 +33,7 @@ use std::time::Duration;
 pub use nccl::{NcclComm, NcclPending};
 pub use overlap::{GradBuckets, Round, DEFAULT_BUCKET_MIB};
 pub use step::{broadcast_state, forward_backward_dp, train_step_dp, BroadcastPath, DataParallel};
-pub use tcp::{RendezvousConfig, TcpComm};
+pub use tcp::{rendezvous_port, RendezvousConfig, TcpComm, RENDEZVOUS_PORT_VAR};
 pub use thread::ThreadComm;
 
 /// Why a collective failed.
@@ -67,8 +72,10 @@ pub enum CommError {
         /// What differs.
         msg: String,
     },
-    /// A NCCL collective did not complete within the timeout (some peer is gone or stuck;
-    /// NCCL cannot say which), or the communicator was aborted by an earlier such failure.
+    /// A NCCL or CUDA call of a NCCL communicator failed (NCCL's error, or one it reported
+    /// asynchronously: a peer is gone or the network failed), a NCCL collective or call did not
+    /// complete within the timeout (some peer is gone or stuck; NCCL cannot say which), or the
+    /// communicator was aborted by an earlier such failure.
     #[error("rank {rank} of {world}: NCCL {op}: {why}")]
     Nccl {
         /// This rank.

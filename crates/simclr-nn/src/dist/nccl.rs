@@ -4,76 +4,143 @@
 //! rendezvous at `MASTER_ADDR`), which also serves as the barrier proving every rank is alive
 //! before NCCL's own initialisation blocks on them.
 //!
-//! NCCL collectives do not time out by themselves: every collective here records an event after
-//! its launch and polls it, so a rank that died makes the others fail with [`CommError::Nccl`]
-//! after the timeout (this communicator and its duplicates are aborted then, and unusable). `ncclCommInitRank` runs
-//! on a helper thread that is left behind if it does not return within the timeout (a peer died
-//! between the id exchange and its own init), so that too ends in an error, not a hang.
+//! NCCL collectives do not time out by themselves. Here every wait for a collective polls an
+//! event recorded after it, and NCCL's asynchronous error of the communicator: an error NCCL
+//! reports (a peer's connection closed, a network failure) ends the wait at once, and a
+//! collective still running after the timeout ends it then. Either way this communicator and
+//! its duplicates are aborted, and every later call on them fails with [`CommError::Nccl`]. A
+//! NCCL call that blocks on the host (NCCL connecting to a dead peer inside a collective) is
+//! aborted by a watchdog thread once it has taken longer than the timeout. `ncclCommInitRank`
+//! runs on a helper thread that is left behind if it does not return within the timeout (a peer
+//! died between the id exchange and its own init), so that too ends in an error, not a hang.
+//!
+//! What NCCL cannot tell is which peer failed: the errors say that a peer is gone, not which.
 //!
 //! Collectives run on the communicator's own stream: the compute stream for the one made by
 //! [`NcclComm::new`], a new stream for each [`Communicator::duplicate`] (whose collectives then
 //! overlap the compute; cudarc orders the two streams' uses of a buffer by events).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::ffi::{c_void, CStr};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use simclr_kernels::cuda::cudarc::driver::{
-    CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtrMut,
+    CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    DriverError, ValidAsZeroBits,
 };
-use simclr_kernels::cuda::cudarc::nccl::{self, Comm, Id, ReduceOp};
+use simclr_kernels::cuda::cudarc::nccl::{self, result::NcclError, sys, NcclType};
+use simclr_kernels::cuda::GpuError;
 
 use super::{CommError, Communicator};
 use crate::cuda::CudaBackend;
 use crate::error::{NnError, Result};
 use crate::tensor::Device;
 
-/// A communicator that can move to another thread (to be made or aborted there). Dropping it
-/// aborts the communicator; cudarc's drop panics if the abort itself fails (a device already in
-/// a failed state), which must not turn an error report into a crash.
-struct SendComm(Option<Comm>);
+/// One NCCL communicator. Ours rather than cudarc's `Comm`, which keeps its handle private and
+/// so can only be aborted by dropping it, i.e. by whoever holds the lock the calls are made
+/// under: an abort must reach the handle while another thread is inside a NCCL call on it (a
+/// call blocked on a dead peer is what the abort is for), so the handle lives in an atomic,
+/// apart from the lock that serialises the calls.
+struct Handle {
+    /// The communicator; null once aborted.
+    raw: AtomicPtr<sys::ncclComm>,
+    /// Uses of `raw` under way ([`Handle::with`]), which an abort lets finish for a moment
+    /// before it frees the communicator.
+    users: AtomicUsize,
+    /// Serialises the NCCL calls on this communicator (NCCL calls on one communicator must not
+    /// run concurrently); never taken by an abort.
+    calls: Mutex<()>,
+    /// When the NCCL call under way began, in milliseconds since the family's epoch plus one
+    /// (0: none), for the watchdog.
+    busy_since: AtomicU64,
+}
 
-// SAFETY: a NCCL communicator is not tied to a thread; it is used by one thread at a time.
-unsafe impl Send for SendComm {}
+/// How long an abort waits for quick uses of the handle (a poll, a launch) to leave NCCL before
+/// it frees the communicator; a use still inside NCCL after that is blocked there, and the
+/// abort is what releases it.
+const ABORT_GRACE: Duration = Duration::from_millis(100);
 
-impl Drop for SendComm {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(c)));
+impl Handle {
+    fn new(raw: sys::ncclComm_t) -> Handle {
+        Handle {
+            raw: AtomicPtr::new(raw),
+            users: AtomicUsize::new(0),
+            calls: Mutex::new(()),
+            busy_since: AtomicU64::new(0),
         }
+    }
+
+    /// `f` of the live communicator; `None` once aborted.
+    fn with<T>(&self, f: impl FnOnce(sys::ncclComm_t) -> T) -> Option<T> {
+        // Counted before the handle is read: an abort that swaps the handle out after this
+        // read then sees the use (both are sequentially consistent).
+        self.users.fetch_add(1, Ordering::SeqCst);
+        let raw = self.raw.load(Ordering::SeqCst);
+        let out = (!raw.is_null()).then(|| f(raw));
+        self.users.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
+
+    /// `ncclCommAbort`, once, from any thread. Called while another thread is inside a NCCL
+    /// call on this communicator, it is what ends that call: NCCL's abort first raises the
+    /// communicator's abort flag, which NCCL's blocking loops (connection set-up, bootstrap,
+    /// proxy) poll, as PyTorch's NCCL watchdog relies on too. NCCL promises an abort at any point
+    /// in so many words only for nonblocking communicators (`ncclCommInitRankConfig` with
+    /// `config.blocking = 0`, every call of which may then return `ncclInProgress` and has to be
+    /// polled to its end); these are blocking ones, kept so until this code has run on GPUs. The abort
+    /// itself may block until the communicator's kernels end, so callers run it on a thread of
+    /// its own ([`abort_handles`]).
+    fn abort(&self) {
+        let raw = self.raw.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        if raw.is_null() {
+            return;
+        }
+        let t = Instant::now();
+        while self.users.load(Ordering::SeqCst) > 0 && t.elapsed() < ABORT_GRACE {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // SAFETY: `raw` came from ncclCommInitRank and, swapped out above, is aborted once.
+        // The result is ignored: the communicator is gone either way, and an abort that fails
+        // (a device already in a failed state) must not turn an error report into a crash.
+        let _ = unsafe { sys::ncclCommAbort(raw) };
     }
 }
 
-/// One communicator, `None` once aborted.
-type Slot = Arc<Mutex<Option<SendComm>>>;
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
 
-/// The communicators of one group on this GPU: the first and its duplicates. A timeout in one
+/// The communicators of one group on this GPU: the first and its duplicates. A failure in one
 /// aborts them all at once: an abort frees device memory, which waits for every kernel still
 /// running, so a stuck kernel of another communicator would block it.
-#[derive(Default)]
 struct Family {
-    slots: Mutex<Vec<Slot>>,
+    handles: Mutex<Vec<Arc<Handle>>>,
     /// Set when the family was aborted: waits that were under way report it instead of success
     /// (an abort releases the stuck kernels, so their events complete).
     aborted: AtomicBool,
+    /// Why it was aborted (the first reason).
+    why: Mutex<Option<String>>,
+    /// The origin of [`Handle::busy_since`].
+    epoch: Instant,
 }
 
 /// How long the aborts may take before they are left behind.
 const ABORT_WAIT: Duration = Duration::from_secs(10);
 
-/// Aborts the communicators of `slots`, each on its own thread (which takes it out of its slot,
-/// so a slot held by a stuck thread does not block the others), all started before any is
-/// waited for; waits at most [`ABORT_WAIT`].
-fn abort_slots(slots: Vec<Slot>) {
+/// Aborts `handles`, each on its own thread (so that one blocked behind a stuck kernel does not
+/// hold up the others), all started before any is waited for; waits at most [`ABORT_WAIT`].
+fn abort_handles(handles: Vec<Arc<Handle>>) {
     let (tx, rx) = mpsc::channel();
     let mut started = 0;
-    for slot in slots {
+    for h in handles {
         let tx = tx.clone();
         let spawned = std::thread::Builder::new()
             .name("nccl-abort".into())
             .spawn(move || {
-                let comm = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-                drop(comm);
+                h.abort();
                 let _ = tx.send(());
             });
         started += usize::from(spawned.is_ok());
@@ -88,17 +155,90 @@ fn abort_slots(slots: Vec<Slot>) {
 }
 
 impl Family {
-    /// Aborts every communicator of the family at once.
-    fn abort_all(&self) {
+    /// A new family, with the watchdog that aborts it when a NCCL call of one of its
+    /// communicators blocks for longer than `timeout`.
+    fn start(timeout: Duration) -> Result<Arc<Family>> {
+        let family = Arc::new(Family {
+            handles: Mutex::new(Vec::new()),
+            aborted: AtomicBool::new(false),
+            why: Mutex::new(None),
+            epoch: Instant::now(),
+        });
+        let weak = Arc::downgrade(&family);
+        std::thread::Builder::new()
+            .name("nccl-watchdog".into())
+            .spawn(move || watch(weak, timeout))
+            .map_err(|e| NnError::Cuda(format!("cannot start the NCCL watchdog thread: {e}")))?;
+        Ok(family)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Aborts every communicator of the family at once; `why` is what later calls report.
+    fn abort_all(&self, why: String) {
+        self.why
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
         self.aborted.store(true, Ordering::SeqCst);
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        abort_slots(slots);
+        let handles = self
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        abort_handles(handles);
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::SeqCst)
+    }
+
+    fn why(&self) -> String {
+        self.why
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "aborted".into())
+    }
+}
+
+/// The watchdog of a family: a NCCL call that does not return within `timeout` (it blocks on
+/// the host, e.g. connecting to a peer that died) cannot be ended by the thread inside it, so
+/// this thread aborts the family, which makes the call return. Ends with the family.
+fn watch(family: Weak<Family>, timeout: Duration) {
+    let tick = (timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        std::thread::sleep(tick);
+        let Some(f) = family.upgrade() else { return };
+        if f.is_aborted() {
+            return;
+        }
+        let now = f.now_ms();
+        let stuck = f
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|h| {
+                let since = h.busy_since.load(Ordering::SeqCst);
+                since != 0 && now.saturating_sub(since - 1) > limit
+            });
+        if stuck {
+            f.abort_all(format!(
+                "a NCCL call blocked for more than {timeout:?} (a peer is gone or stuck; the \
+                 communicators of this group are aborted)"
+            ));
+            return;
+        }
     }
 }
 
 /// A NCCL communicator for this process's GPU.
 pub struct NcclComm {
-    comm: Slot,
+    handle: Arc<Handle>,
     family: Arc<Family>,
     backend: Arc<CudaBackend>,
     /// The stream the collectives run on.
@@ -108,22 +248,16 @@ pub struct NcclComm {
     timeout: Duration,
 }
 
-// SAFETY: a NCCL communicator may be used from any thread, one call at a time; every use goes
-// through the mutex.
-unsafe impl Send for NcclComm {}
-// SAFETY: as above.
-unsafe impl Sync for NcclComm {}
-
 impl Drop for NcclComm {
     fn drop(&mut self) {
         self.family
-            .slots
+            .handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|s| !Arc::ptr_eq(s, &self.comm));
+            .retain(|h| !Arc::ptr_eq(h, &self.handle));
         // On a thread of its own and waited for a bounded time: a stuck kernel of another
         // communicator of the family would block this abort.
-        abort_slots(vec![self.comm.clone()]);
+        abort_handles(vec![self.handle.clone()]);
     }
 }
 
@@ -139,20 +273,125 @@ impl std::fmt::Debug for NcclComm {
     }
 }
 
-/// What one NCCL call returns.
-type NcclResult = Result<nccl::result::NcclStatus, nccl::result::NcclError>;
+/// A NCCL result code with NCCL's own words for it.
+fn describe(r: sys::ncclResult_t) -> String {
+    // SAFETY: ncclGetErrorString returns a static string (or null) for any code.
+    let text = unsafe { sys::ncclGetErrorString(r) };
+    if text.is_null() {
+        return format!("{r:?}");
+    }
+    // SAFETY: a non-null result is a NUL-terminated static string.
+    let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    format!("{r:?} ({text})")
+}
 
-fn nccl_err(op: &str) -> impl Fn(nccl::result::NcclError) -> CommError + '_ {
-    move |e| CommError::Mismatch {
-        op: op.to_string(),
-        msg: format!("NCCL: {e:?}"),
+/// Whether a NCCL error leaves the communicator unusable (NCCL's error handling guide: every
+/// error but a bad argument or a bad use of the API is fatal to the communicator).
+fn is_fatal(r: sys::ncclResult_t) -> bool {
+    !matches!(
+        r,
+        sys::ncclResult_t::ncclInvalidArgument | sys::ncclResult_t::ncclInvalidUsage
+    )
+}
+
+/// The stream in the type NCCL takes.
+fn nccl_stream(stream: &CudaStream) -> sys::cudaStream_t {
+    stream.cu_stream() as sys::cudaStream_t
+}
+
+/// `buf` summed over the ranks in place, queued on `stream`.
+fn sum_in_place<T: NcclType, B: DevicePtrMut<T>>(
+    comm: sys::ncclComm_t,
+    stream: &CudaStream,
+    buf: &mut B,
+) -> std::result::Result<(), NcclError> {
+    let n = buf.len();
+    // `stream` waits for earlier uses of `buf`; `_written` marks the write once queued.
+    let (p, _written) = buf.device_ptr_mut(stream);
+    // SAFETY: `p` is a live device buffer of `n` values of `T`, ordered on `stream`.
+    unsafe {
+        sys::ncclAllReduce(
+            p as *const c_void,
+            p as *mut c_void,
+            n,
+            T::as_nccl_type(),
+            sys::ncclRedOp_t::ncclSum,
+            comm,
+            nccl_stream(stream),
+        )
+    }
+    .result()
+    .map(|_| ())
+}
+
+/// Every rank's `src` concatenated in rank order into `dst` (the caller checks that `dst` holds
+/// `src.len()` values per rank), queued on `stream`.
+fn gather<T: NcclType>(
+    comm: sys::ncclComm_t,
+    stream: &CudaStream,
+    src: &impl DevicePtr<T>,
+    dst: &mut impl DevicePtrMut<T>,
+) -> std::result::Result<(), NcclError> {
+    let n = src.len();
+    let (s, _read) = src.device_ptr(stream);
+    let (d, _written) = dst.device_ptr_mut(stream);
+    // SAFETY: live device buffers ordered on `stream`, `dst` of `n` values per rank.
+    unsafe {
+        sys::ncclAllGather(
+            s as *const c_void,
+            d as *mut c_void,
+            n,
+            T::as_nccl_type(),
+            comm,
+            nccl_stream(stream),
+        )
+    }
+    .result()
+    .map(|_| ())
+}
+
+/// One collective of a group, on `n` f32 at device address `p`.
+type GroupOp = fn(sys::ncclComm_t, sys::cudaStream_t, u64, usize, i32) -> sys::ncclResult_t;
+
+fn group_sum(
+    comm: sys::ncclComm_t,
+    s: sys::cudaStream_t,
+    p: u64,
+    n: usize,
+    _root: i32,
+) -> sys::ncclResult_t {
+    // SAFETY: the caller passes a live device buffer of `n` f32, ordered on `s`.
+    unsafe {
+        sys::ncclAllReduce(
+            p as *const c_void,
+            p as *mut c_void,
+            n,
+            sys::ncclDataType_t::ncclFloat32,
+            sys::ncclRedOp_t::ncclSum,
+            comm,
+            s,
+        )
     }
 }
 
-fn cuda_err(op: &str) -> impl Fn(simclr_kernels::cuda::GpuError) -> CommError + '_ {
-    move |e| CommError::Mismatch {
-        op: op.to_string(),
-        msg: format!("CUDA: {e}"),
+fn group_broadcast(
+    comm: sys::ncclComm_t,
+    s: sys::cudaStream_t,
+    p: u64,
+    n: usize,
+    root: i32,
+) -> sys::ncclResult_t {
+    // SAFETY: the caller passes a live device buffer of `n` f32, ordered on `s`.
+    unsafe {
+        sys::ncclBroadcast(
+            p as *const c_void,
+            p as *mut c_void,
+            n,
+            sys::ncclDataType_t::ncclFloat32,
+            root,
+            comm,
+            s,
+        )
     }
 }
 
@@ -178,8 +417,13 @@ impl NcclComm {
         }
         let (rank, world) = (bootstrap.rank(), bootstrap.world_size());
         let mine: Vec<u8> = if rank == 0 {
-            let id = Id::new().map_err(|e| NnError::Cuda(format!("ncclGetUniqueId: {e:?}")))?;
-            id.internal().iter().map(|&c| c as u8).collect()
+            let id = nccl::result::get_uniqueid().map_err(|e| CommError::Nccl {
+                rank,
+                world,
+                op: "ncclGetUniqueId".into(),
+                why: format!("NCCL error: {}", describe(e.0)),
+            })?;
+            id.internal.iter().map(|&c| c as u8).collect()
         } else {
             Vec::new()
         };
@@ -193,7 +437,7 @@ impl NcclComm {
             .into());
         }
         let stream = backend.gpu().stream().clone();
-        let family = Arc::new(Family::default());
+        let family = Family::start(timeout)?;
         Self::init(backend, stream, family, rank, world, id_bytes, timeout)
     }
 
@@ -208,61 +452,64 @@ impl NcclComm {
         id_bytes: &[u8],
         timeout: Duration,
     ) -> Result<Self> {
-        let mut internal = [0 as std::ffi::c_char; 128];
-        for (d, &s) in internal.iter_mut().zip(id_bytes) {
+        let op = "ncclCommInitRank";
+        let fail = |why: String| -> NnError {
+            CommError::Nccl {
+                rank,
+                world,
+                op: op.into(),
+                why,
+            }
+            .into()
+        };
+        let (Ok(nranks), Ok(me)) = (i32::try_from(world), i32::try_from(rank)) else {
+            return Err(fail(format!(
+                "rank {rank} of {world} is beyond NCCL's range"
+            )));
+        };
+        let mut id = sys::ncclUniqueId { internal: [0; 128] };
+        for (d, &s) in id.internal.iter_mut().zip(id_bytes) {
             *d = s as std::ffi::c_char;
         }
         let (tx, rx) = mpsc::channel();
         let ctx = backend.gpu().context().clone();
-        let init_stream = stream.clone();
         std::thread::Builder::new()
             .name(format!("nccl-init-{rank}"))
             .spawn(move || {
                 let made = ctx
                     .bind_to_thread()
-                    .map_err(|e| format!("{e:?}"))
+                    .map_err(|e| format!("CUDA error: {}", GpuError::from(e)))
                     .and_then(|_| {
-                        Comm::from_rank(init_stream, rank, world, Id::uninit(internal))
-                            .map(|c| SendComm(Some(c)))
-                            .map_err(|e| format!("{e:?}"))
+                        let mut raw: sys::ncclComm_t = std::ptr::null_mut();
+                        // SAFETY: `raw` is a valid place for the new handle.
+                        unsafe { nccl::result::comm_init_rank(&mut raw, nranks, id, me) }
+                            .map(|_| Handle::new(raw))
+                            .map_err(|e| format!("NCCL error: {}", describe(e.0)))
                     });
-                // If the caller gave up waiting, the communicator is aborted here (dropped).
+                // If the caller gave up waiting, the handle is aborted where it is dropped.
                 let _ = tx.send(made);
             })
             .map_err(|e| NnError::Cuda(format!("cannot start the NCCL init thread: {e}")))?;
-        let comm = match rx.recv_timeout(timeout) {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                return Err(NnError::Cuda(format!(
-                    "ncclCommInitRank (rank {rank} of {world}): {e}"
-                )))
-            }
+        let handle = match rx.recv_timeout(timeout) {
+            Ok(Ok(h)) => Arc::new(h),
+            Ok(Err(why)) => return Err(fail(why)),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(NnError::Cuda(format!(
-                    "ncclCommInitRank (rank {rank} of {world}): the init thread panicked"
-                )))
+                return Err(fail("the init thread panicked".into()))
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                return Err(CommError::Nccl {
-                    rank,
-                    world,
-                    op: "ncclCommInitRank".into(),
-                    why: format!(
-                        "not complete after {timeout:?}: a peer died or never reached its own \
-                         init (the init thread is left behind)"
-                    ),
-                }
-                .into())
+                return Err(fail(format!(
+                    "not complete after {timeout:?}: a peer died or never reached its own init \
+                     (the init thread is left behind)"
+                )))
             }
         };
-        let slot: Slot = Arc::new(Mutex::new(Some(comm)));
         family
-            .slots
+            .handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(slot.clone());
+            .push(handle.clone());
         let nccl = NcclComm {
-            comm: slot,
+            handle,
             family,
             backend,
             stream,
@@ -270,8 +517,9 @@ impl NcclComm {
             world,
             timeout,
         };
-        // NCCL connects its peers lazily, inside the first collectives, and allocates its
-        // buffers then: do it now, under the timeout, before the first step.
+        // Unless NCCL_RUNTIME_CONNECT=0, NCCL connects its peers lazily, inside the first
+        // collectives, and allocates its buffers then: do it now, under the timeout, before
+        // the first step.
         let mut probe = nccl.backend.scratch_zeroed::<f32>(1)?;
         nccl.all_reduce_device_f32(&mut probe)?;
         Ok(nccl)
@@ -287,90 +535,151 @@ impl NcclComm {
         &self.backend
     }
 
+    fn fail(&self, op: &str, why: String) -> CommError {
+        CommError::Nccl {
+            rank: self.rank,
+            world: self.world,
+            op: op.into(),
+            why,
+        }
+    }
+
+    fn cuda_fail(&self, op: &str, e: DriverError) -> CommError {
+        self.fail(op, format!("CUDA error: {}", GpuError::from(e)))
+    }
+
+    fn aborted(&self, op: &str) -> CommError {
+        self.fail(
+            op,
+            format!(
+                "the communicators of this group were aborted: {}",
+                self.family.why()
+            ),
+        )
+    }
+
     /// Runs `f` with the communicator and records an event after what it queued.
     fn launch<T>(
         &self,
         op: &str,
-        f: impl FnOnce(&Comm) -> Result<T, CommError>,
+        f: impl FnOnce(sys::ncclComm_t, &CudaStream) -> std::result::Result<T, NcclError>,
     ) -> Result<(T, CudaEvent), CommError> {
         let out = self.enqueue(op, f)?;
         let event = self
             .stream
             .record_event(None)
-            .map_err(|e| cuda_err(op)(e.into()))?;
+            .map_err(|e| self.cuda_fail(op, e))?;
         Ok((out, event))
     }
 
-    /// Runs `f` with the communicator (which queues its collectives on the stream).
+    /// Runs `f` (which queues NCCL calls on the stream) with the communicator, one thread at a
+    /// time, under the watchdog.
     fn enqueue<T>(
         &self,
         op: &str,
-        f: impl FnOnce(&Comm) -> Result<T, CommError>,
+        f: impl FnOnce(sys::ncclComm_t, &CudaStream) -> std::result::Result<T, NcclError>,
     ) -> Result<T, CommError> {
-        let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-        let comm = guard.as_ref().and_then(|c| c.0.as_ref());
-        let Some(comm) = comm.filter(|_| !self.family.aborted.load(Ordering::SeqCst)) else {
-            return Err(CommError::Nccl {
-                rank: self.rank,
-                world: self.world,
-                op: op.into(),
-                why: "an earlier collective timed out and the communicator was aborted".into(),
-            });
-        };
+        let _serial = self.handle.calls.lock().unwrap_or_else(|e| e.into_inner());
+        if self.family.is_aborted() {
+            return Err(self.aborted(op));
+        }
         self.backend
             .gpu()
             .context()
             .bind_to_thread()
-            .map_err(|e| cuda_err(op)(e.into()))?;
-        f(comm)
+            .map_err(|e| self.cuda_fail(op, e))?;
+        self.handle
+            .busy_since
+            .store(self.family.now_ms() + 1, Ordering::SeqCst);
+        let out = self.handle.with(|raw| f(raw, &self.stream));
+        self.handle.busy_since.store(0, Ordering::SeqCst);
+        // An abort during the call (the watchdog's) is what ended it: report that.
+        if self.family.is_aborted() {
+            return Err(self.aborted(op));
+        }
+        match out {
+            None => Err(self.aborted(op)),
+            Some(Ok(v)) => Ok(v),
+            Some(Err(e)) => {
+                let why = format!("NCCL error: {}", describe(e.0));
+                if is_fatal(e.0) {
+                    self.family.abort_all(format!(
+                        "{op} on rank {} of {} failed with {why}",
+                        self.rank, self.world
+                    ));
+                }
+                Err(self.fail(op, why))
+            }
+        }
     }
 
     /// Runs `f` with the communicator, then waits for what it queued.
     fn run<T>(
         &self,
         op: &str,
-        f: impl FnOnce(&Comm) -> Result<T, CommError>,
+        f: impl FnOnce(sys::ncclComm_t, &CudaStream) -> std::result::Result<T, NcclError>,
     ) -> Result<T, CommError> {
         let (out, event) = self.launch(op, f)?;
         self.wait_event(op, &event)?;
         Ok(out)
     }
 
-    /// Polls `event` up to the timeout; on timeout this communicator and its duplicates are
-    /// aborted and every later call fails.
+    /// NCCL's asynchronous error of this communicator, if it has one (a peer's connection
+    /// closed, a network failure).
+    fn async_error(&self) -> Option<sys::ncclResult_t> {
+        self.handle
+            .with(|raw| {
+                let mut state = sys::ncclResult_t::ncclSuccess;
+                // SAFETY: `raw` is live while `with` runs; `state` is a valid place.
+                let call = unsafe { sys::ncclCommGetAsyncError(raw, &mut state) };
+                match (call, state) {
+                    (
+                        sys::ncclResult_t::ncclSuccess,
+                        sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress,
+                    ) => None,
+                    (sys::ncclResult_t::ncclSuccess, e) => Some(e),
+                    (e, _) => Some(e),
+                }
+            })
+            .flatten()
+    }
+
+    /// Polls `event` (and NCCL's asynchronous error) up to the timeout; on an error or the
+    /// timeout this communicator and its duplicates are aborted and every later call fails.
     fn wait_event(&self, op: &str, event: &CudaEvent) -> Result<(), CommError> {
         let start = Instant::now();
-        let aborted = || CommError::Nccl {
-            rank: self.rank,
-            world: self.world,
-            op: op.into(),
-            why: "the communicators were aborted after a collective timed out".into(),
-        };
         loop {
-            if self.family.aborted.load(Ordering::SeqCst) {
-                return Err(aborted());
+            if self.family.is_aborted() {
+                return Err(self.aborted(op));
             }
             match event.try_is_complete() {
                 // An abort releases stuck kernels too: only a completion before it counts.
-                Ok(true) if self.family.aborted.load(Ordering::SeqCst) => return Err(aborted()),
+                Ok(true) if self.family.is_aborted() => return Err(self.aborted(op)),
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
-                Err(e) => return Err(cuda_err(op)(e.into())),
+                Err(e) => return Err(self.cuda_fail(op, e)),
+            }
+            // A peer whose process died shows here at once (its connection closed), long
+            // before the timeout; the collective would otherwise wait for it until then.
+            if let Some(e) = self.async_error() {
+                let why = format!(
+                    "NCCL reported {} (a peer is gone or the network failed; NCCL does not say \
+                     which peer; the communicators of this group are aborted)",
+                    describe(e)
+                );
+                self.family.abort_all(why.clone());
+                return Err(self.fail(op, why));
             }
             let waited = start.elapsed();
             if waited > self.timeout {
+                let why = format!(
+                    "not complete after {:?}: a peer is gone or stuck (NCCL does not say which; \
+                     the communicators of this group are aborted)",
+                    self.timeout
+                );
                 // Aborting the communicators also releases the stuck kernels.
-                self.family.abort_all();
-                return Err(CommError::Nccl {
-                    rank: self.rank,
-                    world: self.world,
-                    op: op.into(),
-                    why: format!(
-                        "not complete after {:?}: a peer is gone or stuck (the communicators \
-                         of this group are aborted)",
-                        self.timeout
-                    ),
-                });
+                self.family.abort_all(format!("{op}: {why}"));
+                return Err(self.fail(op, why));
             }
             // Most collectives finish within a millisecond: spin first, then sleep.
             if waited < Duration::from_millis(2) {
@@ -383,12 +692,7 @@ impl NcclComm {
 
     /// Sums `buf` over the ranks in place, on the device.
     pub fn all_reduce_device_f32(&self, buf: &mut CudaSlice<f32>) -> Result<(), CommError> {
-        let op = "all_reduce (device)";
-        self.run(op, |c| {
-            c.all_reduce_in_place(buf, &ReduceOp::Sum)
-                .map(|_| ())
-                .map_err(nccl_err(op))
-        })
+        self.run("all_reduce (device)", |c, s| sum_in_place(c, s, buf))
     }
 
     /// Copies rank `root`'s buffers to every rank, in place on the device, as one NCCL group
@@ -410,7 +714,7 @@ impl NcclComm {
                     self.world_size()
                 ),
             })?;
-        let event = self.launch_group(op, bufs, |c, b| c.broadcast_in_place(b, root))?;
+        let event = self.launch_group(op, bufs, group_broadcast, root)?;
         self.wait_event(op, &event)
     }
 
@@ -419,11 +723,8 @@ impl NcclComm {
     /// read: no round trip through the host). A peer that never comes is caught by the next
     /// collective that is waited for, which queues behind this one.
     pub fn queue_all_reduce_device_f64(&self, buf: &mut CudaSlice<f64>) -> Result<(), CommError> {
-        let op = "all_reduce (device, queued)";
-        self.enqueue(op, |c| {
-            c.all_reduce_in_place(buf, &ReduceOp::Sum)
-                .map(|_| ())
-                .map_err(nccl_err(op))
+        self.enqueue("all_reduce (device, queued)", |c, s| {
+            sum_in_place(c, s, buf)
         })
     }
 
@@ -436,7 +737,7 @@ impl NcclComm {
         let event = self
             .stream
             .record_event(None)
-            .map_err(|e| cuda_err(op)(e.into()))?;
+            .map_err(|e| self.cuda_fail(op, e))?;
         self.wait_event(op, &event)
     }
 
@@ -458,9 +759,7 @@ impl NcclComm {
                 ),
             });
         }
-        self.run(op, |c| {
-            c.all_gather(src, dst).map(|_| ()).map_err(nccl_err(op))
-        })
+        self.run(op, |c, s| gather(c, s, src, dst))
     }
 
     /// Sums every buffer of `bufs` over the ranks in place, as one NCCL group (NCCL fuses the
@@ -478,7 +777,7 @@ impl NcclComm {
         bufs: &mut [&mut CudaSlice<f32>],
     ) -> Result<NcclPending, CommError> {
         let op = "all_reduce (device, grouped)";
-        let event = self.launch_group(op, bufs, |c, b| c.all_reduce_in_place(b, &ReduceOp::Sum))?;
+        let event = self.launch_group(op, bufs, group_sum, 0)?;
         Ok(NcclPending { event, op })
     }
 
@@ -493,65 +792,60 @@ impl NcclComm {
         &self,
         op: &str,
         bufs: &mut [&mut CudaSlice<f32>],
-        each: impl Fn(&Comm, &mut CudaSlice<f32>) -> NcclResult,
+        each: GroupOp,
+        root: i32,
     ) -> Result<CudaEvent, CommError> {
-        let ((), event) = self.launch(op, |c| {
-            nccl::group_start().map_err(nccl_err(op))?;
-            let mut first_err = None;
+        let ((), event) = self.launch(op, |c, stream| {
+            // The stream waits for earlier uses of every buffer here; the guards record the
+            // buffers' writes when dropped, after group_end, which is where the grouped
+            // collectives are queued, so a later use on another stream waits for them.
+            let mut guards = Vec::with_capacity(bufs.len());
+            let mut at = Vec::with_capacity(bufs.len());
             for b in bufs.iter_mut() {
-                if let Err(e) = each(c, b) {
+                let n = b.len();
+                let (p, written) = b.device_ptr_mut(stream);
+                at.push((p, n));
+                guards.push(written);
+            }
+            let s = nccl_stream(stream);
+            nccl::result::group_start()?;
+            let mut first_err = None;
+            for &(p, n) in &at {
+                if let Err(e) = each(c, s, p, n, root).result() {
                     first_err.get_or_insert(e);
                 }
             }
-            let end = nccl::group_end();
-            // The grouped collectives are queued at group_end, after the write events that
-            // cudarc recorded for each buffer: record them again, after the kernels, so that
-            // any later use of a buffer on another stream waits for them.
-            for b in bufs.iter_mut() {
-                let (_, _written) = b.device_ptr_mut(&self.stream);
+            let end = nccl::result::group_end();
+            drop(guards);
+            match first_err {
+                Some(e) => Err(e),
+                None => end.map(|_| ()),
             }
-            if let Some(e) = first_err {
-                return Err(nccl_err(op)(e));
-            }
-            end.map(|_| ()).map_err(nccl_err(op))
         })?;
         Ok(event)
     }
 
-    fn upload<T: simclr_kernels::cuda::cudarc::driver::DeviceRepr>(
-        &self,
-        v: &[T],
-        op: &str,
-    ) -> Result<CudaSlice<T>, CommError> {
-        self.backend.gpu().upload(v).map_err(cuda_err(op))
+    fn upload<T: DeviceRepr>(&self, v: &[T], op: &str) -> Result<CudaSlice<T>, CommError> {
+        self.stream.clone_htod(v).map_err(|e| self.cuda_fail(op, e))
     }
 
-    fn download<T: simclr_kernels::cuda::cudarc::driver::DeviceRepr + Default + Clone>(
-        &self,
-        v: &CudaSlice<T>,
-        op: &str,
-    ) -> Result<Vec<T>, CommError> {
-        self.backend.gpu().download(v).map_err(cuda_err(op))
+    /// `v` copied to the host, on this communicator's stream. Call it only after a wait for a
+    /// collective queued after everything else on the stream (so after [`NcclComm::run`]): the
+    /// copy's synchronisation then waits for the copy alone, not for work of a peer that may
+    /// never come, and the download is bounded like the wait before it.
+    fn download<T: DeviceRepr>(&self, v: &CudaSlice<T>, op: &str) -> Result<Vec<T>, CommError> {
+        self.stream.clone_dtoh(v).map_err(|e| self.cuda_fail(op, e))
     }
 
     fn all_reduce_host<T>(&self, buf: &mut [T], op: &str) -> Result<(), CommError>
     where
-        T: simclr_kernels::cuda::cudarc::driver::DeviceRepr
-            + simclr_kernels::cuda::cudarc::driver::ValidAsZeroBits
-            + nccl::NcclType
-            + Default
-            + Clone
-            + Copy,
+        T: DeviceRepr + ValidAsZeroBits + NcclType + Copy,
     {
         if buf.is_empty() {
             return self.barrier();
         }
         let mut d = self.upload(buf, op)?;
-        self.run(op, |c| {
-            c.all_reduce_in_place(&mut d, &ReduceOp::Sum)
-                .map(|_| ())
-                .map_err(nccl_err(op))
-        })?;
+        self.run(op, |c, s| sum_in_place(c, s, &mut d))?;
         buf.copy_from_slice(&self.download(&d, op)?);
         Ok(())
     }
@@ -571,15 +865,10 @@ impl Communicator for NcclComm {
     fn all_gather_bytes(&self, blob: &[u8], op: &str) -> Result<Vec<Vec<u8>>, CommError> {
         let len = self.upload(&[blob.len() as u64], op)?;
         let mut lens = self
-            .backend
-            .gpu()
-            .zeros::<u64>(self.world)
-            .map_err(cuda_err(op))?;
-        self.run(op, |c| {
-            c.all_gather(&len, &mut lens)
-                .map(|_| ())
-                .map_err(nccl_err(op))
-        })?;
+            .stream
+            .alloc_zeros::<u64>(self.world)
+            .map_err(|e| self.cuda_fail(op, e))?;
+        self.run(op, |c, s| gather(c, s, &len, &mut lens))?;
         let lens = self.download(&lens, op)?;
         let max = lens.iter().copied().max().unwrap_or(0) as usize;
         if max == 0 {
@@ -589,15 +878,10 @@ impl Communicator for NcclComm {
         padded.resize(max, 0);
         let mine = self.upload(&padded, op)?;
         let mut all = self
-            .backend
-            .gpu()
-            .zeros::<u8>(max * self.world)
-            .map_err(cuda_err(op))?;
-        self.run(op, |c| {
-            c.all_gather(&mine, &mut all)
-                .map(|_| ())
-                .map_err(nccl_err(op))
-        })?;
+            .stream
+            .alloc_zeros::<u8>(max * self.world)
+            .map_err(|e| self.cuda_fail(op, e))?;
+        self.run(op, |c, s| gather(c, s, &mine, &mut all))?;
         let all = self.download(&all, op)?;
         Ok(lens
             .iter()
@@ -621,13 +905,9 @@ impl Communicator for NcclComm {
     fn duplicate(&self) -> Result<Arc<dyn Communicator>, CommError> {
         let op = "duplicate";
         let mine: Vec<u8> = if self.rank == 0 {
-            let id = Id::new().map_err(|e| CommError::Nccl {
-                rank: self.rank,
-                world: self.world,
-                op: op.into(),
-                why: format!("ncclGetUniqueId: {e:?}"),
-            })?;
-            id.internal().iter().map(|&c| c as u8).collect()
+            let id = nccl::result::get_uniqueid()
+                .map_err(|e| self.fail(op, format!("ncclGetUniqueId: {}", describe(e.0))))?;
+            id.internal.iter().map(|&c| c as u8).collect()
         } else {
             Vec::new()
         };
@@ -640,19 +920,14 @@ impl Communicator for NcclComm {
         }
         let as_comm = |e: NnError| match e {
             NnError::Comm(c) => c,
-            other => CommError::Nccl {
-                rank: self.rank,
-                world: self.world,
-                op: op.into(),
-                why: other.to_string(),
-            },
+            other => self.fail(op, other.to_string()),
         };
         let stream = self
             .backend
             .gpu()
             .context()
             .new_stream()
-            .map_err(|e| cuda_err(op)(e.into()))?;
+            .map_err(|e| self.cuda_fail(op, e))?;
         let dup = Self::init(
             self.backend.clone(),
             stream,
@@ -676,4 +951,26 @@ impl Communicator for NcclComm {
 pub struct NcclPending {
     event: CudaEvent,
     op: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_bad_arguments_leave_a_communicator_usable() {
+        assert!(!is_fatal(sys::ncclResult_t::ncclInvalidArgument));
+        assert!(!is_fatal(sys::ncclResult_t::ncclInvalidUsage));
+        assert!(is_fatal(sys::ncclResult_t::ncclRemoteError));
+        assert!(is_fatal(sys::ncclResult_t::ncclSystemError));
+    }
+
+    #[test]
+    fn an_aborted_handle_is_never_used_again() {
+        // A null handle stands for one already aborted: no NCCL call is made.
+        let h = Handle::new(std::ptr::null_mut());
+        assert_eq!(h.with(|_| 1), None);
+        h.abort();
+        assert_eq!(h.users.load(Ordering::SeqCst), 0);
+    }
 }

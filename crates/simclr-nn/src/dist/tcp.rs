@@ -23,7 +23,7 @@ pub struct RendezvousConfig {
     pub world_size: usize,
     /// Host of rank 0 (`MASTER_ADDR`).
     pub host: String,
-    /// Port rank 0 listens on (`MASTER_PORT`).
+    /// Port rank 0 listens on (see [`rendezvous_port`]).
     pub port: u16,
     /// How long the rendezvous may take before every rank gives up.
     pub rendezvous_timeout: Duration,
@@ -34,8 +34,9 @@ pub struct RendezvousConfig {
 impl RendezvousConfig {
     /// From the environment, as `torchrun` sets it (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`,
     /// `MASTER_PORT`) or as SLURM does (`SLURM_PROCID`, `SLURM_NTASKS`, and `MASTER_ADDR` or the
-    /// first host of `SLURM_JOB_NODELIST`; `MASTER_PORT` or 29500). `None` when neither is set
-    /// (a single-process run).
+    /// first host of `SLURM_JOB_NODELIST`; `MASTER_PORT` or 29500). The port is chosen by
+    /// [`rendezvous_port`] (`SIMCLR_RENDEZVOUS_PORT` overrides it; under torchrun it is
+    /// `MASTER_PORT + 1`). `None` when neither is set (a single-process run).
     pub fn from_env() -> Result<Option<RendezvousConfig>, CommError> {
         Self::from_vars(|k| std::env::var(k).ok())
     }
@@ -86,12 +87,7 @@ impl RendezvousConfig {
                 }
             },
         };
-        let port = match var("MASTER_PORT") {
-            Some(p) => p.trim().parse().map_err(|_| {
-                CommError::Rendezvous(format!("MASTER_PORT={p:?} is not a port number"))
-            })?,
-            None => 29500,
-        };
+        let port = rendezvous_port(&var)?;
         let timeout = default_timeout();
         Ok(Some(RendezvousConfig {
             rank,
@@ -102,6 +98,49 @@ impl RendezvousConfig {
             timeout,
         }))
     }
+}
+
+/// The variable that overrides the port rank 0 listens on for the rendezvous; every rank must
+/// see the same value.
+pub const RENDEZVOUS_PORT_VAR: &str = "SIMCLR_RENDEZVOUS_PORT";
+
+/// The port of the rendezvous, from the environment variables that `var` looks up:
+///
+/// - `SIMCLR_RENDEZVOUS_PORT` when set;
+/// - else `MASTER_PORT + 1` when `TORCHELASTIC_USE_AGENT_STORE` is true: torchrun's elastic agent
+///   on the master node already listens on `MASTER_PORT` with its own TCPStore (the static
+///   rendezvous creates it there, the c10d one shares its store and names its port as
+///   `MASTER_PORT`), and tells its workers so through that variable, so rank 0 cannot bind
+///   `MASTER_PORT`; the next port is free unless something else holds it;
+/// - else `MASTER_PORT` (set by `simclr launch`, or by hand under SLURM), or 29500.
+pub fn rendezvous_port(var: impl Fn(&str) -> Option<String>) -> Result<u16, CommError> {
+    let parse = |k: &str, v: &str| -> Result<u16, CommError> {
+        v.trim()
+            .parse()
+            .map_err(|_| CommError::Rendezvous(format!("{k}={v:?} is not a port number")))
+    };
+    if let Some(v) = var(RENDEZVOUS_PORT_VAR).filter(|v| !v.trim().is_empty()) {
+        return parse(RENDEZVOUS_PORT_VAR, &v);
+    }
+    let master = match var("MASTER_PORT") {
+        Some(v) => parse("MASTER_PORT", &v)?,
+        None => 29500,
+    };
+    let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "true" | "1" | "yes" | "on"
+        )
+    });
+    if !agent_store {
+        return Ok(master);
+    }
+    master.checked_add(1).ok_or_else(|| {
+        CommError::Rendezvous(format!(
+            "torchrun's agent holds MASTER_PORT={master} and the next port does not exist: set \
+             {RENDEZVOUS_PORT_VAR} to a free port (the same for every rank)"
+        ))
+    })
 }
 
 /// The first host of a SLURM node list: `node[03-05,07],gpu1` gives `node03`.
@@ -197,13 +236,24 @@ fn listen(addr: SocketAddr) -> Result<TcpListener, CommError> {
     } else {
         addr
     };
-    let listener = TcpListener::bind(bind).map_err(|e| {
-        CommError::Rendezvous(format!("rank 0 cannot listen on port {}: {e}", addr.port()))
-    })?;
+    let listener = TcpListener::bind(bind).map_err(|e| bind_error(addr.port(), &e))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| CommError::Rendezvous(e.to_string()))?;
     Ok(listener)
+}
+
+/// Why rank 0 cannot listen on `port`; a port in use names the way out.
+fn bind_error(port: u16, e: &std::io::Error) -> CommError {
+    if e.kind() == ErrorKind::AddrInUse {
+        CommError::Rendezvous(format!(
+            "rank 0 cannot listen on port {port}: it is in use by another process (under \
+             torchrun, its agent's store holds MASTER_PORT); set {RENDEZVOUS_PORT_VAR} to a free \
+             port, the same for every rank"
+        ))
+    } else {
+        CommError::Rendezvous(format!("rank 0 cannot listen on port {port}: {e}"))
+    }
 }
 
 fn accept_all(
@@ -727,5 +777,74 @@ mod tests {
         assert!(e.to_string().contains("RANK=\"x\""), "{e}");
         assert_eq!(first_host("a1,b2").unwrap(), "a1");
         assert!(first_host("n[x-1]").is_err());
+    }
+
+    fn vars<'a>(pairs: &'a [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn the_rendezvous_port_steps_aside_from_torchruns_agent_store() {
+        let port = |pairs: &[(&'static str, &'static str)]| rendezvous_port(vars(pairs));
+        assert_eq!(port(&[]).unwrap(), 29500);
+        assert_eq!(port(&[("MASTER_PORT", "1234")]).unwrap(), 1234);
+        // torchrun: its agent's store is on MASTER_PORT.
+        for yes in ["True", "true", "1"] {
+            let p = port(&[
+                ("MASTER_PORT", "1234"),
+                ("TORCHELASTIC_USE_AGENT_STORE", yes),
+            ]);
+            assert_eq!(p.unwrap(), 1235, "{yes}");
+        }
+        let p = port(&[
+            ("MASTER_PORT", "1234"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "False"),
+        ]);
+        assert_eq!(p.unwrap(), 1234);
+        // The override wins, under torchrun or not.
+        let p = port(&[
+            ("MASTER_PORT", "1234"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("SIMCLR_RENDEZVOUS_PORT", "4000"),
+        ]);
+        assert_eq!(p.unwrap(), 4000);
+        assert_eq!(port(&[("SIMCLR_RENDEZVOUS_PORT", "4000")]).unwrap(), 4000);
+        let e = port(&[("SIMCLR_RENDEZVOUS_PORT", "x")]).unwrap_err();
+        assert!(
+            e.to_string().contains("SIMCLR_RENDEZVOUS_PORT=\"x\""),
+            "{e}"
+        );
+        let e = port(&[
+            ("MASTER_PORT", "65535"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("SIMCLR_RENDEZVOUS_PORT"), "{e}");
+        // The whole configuration under torchrun.
+        let c = RendezvousConfig::from_vars(vars(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.port, 29501);
+    }
+
+    #[test]
+    fn a_port_in_use_is_named_with_the_way_out() {
+        let held = TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let e = TcpComm::connect(&cfg(0, 2, port, Duration::from_secs(1))).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("port {port}")), "{msg}");
+        assert!(msg.contains("SIMCLR_RENDEZVOUS_PORT"), "{msg}");
     }
 }
