@@ -179,11 +179,15 @@ enum Command {
     /// processes, one replica each, with global batch norm and negatives gathered from every
     /// replica (`simclr launch --procs 4 -- pretrain --preset quickstart`). With
     /// `train.device = auto` each process takes the GPU of its `LOCAL_RANK` when there is one
-    /// (and the replicas then talk through NCCL), so `--gpus N` is the same option.
+    /// (and the replicas then talk through NCCL); `--gpus N` does the same after checking that
+    /// the machine has N GPUs.
     Launch {
         /// Number of processes (replicas); `train.batch_size` must divide among them.
-        #[arg(long, visible_alias = "gpus")]
-        procs: usize,
+        #[arg(long, required_unless_present = "gpus", conflicts_with = "gpus")]
+        procs: Option<usize>,
+        /// Number of processes, one per GPU: fails at once unless this machine has that many.
+        #[arg(long)]
+        gpus: Option<usize>,
         /// Rendezvous port of rank 0 (default: a free one).
         #[arg(long)]
         port: Option<u16>,
@@ -313,8 +317,20 @@ fn run(cli: Cli) -> Result<()> {
             };
             train_loop(&mut trainer)?;
         }
-        Command::Launch { procs, port, args } => {
-            simclr_cli::launch::launch(procs, port, &args, &INTERRUPTED)?
+        Command::Launch {
+            procs,
+            gpus,
+            port,
+            args,
+        } => {
+            let replicas = match (procs, gpus) {
+                (_, Some(n)) => simclr_cli::launch::Replicas::Gpus(n),
+                (Some(n), None) => simclr_cli::launch::Replicas::Procs(n),
+                (None, None) => {
+                    return Err(CliError::Usage("launch needs --procs N or --gpus N".into()))
+                }
+            };
+            simclr_cli::launch::launch(replicas, port, &args, &INTERRUPTED)?
         }
         Command::Train { config } => {
             let cfg = config.build(Some("quickstart"))?;

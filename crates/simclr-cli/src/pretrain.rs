@@ -633,27 +633,59 @@ impl Trainer {
 }
 
 /// The device of `train.device` for this rank. `auto` and `cuda` take the GPU of the rank's
-/// `LOCAL_RANK` (or SLURM's `SLURM_LOCALID`), modulo the GPUs present, so the processes of one
+/// `LOCAL_RANK` (or SLURM's `SLURM_LOCALID`) as [`local_gpu`] chooses it, so the processes of one
 /// node spread over its GPUs; `auto` falls back to the CPU when CUDA cannot be used.
 pub fn train_device(spec: &str) -> Result<Device> {
     if spec != "auto" && spec != "cuda" {
         return Ok(spec.parse::<Device>()?);
     }
     let count = simclr_nn::cuda::device_count();
+    if count == 0 {
+        // `cuda` without a GPU fails where the device is opened, with the driver's reason.
+        return Ok(if spec == "cuda" {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        });
+    }
     let local = ["LOCAL_RANK", "SLURM_LOCALID"]
         .iter()
-        .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
-        .unwrap_or(0);
-    let mine = Device::Cuda(local % count.max(1));
+        .find_map(|k| Some((*k, std::env::var(k).ok()?.trim().parse::<usize>().ok()?)));
+    let mine = match local {
+        Some((var, local)) => Device::Cuda(local_gpu(local, count, var)?),
+        None => Device::Cuda(0),
+    };
     if spec == "cuda" {
         return Ok(mine);
     }
     // Only this rank's GPU is opened (a context on GPU 0 from every rank would waste memory
     // and fail on exclusive-process GPUs).
-    if count > 0 && mine.ensure_usable().is_ok() {
+    if mine.ensure_usable().is_ok() {
         Ok(mine)
     } else {
         Ok(Device::Cpu)
+    }
+}
+
+/// The GPU (an index among the `count > 0` this process sees) of local rank `local`, read from
+/// the variable `var`: GPU `local` when there is one; GPU 0 when the process sees a single GPU
+/// (each rank given its own, as SLURM's `--gpus-per-task` or a `CUDA_VISIBLE_DEVICES` per rank
+/// do); else an error, since two ranks on one GPU would make NCCL's initialisation fail.
+pub fn local_gpu(local: usize, count: usize, var: &str) -> Result<usize> {
+    if local < count {
+        Ok(local)
+    } else if count == 1 {
+        Ok(0)
+    } else {
+        Err(CliError::Config {
+            source_name: "settings".into(),
+            msg: format!(
+                "train.device: {var}={local} but this process sees {count} GPUs (0 to {}): \
+                 start at most one process per GPU on each node, or give each process one GPU \
+                 of its own (SLURM --gpus-per-task=1, or CUDA_VISIBLE_DEVICES per rank)",
+                count - 1
+            ),
+        })
     }
 }
 
@@ -674,5 +706,21 @@ mod device_tests {
                 "no GPU: the CPU"
             );
         }
+    }
+
+    #[test]
+    fn each_local_rank_gets_a_gpu_of_its_own_or_an_error() {
+        // One process per GPU of the node.
+        assert_eq!(local_gpu(0, 4, "LOCAL_RANK").unwrap(), 0);
+        assert_eq!(local_gpu(3, 4, "LOCAL_RANK").unwrap(), 3);
+        // Each process sees only its own GPU (SLURM --gpus-per-task, CUDA_VISIBLE_DEVICES).
+        assert_eq!(local_gpu(0, 1, "SLURM_LOCALID").unwrap(), 0);
+        assert_eq!(local_gpu(5, 1, "SLURM_LOCALID").unwrap(), 0);
+        // More local ranks than GPUs: two would share one.
+        let e = local_gpu(4, 4, "LOCAL_RANK").unwrap_err().to_string();
+        assert!(e.contains("LOCAL_RANK=4"), "{e}");
+        assert!(e.contains("sees 4 GPUs"), "{e}");
+        let e = local_gpu(2, 2, "SLURM_LOCALID").unwrap_err().to_string();
+        assert!(e.contains("SLURM_LOCALID=2"), "{e}");
     }
 }
