@@ -4,7 +4,8 @@
 #   bash gpu-check/run.sh            (results under $OUT, or gpu-check/out)
 # SECTIONS picks what runs, in this order (default: all; torch-compile, last, gets what is left
 # of the budget):
-#   tests step torch-step kernels torch-kernels torch-compile
+#   tests step torch-step cli kernels torch-kernels torch-compile
+# (cli: `simclr train` end to end on the GPU, bf16 with GPU augmentation, quick-start preset)
 # e.g. SECTIONS="step torch-compile" for a second call that sets our step beside PyTorch's
 # torch.compile step.
 # QUICK=1 shrinks the benchmarks. The device tool brings back at most 8 files from $OUT, so
@@ -40,7 +41,7 @@ export NCCL_RUNTIME_CONNECT="${NCCL_RUNTIME_CONNECT:-0}"
 SIMCLR_REPO_ROOT="$(cd "$HERE/.." && pwd)"
 export SIMCLR_REPO_ROOT
 
-SECTIONS="${SECTIONS:-tests step torch-step kernels torch-kernels torch-compile}"
+SECTIONS="${SECTIONS:-tests step torch-step cli kernels torch-kernels torch-compile}"
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 LOG="$OUT/log.txt"
 
@@ -103,6 +104,15 @@ fi
 if [ -f "$OUT/step.json" ] && [ -f "$OUT/torch_step.json" ]; then
   header "training step: ours / PyTorch eager"
   "$PY" "$HERE/step_ratio.py" "$OUT/step.json" "$OUT/torch_step.json" 2>&1 | tee -a "$LOG"
+fi
+
+if want cli && [ -x "$HERE/bin/simclr" ]; then
+  header "simclr train on the GPU: quick-start preset, bf16, GPU augmentation (CPU: 97.2% top-1)"
+  RUN_DIR="$(mktemp -d)"
+  section "$LOG" 150 "$HERE/bin/simclr" train --preset quickstart --set train.device=cuda \
+    --set train.cuda_math=bf16 --set data.gpu_augment=true --set "output.dir=$RUN_DIR/quickstart" \
+    || status=1
+  [ -f "$RUN_DIR/quickstart/metrics.jsonl" ] && tail -3 "$RUN_DIR/quickstart/metrics.jsonl" | tee -a "$LOG"
 fi
 
 if want kernels; then

@@ -217,7 +217,21 @@ pub fn gpu_check(_args: &[String]) -> Result<(), String> {
         "--bench",
         "gpu_train_step",
     ]))?;
+    // The program itself, for an end-to-end run on the GPU (GPU augmentation, bf16, the
+    // linear evaluation).
+    let program = built_executables(cargo().args([
+        "build",
+        "--release",
+        "--message-format=json",
+        "-p",
+        "simclr-cli",
+        "--bin",
+        "simclr",
+    ]))?;
     let mut n = 0;
+    for (_, exe) in &program {
+        copy_exe(exe, &bin.join("simclr"))?;
+    }
     for (name, exe) in &tests {
         copy_exe(exe, &bin.join(format!("test-kernels-{name}")))?;
         n += 1;
@@ -234,9 +248,11 @@ pub fn gpu_check(_args: &[String]) -> Result<(), String> {
         copy_exe(exe, &bin.join(format!("bench-{name}")))?;
         n += 1;
     }
-    if n < 6 {
+    if n < 6 || program.is_empty() {
         return Err(format!(
-            "expected the 4 GPU test and 2 benchmark binaries, cargo built {n}"
+            "expected the 4 GPU test and 2 benchmark binaries and the simclr program, cargo \
+             built {n} and {} program(s)",
+            program.len()
         ));
     }
     let script = dir.join("run.sh");
