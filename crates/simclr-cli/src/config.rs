@@ -466,8 +466,8 @@ pub struct TrainConfig {
     /// chunk (a batch larger than memory allows; batch norm then normalises each chunk with its
     /// own statistics, and the online probe is off). 1: off.
     pub grad_cache_chunks: usize,
-    /// Where to train: `auto` (the GPU of this rank, `LOCAL_RANK`, when CUDA is usable, else
-    /// the CPU), `cpu`, `cuda` or `cuda:N`.
+    /// Where to train: `auto` (the GPU of this rank, the one of its `LOCAL_RANK` or the only
+    /// one it sees, when CUDA is usable, else the CPU), `cpu`, `cuda` or `cuda:N`.
     pub device: String,
     /// The precision of training on a GPU: `tf32` (TF32 tensor cores for the convolutions,
     /// PyTorch's default for cuDNN), `bf16` (mixed precision: bf16 tensor cores with f32
