@@ -464,6 +464,15 @@ pub(crate) struct BnTensors<'a> {
 #[derive(Default)]
 pub(crate) struct BnWorkspace(Option<(usize, BatchNormGpu)>);
 
+impl BnWorkspace {
+    /// Keeps `stats` for the layer's next training forward pass when nothing else holds them.
+    pub(crate) fn recycle(&mut self, stats: BnStats) {
+        if let (Ok(saved), Some((_, bn))) = (Arc::try_unwrap(stats), self.0.as_mut()) {
+            bn.recycle(saved);
+        }
+    }
+}
+
 impl Clone for BnWorkspace {
     fn clone(&self) -> Self {
         BnWorkspace(None)
@@ -603,9 +612,7 @@ pub(crate) fn batch_norm_backward(
         batch_norm_backward_of(x, dy, relu_out, &stats, count, gamma, grads, workspace, sync)
     )?;
     // Done with: the layer's next forward pass writes its statistics there.
-    if let (Ok(saved), Some((_, bn))) = (Arc::try_unwrap(stats), workspace.0.as_mut()) {
-        bn.recycle(saved);
-    }
+    workspace.recycle(stats);
     Ok(dx)
 }
 

@@ -175,6 +175,11 @@ impl BatchNorm {
     }
 
     fn forward_cuda(&mut self, x: &Tensor, train: bool) -> Result<Tensor> {
+        // Statistics no backward pass took (gradient caching's first pass, an evaluation after
+        // a training forward) serve this pass rather than new memory.
+        if let Some(stats) = self.saved.take().and_then(|mut s| s.stats.take_cuda()) {
+            self.workspace.recycle(stats);
+        }
         // Evaluation takes no collective: ranks may evaluate independently.
         let count = if train {
             self.global_rows(x.numel() / self.channels())?
