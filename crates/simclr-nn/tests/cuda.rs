@@ -630,6 +630,36 @@ fn cuda_steady_state_steps_take_no_new_device_memory() {
 }
 
 #[test]
+fn cuda_steady_gradient_caching_steps_allocate_nothing() {
+    let Some((dev, _turn)) = cuda_or_skip("cuda_steady_gradient_caching_steps_allocate_nothing")
+    else {
+        return;
+    };
+    let backend = CudaBackend::get(0).unwrap();
+    let views = t(&[16, 3, 32, 32], 14);
+    let mut m = SimClr::new(&tiny(Stem::ImageNet), dev, 6).unwrap();
+    let (mut lars, loss) = (
+        Lars::default(),
+        ContrastiveLoss::NtXent { temperature: 0.5 },
+    );
+    for _ in 0..2 {
+        train_step_cached(&mut m, &views, 4, &mut lars, 0.3, &loss).unwrap();
+    }
+    backend.synchronize().unwrap();
+    let before = backend.gpu().allocations();
+    for _ in 0..2 {
+        train_step_cached(&mut m, &views, 4, &mut lars, 0.3, &loss).unwrap();
+    }
+    backend.synchronize().unwrap();
+    let after = backend.gpu().allocations();
+    println!("device allocations before {before}, after {after}");
+    assert_eq!(
+        after, before,
+        "steady gradient-caching steps made device allocations"
+    );
+}
+
+#[test]
 fn cuda_tf32_and_bf16_convolutions_stay_close_to_f32() {
     let Some((dev, _turn)) = cuda_or_skip("cuda_tf32_and_bf16_convolutions_stay_close_to_f32")
     else {
