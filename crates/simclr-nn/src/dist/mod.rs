@@ -15,8 +15,10 @@
 //! what the rank sees: a [`TcpComm`] other than rank 0 talks to rank 0 alone, so it may report
 //! that rank 0 left (rank 0 stops when it sees the rank that died); NCCL says that a peer is gone
 //! or stuck, never which. With NCCL the timeout bounds the initialisation, every wait for a
-//! collective (an error NCCL reports ends it sooner) and NCCL calls blocked on the host (a
-//! watchdog aborts them); the communicators are aborted then, which releases their kernels.
+//! collective (an error NCCL reports ends it sooner) and NCCL calls blocked on the host; the
+//! communicators are aborted then, which releases their kernels, except that a call blocked on
+//! the host ends the process (with [`NcclComm::BLOCKED_EXIT_CODE`]), as NCCL cannot free a
+//! communicator under a call still inside it.
 //!
 //! - [`train_step_dp`]: the data-parallel training step (global batch norm, gathered negatives, the
 //!   gradient all-reduce).

@@ -10,9 +10,22 @@
 //! collective still running after the timeout ends it then. Either way this communicator and
 //! its duplicates are aborted, and every later call on them fails with [`CommError::Nccl`]. A
 //! NCCL call that blocks on the host (NCCL connecting to a dead peer inside a collective) is
-//! aborted by a watchdog thread once it has taken longer than the timeout. `ncclCommInitRank`
+//! found by a watchdog thread once it has taken longer than the timeout. `ncclCommInitRank`
 //! runs on a helper thread that is left behind if it does not return within the timeout (a peer
 //! died between the id exchange and its own init), so that too ends in an error, not a hang.
+//!
+//! `ncclCommAbort` frees the communicator without waiting for a call still inside it on another
+//! thread (the abort flag it raises wakes that call, which then uses freed memory). So an abort
+//! waits a moment for the calls inside to leave, and if one is still inside (blocked on a peer
+//! that is gone: the watchdog's case), the process ends with [`NcclComm::BLOCKED_EXIT_CODE`]
+//! after saying why, instead of freeing the communicator under it; the other ranks then see
+//! this rank leave within their own timeouts. A communicator dropped healthy is finalised, not
+//! aborted (an abort would cut off a peer's last collective still draining); one that is not
+//! finalised within the timeout is aborted under the same rule. Every teardown binds the
+//! communicator's CUDA context first (NCCL's teardown would otherwise touch GPU 0).
+//!
+//! The communicators are blocking ones, and `ncclInProgress` (the answer of a non-blocking
+//! one, which `NCCL_COMM_BLOCKING=0` makes) is an error that says so.
 //!
 //! What NCCL cannot tell is which peer failed: the errors say that a peer is gone, not which.
 //!
@@ -26,8 +39,8 @@ use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use simclr_kernels::cuda::cudarc::driver::{
-    CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
-    DriverError, ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DeviceRepr, DriverError, ValidAsZeroBits,
 };
 use simclr_kernels::cuda::cudarc::nccl::{self, result::NcclError, sys, NcclType};
 use simclr_kernels::cuda::GpuError;
@@ -43,10 +56,11 @@ use crate::tensor::Device;
 /// call blocked on a dead peer is what the abort is for), so the handle lives in an atomic,
 /// apart from the lock that serialises the calls.
 struct Handle {
-    /// The communicator; null once aborted.
+    /// The communicator; null once aborted or destroyed.
     raw: AtomicPtr<sys::ncclComm>,
-    /// Uses of `raw` under way ([`Handle::with`]), which an abort lets finish for a moment
-    /// before it frees the communicator.
+    /// Threads inside a NCCL call on `raw` ([`Handle::with`], [`Handle::close`]). An abort
+    /// frees the communicator, and NCCL does not wait for calls still inside it, so an abort
+    /// proceeds only once this is 0.
     users: AtomicUsize,
     /// Serialises the NCCL calls on this communicator (NCCL calls on one communicator must not
     /// run concurrently); never taken by an abort.
@@ -54,20 +68,69 @@ struct Handle {
     /// When the NCCL call under way began, in milliseconds since the family's epoch plus one
     /// (0: none), for the watchdog.
     busy_since: AtomicU64,
+    /// The operation of the last NCCL call made (the one under way, if any), for the message
+    /// of [`exit_blocked`].
+    busy_op: Mutex<String>,
+    /// The GPU's context, bound on every thread that tears the communicator down: NCCL's
+    /// teardown switches to the communicator's device and back to the thread's current one,
+    /// which on a thread without a context is GPU 0, where it would create a context.
+    ctx: Arc<CudaContext>,
+    rank: usize,
+    world: usize,
 }
 
-/// How long an abort waits for quick uses of the handle (a poll, a launch) to leave NCCL before
-/// it frees the communicator; a use still inside NCCL after that is blocked there, and the
-/// abort is what releases it.
-const ABORT_GRACE: Duration = Duration::from_millis(100);
+/// How long an abort waits for the threads inside NCCL calls on the communicator (quick ones: a
+/// poll, a launch) to leave before it frees it; a call still inside after that is blocked (on
+/// a peer that is gone), and the process ends ([`exit_blocked`]).
+const ABORT_GRACE: Duration = Duration::from_secs(1);
+
+/// What an abort does once its grace period is over, by the number of threads still inside a
+/// NCCL call on the communicator.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterGrace {
+    /// None: `ncclCommAbort`.
+    Abort,
+    /// Some: the process ends ([`exit_blocked`]). `ncclCommAbort` frees the communicator
+    /// without waiting for calls on other threads, which would then use freed memory once the
+    /// abort flag wakes them.
+    Exit,
+}
+
+fn after_grace(users: usize) -> AfterGrace {
+    if users == 0 {
+        AfterGrace::Abort
+    } else {
+        AfterGrace::Exit
+    }
+}
+
+/// Ends the process with [`NcclComm::BLOCKED_EXIT_CODE`]: a NCCL call is blocked on a peer
+/// that is gone and the communicator cannot be freed under it. The other ranks see this rank
+/// leave (its connections close) within their own timeouts, so the group ends, not hangs.
+fn exit_blocked(rank: usize, world: usize, call: &str, why: &str) -> ! {
+    let msg = format!(
+        "rank {rank} of {world}: NCCL {call}: a NCCL call is blocked on a peer that is gone; \
+         ending the process (exit code {}), as freeing the communicator under the blocked call \
+         would be unsound ({why})",
+        NcclComm::BLOCKED_EXIT_CODE
+    );
+    tracing::error!("{msg}");
+    // Also straight to stderr: a subscriber may buffer or filter, and the process ends now.
+    eprintln!("{msg}");
+    std::process::exit(NcclComm::BLOCKED_EXIT_CODE)
+}
 
 impl Handle {
-    fn new(raw: sys::ncclComm_t) -> Handle {
+    fn new(raw: sys::ncclComm_t, ctx: Arc<CudaContext>, rank: usize, world: usize) -> Handle {
         Handle {
             raw: AtomicPtr::new(raw),
             users: AtomicUsize::new(0),
             calls: Mutex::new(()),
             busy_since: AtomicU64::new(0),
+            busy_op: Mutex::new(String::new()),
+            ctx,
+            rank,
+            world,
         }
     }
 
@@ -82,16 +145,31 @@ impl Handle {
         out
     }
 
-    /// `ncclCommAbort`, once, from any thread. Called while another thread is inside a NCCL
-    /// call on this communicator, it is what ends that call: NCCL's abort first raises the
-    /// communicator's abort flag, which NCCL's blocking loops (connection set-up, bootstrap,
-    /// proxy) poll, as PyTorch's NCCL watchdog relies on too. NCCL promises an abort at any point
-    /// in so many words only for nonblocking communicators (`ncclCommInitRankConfig` with
-    /// `config.blocking = 0`, every call of which may then return `ncclInProgress` and has to be
-    /// polled to its end); these are blocking ones, kept so until this code has run on GPUs. The abort
-    /// itself may block until the communicator's kernels end, so callers run it on a thread of
-    /// its own ([`abort_handles`]).
-    fn abort(&self) {
+    fn set_op(&self, op: &str) {
+        let mut o = self.busy_op.lock().unwrap_or_else(|e| e.into_inner());
+        // Reuses the string's capacity: no allocation per collective once warm.
+        o.clear();
+        o.push_str(op);
+    }
+
+    /// Makes this thread's current context the communicator's GPU's, before a teardown call.
+    fn bind(&self) {
+        // Tried twice: cudarc's bind first reports (and clears) an error recorded earlier on
+        // the context, which does not stop the second from binding it.
+        if self.ctx.bind_to_thread().is_err() {
+            let _ = self.ctx.bind_to_thread();
+        }
+    }
+
+    /// `ncclCommAbort`, once, from any thread; `why` is why (for the message if the process has
+    /// to end instead). Called while another thread is inside a quick NCCL call on this
+    /// communicator (a poll, a launch), it waits [`ABORT_GRACE`] for it to leave first. A call
+    /// still inside after that is blocked (connecting to a dead peer, in a group end), and
+    /// `ncclCommAbort` would free the communicator under it: NCCL's abort raises the abort
+    /// flag, which wakes the blocked call, but does not wait for it to leave before freeing,
+    /// so the process ends instead ([`exit_blocked`]). The abort itself may block until the
+    /// communicator's kernels end, so callers run it on a thread of its own ([`abort_handles`]).
+    fn abort(&self, why: &str) {
         let raw = self.raw.swap(std::ptr::null_mut(), Ordering::SeqCst);
         if raw.is_null() {
             return;
@@ -100,16 +178,68 @@ impl Handle {
         while self.users.load(Ordering::SeqCst) > 0 && t.elapsed() < ABORT_GRACE {
             std::thread::sleep(Duration::from_millis(1));
         }
-        // SAFETY: `raw` came from ncclCommInitRank and, swapped out above, is aborted once.
+        match after_grace(self.users.load(Ordering::SeqCst)) {
+            AfterGrace::Abort => {}
+            AfterGrace::Exit => {
+                let call = self
+                    .busy_op
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                exit_blocked(self.rank, self.world, &call, why)
+            }
+        }
+        self.bind();
+        // SAFETY: `raw` came from ncclCommInitRank and, swapped out above, is aborted once; no
+        // thread is inside a call on it (`users` is 0, and a later `with` reads null).
         // The result is ignored: the communicator is gone either way, and an abort that fails
         // (a device already in a failed state) must not turn an error report into a crash.
         let _ = unsafe { sys::ncclCommAbort(raw) };
+    }
+
+    /// The orderly teardown of a healthy communicator: `ncclCommFinalize` (which waits for its
+    /// outstanding operations, so a peer's last collective still draining is not cut off, as
+    /// an abort would), then `ncclCommDestroy`. On an error the communicator is left for an
+    /// abort. Counts as a use while inside NCCL: an abort meanwhile (the caller's fallback
+    /// when this takes too long) then follows [`Handle::abort`]'s rules.
+    fn close(&self) -> std::result::Result<(), String> {
+        self.users.fetch_add(1, Ordering::SeqCst);
+        self.set_op("ncclCommFinalize");
+        let raw = self.raw.load(Ordering::SeqCst);
+        let out = if raw.is_null() {
+            Ok(())
+        } else {
+            self.bind();
+            // SAFETY: `raw` is live: an abort swapping it out waits for this use to end.
+            match check(unsafe { sys::ncclCommFinalize(raw) }) {
+                Err(e) => Err(format!("ncclCommFinalize: NCCL error: {}", describe(e.0))),
+                // Taken over only now, so that an abort until here finds the communicator and
+                // sees this thread inside NCCL. If an abort took it first, it aborts it once
+                // this use ends.
+                Ok(()) => match self.raw.compare_exchange(
+                    raw,
+                    std::ptr::null_mut(),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                ) {
+                    // SAFETY: finalised, swapped out above, so destroyed once and never used
+                    // again.
+                    Ok(_) => check(unsafe { sys::ncclCommDestroy(raw) })
+                        .map_err(|e| format!("ncclCommDestroy: NCCL error: {}", describe(e.0))),
+                    Err(_) => Ok(()),
+                },
+            }
+        };
+        self.users.fetch_sub(1, Ordering::SeqCst);
+        out
     }
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        self.abort();
+        // The last reference: nothing is inside a call on it. Null already unless the
+        // communicator was never handed out (an init the caller gave up on).
+        self.abort("the communicator was dropped");
     }
 }
 
@@ -130,17 +260,19 @@ struct Family {
 /// How long the aborts may take before they are left behind.
 const ABORT_WAIT: Duration = Duration::from_secs(10);
 
-/// Aborts `handles`, each on its own thread (so that one blocked behind a stuck kernel does not
-/// hold up the others), all started before any is waited for; waits at most [`ABORT_WAIT`].
-fn abort_handles(handles: Vec<Arc<Handle>>) {
+/// Aborts `handles` (see [`Handle::abort`]; `why` is why), each on its own thread (so that one
+/// blocked behind a stuck kernel does not hold up the others), all started before any is waited
+/// for; waits at most [`ABORT_WAIT`].
+fn abort_handles(handles: Vec<Arc<Handle>>, why: &str) {
     let (tx, rx) = mpsc::channel();
     let mut started = 0;
     for h in handles {
         let tx = tx.clone();
+        let why = why.to_owned();
         let spawned = std::thread::Builder::new()
             .name("nccl-abort".into())
             .spawn(move || {
-                h.abort();
+                h.abort(&why);
                 let _ = tx.send(());
             });
         started += usize::from(spawned.is_ok());
@@ -152,6 +284,35 @@ fn abort_handles(handles: Vec<Arc<Handle>>) {
             break;
         }
     }
+}
+
+/// Closes `handle` ([`Handle::close`]) on a thread of its own, waited for up to `timeout`; an
+/// error or the timeout falls back to an abort ([`abort_handles`], which ends the process if
+/// the close is still blocked inside NCCL then). So a teardown takes at most about `timeout`
+/// plus the abort's bounded wait, never forever.
+fn close_handle(handle: Arc<Handle>, timeout: Duration) {
+    let (tx, rx) = mpsc::channel();
+    let closing = handle.clone();
+    let spawned = std::thread::Builder::new()
+        .name("nccl-close".into())
+        .spawn(move || {
+            let _ = tx.send(closing.close());
+        });
+    let why = match spawned.map(|_| rx.recv_timeout(timeout)) {
+        Ok(Ok(Ok(()))) => return,
+        Ok(Ok(Err(why))) => why,
+        Ok(Err(mpsc::RecvTimeoutError::Timeout)) => {
+            format!("ncclCommFinalize not complete after {timeout:?}: a peer is gone or stuck")
+        }
+        Ok(Err(mpsc::RecvTimeoutError::Disconnected)) => "the close thread panicked".into(),
+        Err(e) => format!("cannot start the NCCL close thread: {e}"),
+    };
+    tracing::warn!(
+        "rank {} of {}: closing a NCCL communicator failed ({why}); aborting it",
+        handle.rank,
+        handle.world
+    );
+    abort_handles(vec![handle], &why);
 }
 
 impl Family {
@@ -181,14 +342,14 @@ impl Family {
         self.why
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(why);
+            .get_or_insert_with(|| why.clone());
         self.aborted.store(true, Ordering::SeqCst);
         let handles = self
             .handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        abort_handles(handles);
+        abort_handles(handles, &why);
     }
 
     fn is_aborted(&self) -> bool {
@@ -206,7 +367,8 @@ impl Family {
 
 /// The watchdog of a family: a NCCL call that does not return within `timeout` (it blocks on
 /// the host, e.g. connecting to a peer that died) cannot be ended by the thread inside it, so
-/// this thread aborts the family, which makes the call return. Ends with the family.
+/// this thread aborts the family; with that call still inside, the abort ends the process
+/// ([`Handle::abort`]) rather than free the communicator under it. Ends with the family.
 fn watch(family: Weak<Family>, timeout: Duration) {
     let tick = (timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
@@ -237,6 +399,12 @@ fn watch(family: Weak<Family>, timeout: Duration) {
 }
 
 /// A NCCL communicator for this process's GPU.
+///
+/// Its failures are errors ([`CommError::Nccl`]) with one exception: when the communicators must
+/// be aborted (a peer is gone) while a NCCL call is blocked inside one of them on another
+/// thread, the process ends with [`NcclComm::BLOCKED_EXIT_CODE`], as NCCL's abort would free the
+/// communicator under that call. Dropped healthy, it is finalised (`ncclCommFinalize`, then
+/// `ncclCommDestroy`), waited for up to the timeout; dropped after a failure, it is aborted.
 pub struct NcclComm {
     handle: Arc<Handle>,
     family: Arc<Family>,
@@ -255,9 +423,19 @@ impl Drop for NcclComm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|h| !Arc::ptr_eq(h, &self.handle));
-        // On a thread of its own and waited for a bounded time: a stuck kernel of another
-        // communicator of the family would block this abort.
-        abort_handles(vec![self.handle.clone()]);
+        if !self.family.is_aborted() && self.async_error().is_none() {
+            // Healthy: finalised, not aborted. An abort kills this rank's proxy at once, which
+            // a peer whose last collective with this rank is still draining would see as a
+            // peer gone.
+            close_handle(self.handle.clone(), self.timeout);
+        } else {
+            // On a thread of its own and waited for a bounded time: a stuck kernel of another
+            // communicator of the family would block this abort.
+            abort_handles(
+                vec![self.handle.clone()],
+                &format!("dropping a failed communicator: {}", self.family.why()),
+            );
+        }
     }
 }
 
@@ -273,16 +451,73 @@ impl std::fmt::Debug for NcclComm {
     }
 }
 
-/// A NCCL result code with NCCL's own words for it.
+/// A NCCL result code with NCCL's own words for it (and what to do, where we know).
 fn describe(r: sys::ncclResult_t) -> String {
     // SAFETY: ncclGetErrorString returns a static string (or null) for any code.
     let text = unsafe { sys::ncclGetErrorString(r) };
+    let hint = hint(r);
     if text.is_null() {
-        return format!("{r:?}");
+        return format!("{r:?}{hint}");
     }
     // SAFETY: a non-null result is a NUL-terminated static string.
     let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
-    format!("{r:?} ({text})")
+    format!("{r:?} ({text}){hint}")
+}
+
+/// What the user can do about `r`, if anything, as a clause to append to its description.
+fn hint(r: sys::ncclResult_t) -> &'static str {
+    match r {
+        sys::ncclResult_t::ncclInProgress => NONBLOCKING_HINT,
+        _ => "",
+    }
+}
+
+const NONBLOCKING_HINT: &str = "; this program needs blocking NCCL communicators (its waits \
+    would otherwise end before the operations do), and NCCL_COMM_BLOCKING=0 (in the environment \
+    or an NCCL config file) makes them non-blocking: unset NCCL_COMM_BLOCKING or set it to 1";
+
+/// A NCCL call's result, `Ok` only for `ncclSuccess`. Unlike cudarc's `result()`, which takes
+/// `ncclInProgress` for success: that comes from a non-blocking communicator only, where the
+/// call has not happened yet, so a wait after it would end before the operation does.
+fn check(r: sys::ncclResult_t) -> std::result::Result<(), NcclError> {
+    match r {
+        sys::ncclResult_t::ncclSuccess => Ok(()),
+        e => Err(NcclError(e)),
+    }
+}
+
+/// Whether `value` of `NCCL_COMM_BLOCKING` makes NCCL's communicators non-blocking: it reads the
+/// variable as an integer (C's `strtoll` in base 0, 0 when there are no digits) and an empty
+/// value as unset, and 0 means non-blocking.
+fn blocking_disabled(value: Option<&str>) -> bool {
+    let Some(v) = value.filter(|v| !v.is_empty()) else {
+        return false;
+    };
+    // What strtoll reads: C's white space, a sign, then the digits of the base the prefix says.
+    let v = v.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
+    let v = v.strip_prefix(['+', '-']).unwrap_or(v);
+    let (v, digit): (&str, fn(&u8) -> bool) =
+        match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+            Some(hex) => (hex, u8::is_ascii_hexdigit),
+            None if v.starts_with('0') => (v, |b| (b'0'..=b'7').contains(b)),
+            None => (v, u8::is_ascii_digit),
+        };
+    // Zero: every digit read is 0 (or none is).
+    v.bytes().take_while(digit).all(|b| b == b'0')
+}
+
+/// An error if the environment makes NCCL's communicators non-blocking (see
+/// [`blocking_disabled`]): this code waits for NCCL's calls as blocking ones.
+fn check_blocking_env() -> std::result::Result<(), String> {
+    let v = std::env::var_os("NCCL_COMM_BLOCKING");
+    let v = v.as_ref().map(|v| v.to_string_lossy());
+    if blocking_disabled(v.as_deref()) {
+        return Err(format!(
+            "NCCL_COMM_BLOCKING={:?} in the environment{NONBLOCKING_HINT}",
+            v.as_deref().unwrap_or_default()
+        ));
+    }
+    Ok(())
 }
 
 /// Whether a NCCL error leaves the communicator unusable (NCCL's error handling guide: every
@@ -309,7 +544,7 @@ fn sum_in_place<T: NcclType, B: DevicePtrMut<T>>(
     // `stream` waits for earlier uses of `buf`; `_written` marks the write once queued.
     let (p, _written) = buf.device_ptr_mut(stream);
     // SAFETY: `p` is a live device buffer of `n` values of `T`, ordered on `stream`.
-    unsafe {
+    check(unsafe {
         sys::ncclAllReduce(
             p as *const c_void,
             p as *mut c_void,
@@ -319,9 +554,7 @@ fn sum_in_place<T: NcclType, B: DevicePtrMut<T>>(
             comm,
             nccl_stream(stream),
         )
-    }
-    .result()
-    .map(|_| ())
+    })
 }
 
 /// Every rank's `src` concatenated in rank order into `dst` (the caller checks that `dst` holds
@@ -336,7 +569,7 @@ fn gather<T: NcclType>(
     let (s, _read) = src.device_ptr(stream);
     let (d, _written) = dst.device_ptr_mut(stream);
     // SAFETY: live device buffers ordered on `stream`, `dst` of `n` values per rank.
-    unsafe {
+    check(unsafe {
         sys::ncclAllGather(
             s as *const c_void,
             d as *mut c_void,
@@ -345,9 +578,7 @@ fn gather<T: NcclType>(
             comm,
             nccl_stream(stream),
         )
-    }
-    .result()
-    .map(|_| ())
+    })
 }
 
 /// One collective of a group, on `n` f32 at device address `p`.
@@ -396,6 +627,12 @@ fn group_broadcast(
 }
 
 impl NcclComm {
+    /// The exit status of a process ended because a NCCL call was blocked on a peer that is gone
+    /// when its communicator had to be aborted (NCCL's abort would free the communicator under
+    /// the blocked call). The reason is logged (`tracing::error!`) and printed to stderr first;
+    /// the other ranks see this rank leave within their own timeouts.
+    pub const BLOCKED_EXIT_CODE: i32 = 87;
+
     /// Joins the NCCL group of the ranks of `bootstrap` on `device` (`Device::Cuda(i)`, this
     /// rank's GPU). Every rank must call it at the same point.
     pub fn new(bootstrap: &dyn Communicator, device: Device, timeout: Duration) -> Result<Self> {
@@ -416,6 +653,14 @@ impl NcclComm {
             ));
         }
         let (rank, world) = (bootstrap.rank(), bootstrap.world_size());
+        // Before any NCCL call: every rank has the same environment as a rule, so all fail here
+        // (a rank that differs is lost to the others at the id exchange or their init).
+        check_blocking_env().map_err(|why| CommError::Nccl {
+            rank,
+            world,
+            op: "ncclCommInitRank".into(),
+            why,
+        })?;
         let mine: Vec<u8> = if rank == 0 {
             let id = nccl::result::get_uniqueid().map_err(|e| CommError::Nccl {
                 rank,
@@ -482,8 +727,14 @@ impl NcclComm {
                     .and_then(|_| {
                         let mut raw: sys::ncclComm_t = std::ptr::null_mut();
                         // SAFETY: `raw` is a valid place for the new handle.
-                        unsafe { nccl::result::comm_init_rank(&mut raw, nranks, id, me) }
-                            .map(|_| Handle::new(raw))
+                        let r = unsafe { sys::ncclCommInitRank(&mut raw, nranks, id, me) };
+                        if r == sys::ncclResult_t::ncclInProgress && !raw.is_null() {
+                            // A non-blocking communicator, still connecting: aborted where the
+                            // handle is dropped, which NCCL allows at any point for those.
+                            drop(Handle::new(raw, ctx.clone(), rank, world));
+                        }
+                        check(r)
+                            .map(|_| Handle::new(raw, ctx.clone(), rank, world))
                             .map_err(|e| format!("NCCL error: {}", describe(e.0)))
                     });
                 // If the caller gave up waiting, the handle is aborted where it is dropped.
@@ -588,6 +839,7 @@ impl NcclComm {
             .context()
             .bind_to_thread()
             .map_err(|e| self.cuda_fail(op, e))?;
+        self.handle.set_op(op);
         self.handle
             .busy_since
             .store(self.family.now_ms() + 1, Ordering::SeqCst);
@@ -808,18 +1060,20 @@ impl NcclComm {
                 guards.push(written);
             }
             let s = nccl_stream(stream);
-            nccl::result::group_start()?;
+            // SAFETY: no arguments; paired with the group end below.
+            check(unsafe { sys::ncclGroupStart() })?;
             let mut first_err = None;
             for &(p, n) in &at {
-                if let Err(e) = each(c, s, p, n, root).result() {
+                if let Err(e) = check(each(c, s, p, n, root)) {
                     first_err.get_or_insert(e);
                 }
             }
-            let end = nccl::result::group_end();
+            // SAFETY: ends the group started above.
+            let end = check(unsafe { sys::ncclGroupEnd() });
             drop(guards);
             match first_err {
                 Some(e) => Err(e),
-                None => end.map(|_| ()),
+                None => end,
             }
         })?;
         Ok(event)
@@ -966,11 +1220,35 @@ mod tests {
     }
 
     #[test]
-    fn an_aborted_handle_is_never_used_again() {
-        // A null handle stands for one already aborted: no NCCL call is made.
-        let h = Handle::new(std::ptr::null_mut());
-        assert_eq!(h.with(|_| 1), None);
-        h.abort();
-        assert_eq!(h.users.load(Ordering::SeqCst), 0);
+    fn only_success_is_success() {
+        assert!(check(sys::ncclResult_t::ncclSuccess).is_ok());
+        // cudarc's `result()` takes these two for success.
+        assert!(check(sys::ncclResult_t::ncclInProgress).is_err());
+        assert!(check(sys::ncclResult_t::ncclNumResults).is_err());
+        assert!(check(sys::ncclResult_t::ncclRemoteError).is_err());
+        assert!(hint(sys::ncclResult_t::ncclInProgress).contains("unset NCCL_COMM_BLOCKING"));
+        assert_eq!(hint(sys::ncclResult_t::ncclRemoteError), "");
+    }
+
+    #[test]
+    fn nccl_comm_blocking_is_read_as_nccl_reads_it() {
+        for off in [
+            "0", "00", " 0", "+0", "-0", "0x0", "0x", "08", "0abc", "abc", "\t0\n",
+        ] {
+            assert!(blocking_disabled(Some(off)), "{off:?}");
+        }
+        for on in ["1", "01", "0x10", "2", " 1", "-1", "10"] {
+            assert!(!blocking_disabled(Some(on)), "{on:?}");
+        }
+        // Unset, or set empty (which NCCL takes for unset).
+        assert!(!blocking_disabled(None));
+        assert!(!blocking_disabled(Some("")));
+    }
+
+    #[test]
+    fn an_abort_with_a_call_still_inside_ends_the_process() {
+        assert_eq!(after_grace(0), AfterGrace::Abort);
+        assert_eq!(after_grace(1), AfterGrace::Exit);
+        assert_eq!(after_grace(3), AfterGrace::Exit);
     }
 }
