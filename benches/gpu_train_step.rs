@@ -86,7 +86,7 @@ fn run(
         .map(|s| s.loss)
     };
     let (warmup, timed) = match (quick, c.chunks > 1) {
-        (_, true) => (1, 2),
+        (_, true) => (2, 3),
         (true, false) => (1, 3),
         (false, false) => (2, 10),
     };
@@ -222,7 +222,9 @@ fn main() {
 /// Writes the rows so far as a JSON array; false (and a message) when it cannot.
 fn write_json(path: &str, rows: &[String]) -> bool {
     let body = format!("[\n  {}\n]\n", rows.join(",\n  "));
-    match std::fs::write(path, body) {
+    // Through a temporary file: a run killed mid-write leaves the previous, whole file.
+    let tmp = format!("{path}.tmp");
+    match std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, path)) {
         Ok(()) => true,
         Err(e) => {
             eprintln!("gpu_train_step: {path}: {e}");

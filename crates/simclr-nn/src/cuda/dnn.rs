@@ -101,8 +101,10 @@ impl Algo for sys::cudnnConvolutionBwdFilterAlgo_t {
     };
 }
 
+/// Whether cuDNN refused the configuration: cuDNN 9's NOT_SUPPORTED family is the codes
+/// 3000-3999 (`NOT_SUPPORTED_SHAPE`, `_LAYOUT`, `_DATA_TYPE`, ...), not only 3000.
 fn refused(e: &CudnnError) -> bool {
-    e.0 == sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED
+    (e.0 as u32) / 1000 == 3
 }
 
 /// The heuristics' pick and its workspace, or when cuDNN cannot say or size it, the first
@@ -140,7 +142,11 @@ fn run<A: Algo>(
     }
     for &a in A::ALL.iter().filter(|&&a| a != first) {
         let Ok(need) = size(a) else { continue };
-        grow(gpu, workspace, need)?;
+        // An algorithm whose workspace does not fit (FFT ones can take gigabytes) is passed
+        // over like a refused one.
+        if grow(gpu, workspace, need).is_err() {
+            continue;
+        }
         // A refusal comes before any work is queued: nothing was written, trying again is safe.
         match launch(a, workspace.as_mut().expect("grown above")) {
             Ok(()) => {
@@ -163,7 +169,7 @@ fn grow(gpu: &Gpu, workspace: &mut Option<CudaSlice<u8>>, need: usize) -> Result
     if workspace.as_ref().is_none_or(|w| w.len() < need) {
         // The old one goes first: both at once may not fit.
         *workspace = None;
-        *workspace = Some(gpu.zeros::<u8>(need)?);
+        *workspace = Some(gpu.uninit::<u8>(need)?);
     }
     Ok(())
 }
