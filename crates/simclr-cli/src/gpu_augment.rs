@@ -28,10 +28,6 @@ impl std::fmt::Debug for GpuAugment {
 }
 
 impl GpuAugment {
-    fn backend_device(&self) -> Device {
-        Device::Cuda(self.backend.ordinal())
-    }
-
     /// The colour stage on `device` (a GPU), normalising with `mean` and `std`.
     pub fn new(device: Device, mean: [f32; 3], std: [f32; 3]) -> Result<GpuAugment> {
         let Device::Cuda(i) = device else {
@@ -65,9 +61,11 @@ impl GpuAugment {
             let room = gpu.uninit::<u8>(views * 3 * h * w).map_err(NnError::from)?;
             self.stage = Some((stage, room, [views, h, w]));
         }
-        let device = self.backend_device();
+        let device = Device::Cuda(self.backend.ordinal());
         let (stage, room, _) = self.stage.as_mut().expect("created above");
-        if crops.len() > room.len() {
+        // Exactly the batch's bytes: the room is sized for the largest batch so far, so the
+        // kernels' own length check would let a short batch read stale bytes.
+        if crops.len() != views * 3 * h * w {
             return Err(CliError::Usage(format!(
                 "data.gpu_augment: a batch of {} bytes for {views} views of 3x{h}x{w}",
                 crops.len()

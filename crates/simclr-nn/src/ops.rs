@@ -249,7 +249,6 @@ pub fn add_relu_(a: &mut Tensor, b: &Tensor) -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct PoolIndices(Indices);
 
-///
 /// The u32 indices live in the bits of an f32 buffer, so that they come from the buffer caches
 /// (see [`crate::buffers`]) like a tensor's values: a steady-state step allocates nothing.
 #[derive(Clone, Debug)]

@@ -669,10 +669,7 @@ pub(crate) fn all_finite_each(ts: &[Tensor]) -> Result<Vec<bool>> {
         let gpu = backend.gpu();
         // The f64 sums in the bits of a cached f32 buffer twice as long: no allocation.
         let mut room = backend.scratch::<f32>(2 * here.len())?;
-        // SAFETY: two f32s make one f64 in size and alignment (the buffer starts on a 256-byte
-        // boundary), any bits are a valid f64, and every sum is written before it is read.
-        let mut sums = unsafe { room.transmute_mut::<f64>(here.len()) }
-            .ok_or_else(|| NnError::Cuda("finiteness sums: no room".into()))?;
+        let mut sums = crate::cuda::ops::f64_view_mut(&mut room, here.len())?;
         for (k, &i) in here.iter().enumerate() {
             let t = &ts[i];
             let data = t.cuda()?.data.slice(0..t.numel());

@@ -238,7 +238,8 @@ impl Gpu {
 
     /// How many device buffers [`Gpu::upload`], [`Gpu::zeros`] and [`Gpu::uninit`] have
     /// allocated so far (each one a `cuMemAllocAsync` and cudarc's two events): between two
-    /// steady-state training steps it does not move.
+    /// steady-state training steps it does not move. Allocations made on the stream directly
+    /// (as NCCL's host-side collectives do) are not counted.
     pub fn allocations(&self) -> u64 {
         self.allocations.load(Ordering::Relaxed)
     }

@@ -340,7 +340,10 @@ fn f64_view(room: &CudaBuffer<f32>, len: usize) -> Result<CudaView<'_, f64>, Gpu
 }
 
 /// [`f64_view`], to write.
-fn f64_view_mut(room: &mut CudaBuffer<f32>, len: usize) -> Result<CudaViewMut<'_, f64>, GpuError> {
+pub(crate) fn f64_view_mut(
+    room: &mut CudaBuffer<f32>,
+    len: usize,
+) -> Result<CudaViewMut<'_, f64>, GpuError> {
     // SAFETY: as in `f64_view`.
     unsafe { room.transmute_mut::<f64>(len) }
         .ok_or_else(|| GpuError::Invalid(format!("no room for {len} f64 values")))

@@ -84,26 +84,6 @@ struct Handle {
 /// a peer that is gone), and the process ends ([`exit_blocked`]).
 const ABORT_GRACE: Duration = Duration::from_secs(1);
 
-/// What an abort does once its grace period is over, by the number of threads still inside a
-/// NCCL call on the communicator.
-#[derive(Debug, PartialEq, Eq)]
-enum AfterGrace {
-    /// None: `ncclCommAbort`.
-    Abort,
-    /// Some: the process ends ([`exit_blocked`]). `ncclCommAbort` frees the communicator
-    /// without waiting for calls on other threads, which would then use freed memory once the
-    /// abort flag wakes them.
-    Exit,
-}
-
-fn after_grace(users: usize) -> AfterGrace {
-    if users == 0 {
-        AfterGrace::Abort
-    } else {
-        AfterGrace::Exit
-    }
-}
-
 /// Ends the process with [`NcclComm::BLOCKED_EXIT_CODE`]: a NCCL call is blocked on a peer
 /// that is gone and the communicator cannot be freed under it. The other ranks see this rank
 /// leave (its connections close) within their own timeouts, so the group ends, not hangs.
@@ -178,16 +158,15 @@ impl Handle {
         while self.users.load(Ordering::SeqCst) > 0 && t.elapsed() < ABORT_GRACE {
             std::thread::sleep(Duration::from_millis(1));
         }
-        match after_grace(self.users.load(Ordering::SeqCst)) {
-            AfterGrace::Abort => {}
-            AfterGrace::Exit => {
-                let call = self
-                    .busy_op
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                exit_blocked(self.rank, self.world, &call, why)
-            }
+        // A thread still inside a call: `ncclCommAbort` frees the communicator without waiting
+        // for it, and it would use freed memory once the abort flag wakes it. End the process.
+        if self.users.load(Ordering::SeqCst) > 0 {
+            let call = self
+                .busy_op
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            exit_blocked(self.rank, self.world, &call, why)
         }
         self.bind();
         // SAFETY: `raw` came from ncclCommInitRank and, swapped out above, is aborted once; no
@@ -451,6 +430,31 @@ impl std::fmt::Debug for NcclComm {
     }
 }
 
+/// A new NCCL unique id, made by rank 0 and sent to every rank of `comm`.
+fn share_unique_id(comm: &dyn Communicator, op: &str) -> Result<Vec<u8>, CommError> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mine: Vec<u8> = if rank == 0 {
+        let id = nccl::result::get_uniqueid().map_err(|e| CommError::Nccl {
+            rank,
+            world,
+            op: "ncclGetUniqueId".into(),
+            why: format!("NCCL error: {}", describe(e.0)),
+        })?;
+        id.internal.iter().map(|&c| c as u8).collect()
+    } else {
+        Vec::new()
+    };
+    let mut parts = comm.all_gather_bytes(&mine, op)?;
+    let want = std::mem::size_of::<sys::ncclUniqueId>();
+    if parts[0].len() != want {
+        return Err(CommError::Mismatch {
+            op: op.into(),
+            msg: format!("rank 0 sent {} bytes, expected {want}", parts[0].len()),
+        });
+    }
+    Ok(parts.swap_remove(0))
+}
+
 /// A NCCL result code with NCCL's own words for it (and what to do, where we know).
 fn describe(r: sys::ncclResult_t) -> String {
     // SAFETY: ncclGetErrorString returns a static string (or null) for any code.
@@ -661,29 +665,10 @@ impl NcclComm {
             op: "ncclCommInitRank".into(),
             why,
         })?;
-        let mine: Vec<u8> = if rank == 0 {
-            let id = nccl::result::get_uniqueid().map_err(|e| CommError::Nccl {
-                rank,
-                world,
-                op: "ncclGetUniqueId".into(),
-                why: format!("NCCL error: {}", describe(e.0)),
-            })?;
-            id.internal.iter().map(|&c| c as u8).collect()
-        } else {
-            Vec::new()
-        };
-        let parts = bootstrap.all_gather_bytes(&mine, "NCCL unique id")?;
-        let id_bytes = &parts[0];
-        if id_bytes.len() != 128 {
-            return Err(CommError::Mismatch {
-                op: "NCCL unique id".into(),
-                msg: format!("rank 0 sent {} bytes, expected 128", id_bytes.len()),
-            }
-            .into());
-        }
+        let id_bytes = share_unique_id(bootstrap, "NCCL unique id")?;
         let stream = backend.gpu().stream().clone();
         let family = Family::start(timeout)?;
-        Self::init(backend, stream, family, rank, world, id_bytes, timeout)
+        Self::init(backend, stream, family, rank, world, &id_bytes, timeout)
     }
 
     /// `ncclCommInitRank` on a helper thread, waited for up to `timeout`, then a warm-up
@@ -1158,20 +1143,7 @@ impl Communicator for NcclComm {
     /// sent over this one), so its collectives overlap what runs on the compute stream.
     fn duplicate(&self) -> Result<Arc<dyn Communicator>, CommError> {
         let op = "duplicate";
-        let mine: Vec<u8> = if self.rank == 0 {
-            let id = nccl::result::get_uniqueid()
-                .map_err(|e| self.fail(op, format!("ncclGetUniqueId: {}", describe(e.0))))?;
-            id.internal.iter().map(|&c| c as u8).collect()
-        } else {
-            Vec::new()
-        };
-        let parts = self.all_gather_bytes(&mine, op)?;
-        if parts[0].len() != 128 {
-            return Err(CommError::Mismatch {
-                op: op.into(),
-                msg: format!("rank 0 sent {} bytes, expected 128", parts[0].len()),
-            });
-        }
+        let id_bytes = share_unique_id(self, op)?;
         let as_comm = |e: NnError| match e {
             NnError::Comm(c) => c,
             other => self.fail(op, other.to_string()),
@@ -1188,7 +1160,7 @@ impl Communicator for NcclComm {
             self.family.clone(),
             self.rank,
             self.world,
-            &parts[0],
+            &id_bytes,
             self.timeout,
         )
         .map_err(as_comm)?;
@@ -1243,12 +1215,5 @@ mod tests {
         // Unset, or set empty (which NCCL takes for unset).
         assert!(!blocking_disabled(None));
         assert!(!blocking_disabled(Some("")));
-    }
-
-    #[test]
-    fn an_abort_with_a_call_still_inside_ends_the_process() {
-        assert_eq!(after_grace(0), AfterGrace::Abort);
-        assert_eq!(after_grace(1), AfterGrace::Exit);
-        assert_eq!(after_grace(3), AfterGrace::Exit);
     }
 }
