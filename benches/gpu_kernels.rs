@@ -392,6 +392,10 @@ fn main() {
         .cloned();
     if !gpu_available() {
         println!("gpu_kernels: skipped (no CUDA driver or no GPU on this machine)");
+        // SIMCLR_REQUIRE_GPU=1 (the GPU machine's check, the emulated device) makes it a failure.
+        if std::env::var("SIMCLR_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            std::process::exit(1);
+        }
         return;
     }
     let gpu = match Gpu::new(0) {

@@ -21,18 +21,29 @@ static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 type Turn = std::sync::MutexGuard<'static, ()>;
 
+/// Without a GPU a GPU test prints that it skipped, unless `SIMCLR_REQUIRE_GPU=1` (CI on the
+/// emulated device, the GPU machine's check), where skipping is a failure.
+fn skip_without_gpu(test: &str) {
+    if std::env::var("SIMCLR_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("{test}: no CUDA driver or no GPU, and SIMCLR_REQUIRE_GPU=1 forbids skipping");
+    }
+    println!("{test}: skipped (no CUDA driver or no GPU on this machine)");
+}
+
 /// The CPU, and the first GPU when there is one (in FP32 math: TF32 or bf16 would not meet the
 /// tolerance), with this test's turn on the GPU.
 fn devices(test: &str) -> (Vec<Device>, Turn) {
     let turn = GPU.lock().unwrap_or_else(|e| e.into_inner());
     let mut d = vec![Device::Cpu];
     if !simclr::kernels::cuda::gpu_available() {
-        println!("{test} on cuda:0: skipped (no CUDA driver or no GPU on this machine)");
+        skip_without_gpu(&format!("{test} on cuda:0"));
         return (d, turn);
     }
     match simclr::nn::cuda::CudaBackend::get(0) {
         Ok(b) => {
             b.set_math_mode(simclr::nn::cuda::MathMode::Fp32);
+            let name = b.gpu().name().unwrap_or_else(|e| e.to_string());
+            println!("{test}: on {name}");
             d.push(Device::Cuda(0));
         }
         Err(e) => panic!("{test}: a GPU is present but the CUDA backend could not start: {e}"),

@@ -11,10 +11,13 @@
 //!   (no GPU needed) and report registers and spills with ptxas.
 //! - `gpu-check`: build the GPU tests and benchmarks into `gpu-check/` with the script to run on
 //!   a GPU machine.
+//! - `gpu-emu [--sanitize address|thread] [-p PACKAGE]... [-- TEST-ARGS]`: the GPU tests on the
+//!   emulated device (crates/simclr-gpu-emu), none allowed to skip.
 //! - `bench-dp [--procs N] [--reps R] [--steps S]`: data-parallel training with the gradient
 //!   all-reduce overlapped with the backward pass against one all-reduce after it.
 
 mod dp;
+mod emu;
 mod gpu;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +32,7 @@ fn main() -> ExitCode {
         Some("bench-cpu") => bench_cpu(&args[1..]),
         Some("check-kernels") => gpu::check_kernels(&args[1..]),
         Some("gpu-check") => gpu::gpu_check(&args[1..]),
+        Some("gpu-emu") => emu::gpu_emu(&args[1..]),
         Some("bench-dp") => dp::bench_dp(&args[1..]),
         _ => {
             eprintln!(
@@ -40,6 +44,8 @@ fn main() -> ExitCode {
                  bench-cpu [--python PY] [--quick] [--report-only]\n                                   PyTorch CPU baseline beside our benchmarks\n  \
                  check-kernels [--python PY]      compile every CUDA kernel (NVRTC 13.0, ptxas report)\n  \
                  gpu-check                        build gpu-check/ for a GPU machine\n  \
+                 gpu-emu [--sanitize address|thread] [-p PACKAGE]... [-- TEST-ARGS]\n                                   \
+                 the GPU tests on the emulated device\n  \
                  bench-dp [--procs N] [--reps R] [--steps S]\n                                   \
                  overlapped against plain gradient all-reduce (CPU, TCP)"
             );

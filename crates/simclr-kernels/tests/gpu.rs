@@ -12,13 +12,25 @@ use simclr_kernels::cuda::{gpu_available, Gpu, GpuError};
 
 use half::bf16;
 
+/// Without a GPU a GPU test prints that it skipped, unless `SIMCLR_REQUIRE_GPU=1` (CI on the
+/// emulated device, the GPU machine's check), where skipping is a failure.
+fn skip_without_gpu(test: &str) {
+    if std::env::var("SIMCLR_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("{test}: no CUDA driver or no GPU, and SIMCLR_REQUIRE_GPU=1 forbids skipping");
+    }
+    println!("{test}: skipped (no CUDA driver or no GPU on this machine)");
+}
+
 fn gpu_or_skip(test: &str) -> Option<Gpu> {
     if !gpu_available() {
-        println!("{test}: skipped (no CUDA driver or no GPU on this machine)");
+        skip_without_gpu(test);
         return None;
     }
     match Gpu::new(0) {
-        Ok(g) => Some(g),
+        Ok(g) => {
+            println!("{test}: on {}", g.name().unwrap_or_else(|e| e.to_string()));
+            Some(g)
+        }
         Err(e) => panic!("{test}: a GPU is present but could not be opened: {e}"),
     }
 }

@@ -22,14 +22,25 @@ static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 type Turn = std::sync::MutexGuard<'static, ()>;
 
+/// Without a GPU a GPU test prints that it skipped, unless `SIMCLR_REQUIRE_GPU=1` (CI on the
+/// emulated device, the GPU machine's check), where skipping is a failure.
+fn skip_without_gpu(test: &str) {
+    if std::env::var("SIMCLR_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("{test}: no CUDA driver or no GPU, and SIMCLR_REQUIRE_GPU=1 forbids skipping");
+    }
+    println!("{test}: skipped (no CUDA driver or no GPU on this machine)");
+}
+
 fn cuda_or_skip(test: &str) -> Option<(Device, Turn)> {
     if !simclr_kernels::cuda::gpu_available() {
-        println!("{test}: skipped (no CUDA driver or no GPU on this machine)");
+        skip_without_gpu(test);
         return None;
     }
     match CudaBackend::get(0) {
         Ok(b) => {
             let turn = GPU.lock().unwrap_or_else(|e| e.into_inner());
+            let name = b.gpu().name().unwrap_or_else(|e| e.to_string());
+            println!("{test}: on {name}");
             // The tolerances are f32's: TF32 (SIMCLR_CUDA_MATH=tf32) would not meet them.
             b.set_math_mode(simclr_nn::cuda::MathMode::Fp32);
             Some((Device::Cuda(0), turn))

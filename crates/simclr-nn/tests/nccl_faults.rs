@@ -8,13 +8,19 @@ use std::time::{Duration, Instant};
 use simclr_nn::dist::{CommError, Communicator, NcclComm, ThreadComm};
 use simclr_nn::{Device, NnError};
 
+/// Without a GPU a GPU test prints that it skipped, unless `SIMCLR_REQUIRE_GPU=1` (CI on the
+/// emulated device, the GPU machine's check), where skipping is a failure.
+fn skip_without_gpu(test: &str) {
+    if std::env::var("SIMCLR_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        panic!("{test}: no CUDA driver or no GPU, and SIMCLR_REQUIRE_GPU=1 forbids skipping");
+    }
+    println!("{test}: skipped (no CUDA driver or no GPU on this machine)");
+}
+
 #[test]
 fn an_init_whose_peer_never_comes_fails_within_the_timeout() {
     if !simclr_kernels::cuda::gpu_available() {
-        println!(
-            "an_init_whose_peer_never_comes_fails_within_the_timeout: skipped (no CUDA driver \
-             or no GPU on this machine)"
-        );
+        skip_without_gpu("an_init_whose_peer_never_comes_fails_within_the_timeout");
         return;
     }
     let mut comms = ThreadComm::group(2, Duration::from_secs(60));
