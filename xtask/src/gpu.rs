@@ -159,15 +159,61 @@ fn built_executables(cmd: &mut Command) -> Result<Vec<(String, PathBuf)>, String
     Ok(v)
 }
 
+/// The most `gpu-check/` may weigh: it travels to the GPU machine whole, under a limit of
+/// 64 MiB, and a margin keeps room for the fixtures and scripts beside it.
+const MAX_FOLDER_MIB: f64 = 56.0;
+
+/// What `run.sh` runs, by the names it gives them.
+const EXPECTED: [&str; 7] = [
+    "test-kernels-gpu",
+    "test-nn-cuda",
+    "test-nn-nccl_faults",
+    "test-parity",
+    "bench-gpu_kernels",
+    "bench-gpu_train_step",
+    "simclr",
+];
+
 fn copy_exe(from: &Path, to: &Path) -> Result<(), String> {
     std::fs::copy(from, to).map_err(|e| format!("{} -> {}: {e}", from.display(), to.display()))?;
-    // Debug info is most of a release test binary; the GPU machine only needs to run it.
-    let _ = Command::new("strip").arg("--strip-debug").arg(to).status();
+    // Debug info is most of a release test binary (the release profile keeps line tables); the
+    // GPU machine only needs to run it, and backtraces keep their function names.
+    let stripped = ["strip", "objcopy"].iter().any(|tool| {
+        Command::new(tool)
+            .arg("--strip-debug")
+            .arg(to)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !stripped {
+        eprintln!(
+            "warning: could not strip the debug info of {} (no strip or objcopy)",
+            to.display()
+        );
+    }
     Ok(())
 }
 
-/// `cargo xtask gpu-check`: builds the release GPU test and benchmark binaries into the
-/// git-ignored `gpu-check/` folder with `run.sh`, the one script to run on the GPU machine.
+/// The bytes of every file under `dir`, recursively (links not followed).
+fn folder_size(dir: &Path) -> Result<u64, String> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        let e = e.map_err(|e| format!("{}: {e}", dir.display()))?;
+        let meta = std::fs::symlink_metadata(e.path())
+            .map_err(|err| format!("{}: {err}", e.path().display()))?;
+        total += if meta.is_dir() {
+            folder_size(&e.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
+}
+
+/// `cargo xtask gpu-check`: builds the release GPU test and benchmark binaries and the `simclr`
+/// program into the git-ignored `gpu-check/` folder with `run.sh`, the one script to run on the
+/// GPU machine. Fails when a binary is missing or the folder is over [`MAX_FOLDER_MIB`].
 pub fn gpu_check(_args: &[String]) -> Result<(), String> {
     let dir = root().join("gpu-check");
     let bin = dir.join("bin");
@@ -228,61 +274,68 @@ pub fn gpu_check(_args: &[String]) -> Result<(), String> {
         "--bin",
         "simclr",
     ]))?;
-    let mut n = 0;
-    for (_, exe) in &program {
-        copy_exe(exe, &bin.join("simclr"))?;
+    let named = program
+        .iter()
+        .map(|(_, exe)| ("simclr".to_string(), exe))
+        .chain(tests.iter().map(|(n, e)| (format!("test-kernels-{n}"), e)))
+        .chain(nn_tests.iter().map(|(n, e)| (format!("test-nn-{n}"), e)))
+        .chain(parity.iter().map(|(n, e)| (format!("test-{n}"), e)))
+        .chain(benches.iter().map(|(n, e)| (format!("bench-{n}"), e)));
+    for (name, exe) in named {
+        copy_exe(exe, &bin.join(name))?;
     }
-    for (name, exe) in &tests {
-        copy_exe(exe, &bin.join(format!("test-kernels-{name}")))?;
-        n += 1;
-    }
-    for (name, exe) in &nn_tests {
-        copy_exe(exe, &bin.join(format!("test-nn-{name}")))?;
-        n += 1;
-    }
-    for (name, exe) in &parity {
-        copy_exe(exe, &bin.join(format!("test-{name}")))?;
-        n += 1;
-    }
-    for (name, exe) in &benches {
-        copy_exe(exe, &bin.join(format!("bench-{name}")))?;
-        n += 1;
-    }
-    if n < 6 || program.is_empty() {
+    let missing: Vec<&str> = EXPECTED
+        .iter()
+        .copied()
+        .filter(|n| !bin.join(n).exists())
+        .collect();
+    if !missing.is_empty() {
         return Err(format!(
-            "expected the 4 GPU test and 2 benchmark binaries and the simclr program, cargo \
-             built {n} and {} program(s)",
-            program.len()
+            "cargo did not build {} (run.sh expects them in gpu-check/bin)",
+            missing.join(", ")
         ));
     }
     let script = dir.join("run.sh");
     std::fs::write(&script, include_str!("../assets/gpu-check.sh"))
         .map_err(|e| format!("{}: {e}", script.display()))?;
+    // A syntax error would only show on the GPU machine.
+    if let Ok(s) = Command::new("bash").arg("-n").arg(&script).status() {
+        if !s.success() {
+            return Err(format!(
+                "bash -n {}: the script does not parse",
+                script.display()
+            ));
+        }
+    }
     let cmp = root().join("benches/torch_gpu_compare.py");
     std::fs::copy(&cmp, dir.join("torch_gpu_compare.py"))
         .map_err(|e| format!("{}: {e}", cmp.display()))?;
     let ratio = root().join("benches/step_ratio.py");
     std::fs::copy(&ratio, dir.join("step_ratio.py"))
         .map_err(|e| format!("{}: {e}", ratio.display()))?;
-    // The team's PyTorch baseline of the training step, when the shared folder is beside us.
+    // PyTorch's training step, the baseline of the step benchmark, from shared/baselines beside
+    // the repository when it is there.
     let baseline = root().join("../shared/baselines/torch_gpu_baseline.py");
     if baseline.exists() {
         std::fs::copy(&baseline, dir.join("torch_gpu_baseline.py"))
             .map_err(|e| format!("{}: {e}", baseline.display()))?;
     } else {
         println!(
-            "note: {} not found; run.sh will skip the PyTorch training-step baseline",
+            "{} not found: run.sh will skip PyTorch's training step",
             baseline.display()
         );
     }
-    let size: u64 = std::fs::read_dir(&bin)
-        .map_err(|e| e.to_string())?
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let mib = folder_size(&dir)? as f64 / 1048576.0;
+    if mib > MAX_FOLDER_MIB {
+        return Err(format!(
+            "gpu-check/ weighs {mib:.1} MiB, over the {MAX_FOLDER_MIB} MiB it may take to the \
+             GPU machine"
+        ));
+    }
     println!(
-        "gpu-check/ ready ({n} binaries, {:.1} MiB): on the GPU machine, carry gpu-check and run `bash gpu-check/run.sh`",
-        size as f64 / 1048576.0
+        "gpu-check/ ready ({} binaries, {mib:.1} MiB of at most {MAX_FOLDER_MIB}): on the GPU \
+         machine, with gpu-check beside the repository's files, run `bash gpu-check/run.sh`",
+        EXPECTED.len()
     );
     Ok(())
 }
