@@ -11,8 +11,13 @@
 //!    the section the runtime poisons), and each inline `asm` statement becomes an
 //!    `__emu_asm(..)` call that the runtime's PTX emulation executes.
 //! 3. A registration block is appended (kernel names, parameter sizes deduced from each kernel's
-//!    type, entry points unpacking `void** params`) and the result is compiled with
-//!    `c++ -O2 -march=native -fPIC -shared` into the cache.
+//!    type, entry points unpacking `void** params`) and the result is compiled to assembly with
+//!    `c++ -S -O2 -march=native -fPIC`.
+//! 4. The assembly gives each kernel's static shared memory (see [`shared`] for the rule): a
+//!    kernel over sm_90's 48 KiB fails the compilation with ptxas' message, as NVRTC does when it
+//!    builds for a real architecture; the figures are appended as the table
+//!    `__emu_kernel_shared` that `emu_kernel_info` serves.
+//! 5. The assembly is assembled and linked (`-shared`) into the cache.
 
 use std::collections::hash_map::DefaultHasher;
 use std::fmt::Write as _;
@@ -23,6 +28,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 mod rewrite;
+
+/// Names this compiler's pipeline in the cache key: changed when the objects it makes change
+/// with the same inputs and runtime headers.
+const PIPELINE: &str = "simclr-gpu-emu pipeline 2 (per-kernel static shared memory)";
 
 /// The runtime prelude, `-include`d before every module.
 pub const RUNTIME_HEADER: &str = include_str!("runtime/emu_runtime.h");
@@ -334,6 +343,7 @@ pub fn compile(
     let cxx = compiler();
     let version = compiler_version(&cxx);
     let mut parts: Vec<&str> = vec![
+        PIPELINE,
         source,
         name,
         RUNTIME_HEADER,
@@ -457,16 +467,15 @@ fn compile_in(
     let unit_path = work.join("unit.ii");
     std::fs::write(&unit_path, &unit).map_err(|e| io("cannot write the unit", e))?;
 
-    // 3. Compile.
-    let tmp_obj = object.with_extension(format!("so.tmp-{}", unique_suffix()));
+    // 3. Compile to assembly.
     let out = Command::new(cxx)
         .env_remove("LD_PRELOAD")
         .current_dir(work)
         .args(&common)
         .args([
+            "-S",
             "-march=native",
             "-fPIC",
-            "-shared",
             "-fvisibility=hidden",
             "-fno-strict-aliasing",
             if opts.fmad {
@@ -479,18 +488,51 @@ fn compile_in(
         ])
         .arg("unit.ii")
         .arg("-o")
-        .arg(&tmp_obj)
+        .arg("unit.s")
         .output()
         .map_err(|e| {
             CompileError::Compilation(format!("cannot run the host compiler `{cxx}`: {e}"))
         })?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    let log = nvrtc_log(&format!("{pre_err}{err}"), work);
+    let mut log = nvrtc_log(&format!("{pre_err}{err}"), work);
     if !out.status.success() {
-        let _ = std::fs::remove_file(&tmp_obj);
         return Err(CompileError::Compilation(log));
     }
     let kernels: Vec<String> = rw.kernels.iter().map(|k| k.name.clone()).collect();
+
+    // 4. Each kernel's static shared memory (refused over sm_90's 48 KiB, as ptxas does), the
+    //    figures appended to the assembly for emu_kernel_info.
+    let asm = std::fs::read(work.join("unit.s")).map_err(|e| io("cannot read the assembly", e))?;
+    let analysis = shared::analyse(&String::from_utf8_lossy(&asm), &kernels);
+    let refused = shared::over_limit(&kernels, &analysis.per_kernel);
+    if !refused.is_empty() {
+        log.push_str(&refused);
+        return Err(CompileError::Compilation(log));
+    }
+    std::fs::write(work.join("module.s"), analysis.text)
+        .map_err(|e| io("cannot write the assembly", e))?;
+
+    // 5. Assemble and link.
+    let tmp_obj = object.with_extension(format!("so.tmp-{}", unique_suffix()));
+    let mut link = Command::new(cxx);
+    link.env_remove("LD_PRELOAD")
+        .current_dir(work)
+        .args(["-fPIC", "-shared"]);
+    if let Some(s) = san {
+        link.arg(format!("-fsanitize={s}"));
+    }
+    let out = link
+        .args(["-x", "assembler", "module.s", "-o"])
+        .arg(&tmp_obj)
+        .output()
+        .map_err(|e| {
+            CompileError::Compilation(format!("cannot run the host compiler `{cxx}`: {e}"))
+        })?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp_obj);
+        log.push_str(&nvrtc_log(&String::from_utf8_lossy(&out.stderr), work));
+        return Err(CompileError::Compilation(log));
+    }
     let meta_text = format!("{}\n\u{0}\n{log}", kernels.join("\n"));
     write_atomic(meta, meta_text.as_bytes()).map_err(|e| io("cannot write the cache", e))?;
     std::fs::rename(&tmp_obj, object).map_err(|e| io("cannot write the cache", e))?;
@@ -499,6 +541,384 @@ fn compile_in(
         log,
         kernels,
     })
+}
+
+/// The static shared memory of each kernel, read from the module's assembly.
+///
+/// The rule (what `emu_kernel_info` reports as a kernel's static shared bytes, and what is held
+/// against the 48 KiB an H100 allows): the sum of the sizes (`.size`, no padding between them)
+/// of the distinct `__shared__` variables that the kernel's code reaches in the compiled
+/// module: the kernel's own function and, transitively, every function or data object its code
+/// names (calls, including of non-inlined device functions and template instantiations, each
+/// instantiation with its own variables). Variables are known as the symbols defined in the
+/// `emu_shared` section (non-template, non-inline code) or named by the marker statements that
+/// the rewrite adds after each function-scope `__shared__` declaration (see
+/// `rewrite::SHARED_MARKER`; they also cover statics of templates and inline functions, whose
+/// section attribute the compiler drops because they are COMDAT: this pass moves those into
+/// `emu_shared`, so that the runtime poisons them at each block's start as well). A variable
+/// declared but optimised away, as ptxas would drop it, is not counted unless its declaration's
+/// marker survives: a declaration in code the kernel reaches counts, even in a branch never
+/// taken, as on the GPU.
+pub(crate) mod shared {
+    use std::collections::{HashMap, HashSet};
+    use std::fmt::Write as _;
+
+    use super::rewrite::SHARED_MARKER;
+
+    /// The static shared memory a kernel may declare on sm_90 (ptxas refuses more).
+    pub const STATIC_LIMIT: u64 = 48 * 1024;
+
+    /// The result of [`analyse`].
+    pub struct Analysis {
+        /// The assembly, with COMDAT shared variables moved into `emu_shared` and the table
+        /// `__emu_kernel_shared` (one `u64` per kernel, `u64::MAX` when unknown) appended.
+        pub text: String,
+        /// Each kernel's static shared bytes, `None` when its code was not found.
+        pub per_kernel: Vec<Option<u64>>,
+    }
+
+    fn is_sym_start(c: u8) -> bool {
+        c == b'_' || c == b'.' || c == b'$' || c.is_ascii_alphabetic()
+    }
+    fn is_sym(c: u8) -> bool {
+        is_sym_start(c) || c.is_ascii_digit()
+    }
+
+    /// The symbol-like words of an assembly line (string literals and registers left out).
+    fn words(line: &str) -> impl Iterator<Item = &str> {
+        let b = line.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            let c = b[i];
+            if c == b'"' {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            } else if is_sym_start(c) && (i == 0 || !matches!(b[i - 1], b'%' | b'\\')) {
+                let s = i;
+                while i < b.len() && is_sym(b[i]) {
+                    i += 1;
+                }
+                out.push(&line[s..i]);
+            } else if c.is_ascii_digit() || c == b'%' {
+                // Numbers (`8+sym`, `1b`) and registers.
+                i += 1;
+                while i < b.len() && is_sym(b[i]) {
+                    i += 1;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        out.into_iter()
+    }
+
+    /// The section a `.section` / `.pushsection` directive's operands name.
+    fn section_name(ops: &str) -> String {
+        let ops = ops.trim();
+        if let Some(q) = ops.strip_prefix('"') {
+            return q.split('"').next().unwrap_or("").to_string();
+        }
+        ops.split([',', ' ', '\t']).next().unwrap_or("").to_string()
+    }
+
+    struct Region<'a> {
+        refs: Vec<&'a str>,
+    }
+
+    fn new_region(regions: &mut Vec<Region<'_>>) -> usize {
+        regions.push(Region { refs: Vec::new() });
+        regions.len() - 1
+    }
+
+    fn switch(to: String, section: &mut String, previous: &mut String) {
+        *previous = std::mem::replace(section, to);
+    }
+
+    /// A definition to move into `emu_shared`: its lines, and the alignment directive before it.
+    struct Moved {
+        lines: std::ops::Range<usize>,
+        align: Option<String>,
+        comm: Option<(String, u64, u64)>,
+    }
+
+    /// Reads the assembly `asm` of a module whose kernels are `kernels` (their `extern "C"`
+    /// names are their labels).
+    pub fn analyse(asm: &str, kernels: &[String]) -> Analysis {
+        let lines: Vec<&str> = asm.lines().collect();
+        let mut regions: Vec<Region<'_>> = Vec::new();
+        let mut region_of: HashMap<&str, usize> = HashMap::new();
+        // The region each section is in (a function's code resumes after a jump table).
+        let mut cur: HashMap<String, Option<usize>> = HashMap::new();
+        let mut section = String::from(".text");
+        let mut previous = section.clone();
+        let mut stack: Vec<String> = Vec::new();
+        let mut sizes: HashMap<&str, u64> = HashMap::new();
+        let mut in_shared_section: HashSet<&str> = HashSet::new();
+        let mut marked: HashSet<&str> = HashSet::new();
+        let mut defs: HashMap<&str, Moved> = HashMap::new();
+        let mut last_align: Option<String> = None;
+        let mut shared_declared = false;
+        let mut idx = 0;
+        while idx < lines.len() {
+            let raw = lines[idx];
+            let line = raw.trim();
+            let here = idx;
+            idx += 1;
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix(SHARED_MARKER) {
+                let r = cur.get(&section).copied().flatten();
+                for w in words(rest) {
+                    marked.insert(w);
+                    if let Some(r) = r {
+                        regions[r].refs.push(w);
+                    }
+                }
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let (word, ops) = match line.find([' ', '\t']) {
+                Some(p) => (&line[..p], line[p..].trim()),
+                None => (line, ""),
+            };
+            // A label.
+            if let Some(name) = word.strip_suffix(':') {
+                if ops.is_empty() && !name.is_empty() && !name.starts_with(".L") {
+                    let r = new_region(&mut regions);
+                    region_of.insert(name, r);
+                    cur.insert(section.clone(), Some(r));
+                    if section == "emu_shared" {
+                        in_shared_section.insert(name);
+                    } else {
+                        // Its data: the lines up to the next that is not a data directive.
+                        let mut end = idx;
+                        while end < lines.len() {
+                            let d = lines[end].trim_start();
+                            if [".zero", ".space", ".skip"]
+                                .iter()
+                                .any(|p| d.starts_with(p))
+                            {
+                                end += 1;
+                            } else {
+                                break;
+                            }
+                        }
+                        defs.insert(
+                            name,
+                            Moved {
+                                lines: here..end,
+                                align: last_align.clone(),
+                                comm: None,
+                            },
+                        );
+                    }
+                    last_align = None;
+                    continue;
+                }
+            }
+            match word {
+                ".section" | ".pushsection" => {
+                    let to = section_name(ops);
+                    if to == "emu_shared" {
+                        shared_declared = true;
+                    }
+                    if word == ".pushsection" {
+                        stack.push(section.clone());
+                    }
+                    switch(to, &mut section, &mut previous);
+                    last_align = None;
+                }
+                ".text" | ".data" | ".bss" => {
+                    switch(word.to_string(), &mut section, &mut previous);
+                    last_align = None;
+                }
+                ".previous" => {
+                    let p = previous.clone();
+                    switch(p, &mut section, &mut previous);
+                    last_align = None;
+                }
+                ".popsection" => {
+                    if let Some(p) = stack.pop() {
+                        switch(p, &mut section, &mut previous);
+                    }
+                    last_align = None;
+                }
+                ".align" | ".p2align" | ".balign" => last_align = Some(raw.to_string()),
+                ".size" => {
+                    let mut it = ops.splitn(2, ',');
+                    if let (Some(n), Some(v)) = (it.next(), it.next()) {
+                        if let Ok(v) = v.trim().parse::<u64>() {
+                            sizes.insert(n.trim(), v);
+                        }
+                    }
+                }
+                ".comm" | ".lcomm" => {
+                    let f: Vec<&str> = ops.split(',').map(str::trim).collect();
+                    if let (Some(&n), Some(Ok(size))) = (f.first(), f.get(1).map(|v| v.parse())) {
+                        let align = f.get(2).and_then(|a| a.parse().ok()).unwrap_or(1);
+                        sizes.insert(n, size);
+                        let r = new_region(&mut regions);
+                        region_of.insert(n, r);
+                        defs.insert(
+                            n,
+                            Moved {
+                                lines: here..here + 1,
+                                align: None,
+                                comm: Some((n.to_string(), size, align)),
+                            },
+                        );
+                    }
+                }
+                ".set" | ".equ" | ".equiv" => {
+                    let mut w = words(ops);
+                    if let Some(a) = w.next() {
+                        let r = match region_of.get(a) {
+                            Some(&r) => r,
+                            None => {
+                                let r = new_region(&mut regions);
+                                region_of.insert(a, r);
+                                r
+                            }
+                        };
+                        regions[r].refs.extend(w);
+                    }
+                }
+                ".type" | ".globl" | ".global" | ".weak" | ".hidden" | ".local" | ".file"
+                | ".loc" | ".ident" | ".protected" | ".internal" => {}
+                _ if word.starts_with(".cfi_") => {}
+                _ => {
+                    if let Some(r) = cur.get(&section).copied().flatten() {
+                        regions[r].refs.extend(words(line));
+                    }
+                }
+            }
+        }
+
+        // The shared variables, and those to move into emu_shared.
+        let mut shared: HashSet<&str> = in_shared_section.clone();
+        let mut moves: Vec<&Moved> = Vec::new();
+        for &m in &marked {
+            if in_shared_section.contains(m) {
+                continue;
+            }
+            if let Some(d) = defs.get(m) {
+                shared.insert(m);
+                moves.push(d);
+            }
+        }
+        moves.sort_by_key(|d| d.lines.start);
+
+        // Each kernel's reach. The registration is not followed (it names every kernel); a
+        // kernel naming another is an alias or thunk the compiler made of identical code.
+        let stop = |w: &str| {
+            [
+                "__emu_kernel_table",
+                "__emu_entry_",
+                "__emu_kernels",
+                "__emu_name",
+            ]
+            .iter()
+            .any(|s| w.contains(s))
+        };
+        let per_kernel: Vec<Option<u64>> = kernels
+            .iter()
+            .map(|k| {
+                let &start = region_of.get(k.as_str())?;
+                let mut seen = vec![false; regions.len()];
+                let mut counted: HashSet<&str> = HashSet::new();
+                let mut todo = vec![start];
+                seen[start] = true;
+                let mut total = 0u64;
+                while let Some(r) = todo.pop() {
+                    for &w in &regions[r].refs {
+                        if shared.contains(w) && counted.insert(w) {
+                            total += sizes.get(w).copied().unwrap_or(0);
+                        }
+                        if stop(w) {
+                            continue;
+                        }
+                        if let Some(&n) = region_of.get(w) {
+                            if !seen[n] {
+                                seen[n] = true;
+                                todo.push(n);
+                            }
+                        }
+                    }
+                }
+                Some(total)
+            })
+            .collect();
+
+        // The text: moved definitions cut out, then appended in emu_shared, then the table.
+        let mut text = String::with_capacity(asm.len() + 4096);
+        let mut cut = moves.iter().map(|d| d.lines.clone()).peekable();
+        let mut i = 0;
+        while i < lines.len() {
+            if let Some(r) = cut.peek() {
+                if r.start == i {
+                    i = r.end.max(i + 1);
+                    cut.next();
+                    continue;
+                }
+            }
+            text.push_str(lines[i]);
+            text.push('\n');
+            i += 1;
+        }
+        if !moves.is_empty() {
+            text.push_str(if shared_declared {
+                "\t.section\temu_shared\n"
+            } else {
+                "\t.section\temu_shared,\"aw\"\n"
+            });
+            for d in &moves {
+                match &d.comm {
+                    Some((n, size, align)) => {
+                        let _ = writeln!(text, "\t.balign {align}\n{n}:\n\t.zero {size}");
+                    }
+                    None => {
+                        if let Some(a) = &d.align {
+                            text.push_str(a);
+                            text.push('\n');
+                        }
+                        for l in &lines[d.lines.clone()] {
+                            text.push_str(l);
+                            text.push('\n');
+                        }
+                    }
+                }
+            }
+        }
+        text.push_str("\t.section\t.rodata\n\t.balign 8\n\t.globl\t__emu_kernel_shared\n\t.hidden\t__emu_kernel_shared\n__emu_kernel_shared:\n");
+        for v in &per_kernel {
+            let _ = writeln!(text, "\t.quad\t{}", v.unwrap_or(u64::MAX));
+        }
+        text.push_str("\t.quad\t0\n");
+        Analysis { text, per_kernel }
+    }
+
+    /// ptxas' refusal of the kernels over [`STATIC_LIMIT`], in its log form; empty when none.
+    pub fn over_limit(kernels: &[String], per_kernel: &[Option<u64>]) -> String {
+        let mut log = String::new();
+        for (k, v) in kernels.iter().zip(per_kernel) {
+            if let Some(v) = *v {
+                if v > STATIC_LIMIT {
+                    let _ = writeln!(
+                        log,
+                        "ptxas error   : Entry function '{k}' uses too much shared data (0x{v:x} bytes, 0x{STATIC_LIMIT:x} max)"
+                    );
+                }
+            }
+        }
+        log
+    }
 }
 
 #[cfg(test)]

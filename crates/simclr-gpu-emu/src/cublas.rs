@@ -935,7 +935,9 @@ fn ex_types(
     }
 }
 
-/// `cublasGemmEx`: the type combinations of [`ex_types`]; `algo` is a hint, ignored.
+/// `cublasGemmEx`: f32 (`CUBLAS_COMPUTE_32F`, `_PEDANTIC`, `_FAST_TF32`, `_FAST_16BF`), bf16
+/// A/B with bf16 or f32 C (`CUBLAS_COMPUTE_32F`), f64; anything else `NOT_SUPPORTED`. `algo`
+/// is a hint, ignored.
 ///
 /// # Safety
 /// As for `cublasSgemm_v2`, with the elements of the types named.

@@ -70,7 +70,7 @@ fn lex(src: &str) -> Lexed<'_> {
     while i < b.len() {
         let c = b[i];
         if c == b'\n' {
-            line += 1;
+            line = line.saturating_add(1);
             at_line_start = true;
             i += 1;
             continue;
@@ -102,8 +102,12 @@ fn lex(src: &str) -> Lexed<'_> {
                         };
                     }
                 }
-                // The next line is line n.
-                line = n.wrapping_sub(1);
+                // The next line is line n: the marker's own newline is consumed here, not
+                // counted (`# 0 "<built-in>"` names line 0, so `n - 1` cannot be formed).
+                line = n;
+                at_line_start = true;
+                i = (end + 1).min(b.len());
+                continue;
             }
             i = end;
             continue;
@@ -131,7 +135,7 @@ fn lex(src: &str) -> Lexed<'_> {
                         .find(&delim)
                         .map(|p| open + p + delim.len())
                         .unwrap_or(b.len());
-                    line += src[i..close].matches('\n').count() as u32;
+                    line = line.saturating_add(src[i..close].matches('\n').count() as u32);
                     i = close;
                 } else {
                     i = skip_quoted(b, i, b'"');
@@ -290,8 +294,10 @@ pub fn rewrite(src: &str) -> Result<Rewritten, String> {
     let mut edits = Edits { list: Vec::new() };
     let mut kernels = Vec::new();
     let mut errors = String::new();
-    // Braces opened by `extern "C" {`.
-    let mut braces: Vec<bool> = Vec::new();
+    // What each open brace encloses.
+    let mut braces: Vec<Scope> = Vec::new();
+    // The first token of the current declaration or statement (after the last `;`, `{`, `}`).
+    let mut head = 0;
     let mut pending_bounds: Option<String> = None;
     let mut i = 0;
     while i < n {
@@ -299,15 +305,20 @@ pub fn rewrite(src: &str) -> Result<Rewritten, String> {
         let text = lx.text(i);
         match (t.kind, text) {
             (Kind::Punct, "{") => {
-                let ext = i >= 2 && lx.is(i - 1, "\"C\"") && lx.is(i - 2, "extern");
-                braces.push(ext);
+                let outer = braces.last().copied().unwrap_or(Scope::Other);
+                braces.push(brace_scope(&lx, head, i, outer));
+                head = i + 1;
                 pending_bounds = None;
             }
             (Kind::Punct, "}") => {
                 braces.pop();
+                head = i + 1;
                 pending_bounds = None;
             }
-            (Kind::Punct, ";") => pending_bounds = None,
+            (Kind::Punct, ";") => {
+                head = i + 1;
+                pending_bounds = None;
+            }
             (Kind::Ident, "__emu_launch_bounds__") if lx.is(i + 1, "(") => {
                 if let Some(close) = lx.matching(i + 1) {
                     let args = lx.split(i + 2, close, ",");
@@ -345,7 +356,7 @@ pub fn rewrite(src: &str) -> Result<Rewritten, String> {
                         break;
                     }
                 }
-                let mut ext = braces.iter().any(|&b| b);
+                let mut ext = braces.contains(&Scope::ExternC);
                 if j >= 2 && lx.is(j - 1, "\"C\"") && lx.is(j - 2, "extern") {
                     ext = true;
                 }
@@ -423,6 +434,13 @@ pub fn rewrite(src: &str) -> Result<Rewritten, String> {
                         format!("static {SHARED_ATTR}")
                     };
                     edits.list.push((t.start, t.end, rep));
+                    // In a function body: the marker statement after the declaration's `;`.
+                    if braces.last() == Some(&Scope::Code) {
+                        if let Some((semi, names)) = shared_declarators(&lx, i) {
+                            let end = lx.toks[semi].end;
+                            edits.list.push((end, end, shared_marker(&names)));
+                        }
+                    }
                 }
             }
             (Kind::Ident, "asm" | "__asm__" | "__asm") if t.user => {
@@ -470,6 +488,134 @@ pub fn rewrite(src: &str) -> Result<Rewritten, String> {
         kernels,
     })
 }
+
+/// What a `{` opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    /// `extern "C" { .. }`.
+    ExternC,
+    /// A function body, or a block, lambda or initializer inside one.
+    Code,
+    /// A namespace, class, enumeration or namespace-scope initializer.
+    Other,
+}
+
+/// The index after the `>` closing the template parameter list opened at `open` (a `<`), or
+/// `end` when it is not closed before it.
+fn skip_angles(lx: &Lexed<'_>, open: usize, end: usize) -> usize {
+    let (mut angles, mut parens) = (0i32, 0i32);
+    for j in open..end {
+        match lx.text(j) {
+            "(" | "[" => parens += 1,
+            ")" | "]" => parens -= 1,
+            "<" if parens == 0 => angles += 1,
+            ">" if parens == 0 => {
+                angles -= 1;
+                if angles == 0 {
+                    return j + 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    end
+}
+
+/// Classifies the `{` at token `brace`, whose declaration or statement starts at token `head`,
+/// inside a scope `outer`. Outside code, a head with a top-level `(` (after any template
+/// parameter list) is a function definition, unless a class key or an `=` comes before it.
+fn brace_scope(lx: &Lexed<'_>, head: usize, brace: usize, outer: Scope) -> Scope {
+    if brace >= 2 && lx.is(brace - 1, "\"C\"") && lx.is(brace - 2, "extern") {
+        return Scope::ExternC;
+    }
+    if outer == Scope::Code {
+        return Scope::Code;
+    }
+    let operator = (head..brace).any(|j| lx.is(j, "operator"));
+    let mut depth = 0i32;
+    let mut j = head;
+    while j < brace {
+        match lx.text(j) {
+            "template" if lx.is(j + 1, "<") => {
+                j = skip_angles(lx, j + 1, brace);
+                continue;
+            }
+            "namespace" => return Scope::Other,
+            "(" if depth == 0 => return Scope::Code,
+            "(" | "[" => depth += 1,
+            ")" | "]" => depth -= 1,
+            "class" | "struct" | "union" | "enum" if depth == 0 => return Scope::Other,
+            "=" if depth == 0 && !operator => return Scope::Other,
+            _ => {}
+        }
+        j += 1;
+    }
+    Scope::Other
+}
+
+/// The `;` ending the `__shared__` declaration whose marker is token `at`, and the names it
+/// declares; `None` when it cannot be read (no marker statement is added then).
+fn shared_declarators(lx: &Lexed<'_>, at: usize) -> Option<(usize, Vec<String>)> {
+    let mut depth = 0i32;
+    let mut semi = None;
+    for j in at + 1..lx.toks.len() {
+        match lx.text(j) {
+            "(" | "[" => depth += 1,
+            ")" | "]" => depth -= 1,
+            ";" if depth == 0 => {
+                semi = Some(j);
+                break;
+            }
+            "{" | "}" => return None,
+            _ => {}
+        }
+    }
+    let semi = semi?;
+    let mut names = Vec::new();
+    for (a, b) in lx.split(at + 1, semi, ",") {
+        // The declarator's name: the last identifier at the top level before its array bounds
+        // or initializer, attributes (`__attribute__((..))`, `alignas(..)`) left out.
+        let mut name = None;
+        let mut j = a;
+        while j < b {
+            let tx = lx.text(j);
+            if tx == "[" || tx == "=" {
+                break;
+            }
+            if tx == "(" {
+                j = lx.matching(j)? + 1;
+                continue;
+            }
+            if lx.toks[j].kind == Kind::Ident
+                && !lx.is(j + 1, "(")
+                && !matches!(tx, "const" | "volatile")
+            {
+                name = Some(tx);
+            }
+            j += 1;
+        }
+        names.push(name?.to_string());
+    }
+    (!names.is_empty()).then_some((semi, names))
+}
+
+/// The marker statement after a function-scope `__shared__` declaration: an asm statement that
+/// emits no instruction, only a comment naming each variable's symbol (the `m` operands), so
+/// that compile.rs finds the variables in the assembly, in whatever function they end up
+/// (inlined or not, one per template instantiation), and counts them for the kernels that
+/// reach that code. See `compile::shared`.
+fn shared_marker(names: &[String]) -> String {
+    let mut tmpl = String::from(SHARED_MARKER);
+    let mut ops = Vec::new();
+    for (k, nm) in names.iter().enumerate() {
+        let _ = write!(tmpl, " %{k}");
+        ops.push(format!("\"m\"({nm})"));
+    }
+    format!(" __asm__(\"{tmpl}\" :: {});", ops.join(", "))
+}
+
+/// The comment the marker statements leave in the assembly, before the variables' operands.
+pub const SHARED_MARKER: &str = "# __emu_shared";
 
 /// `extern __shared__ T name[];` at token `at` (the marker): the declaration's `;` and its
 /// replacement, a pointer to the block's dynamic shared memory (every such array of a block

@@ -832,6 +832,8 @@ static inline void __nanosleep(unsigned) {}
 // emu_shared (per block: the scheduler fills the section with 0xFF bytes at each block's start,
 // so reading shared memory nobody wrote this block gives NaN / -1 patterns, as an uninitialised
 // value would), and each `extern __shared__ T name[];` into a pointer to __emu_dyn_shared.
+// (Statics of templates and inline functions are COMDAT, where the compiler drops the section
+// attribute: compile.rs moves them into emu_shared in the assembly.)
 extern "C" char __start_emu_shared[] __attribute__((weak, visibility("hidden")));
 extern "C" char __stop_emu_shared[] __attribute__((weak, visibility("hidden")));
 // The largest dynamic shared memory of a block the GPUs we target allow (227 KiB on sm_90).
@@ -841,6 +843,10 @@ EMU_HIDDEN __attribute__((aligned(128), section(".bss.emu_dyn_shared"))) unsigne
 static inline unsigned long long __emu_static_shared_bytes() {
     return (__start_emu_shared && __stop_emu_shared) ? (unsigned long long)(__stop_emu_shared - __start_emu_shared) : 0;
 }
+// Each kernel's own static shared bytes, in the registration's order, ~0 where compile.rs did not
+// find the kernel's code in the assembly (then the module's total is reported). Defined in the
+// assembly compile.rs appends (see compile.rs, `shared`, for the rule).
+extern "C" EMU_HIDDEN const unsigned long long __emu_kernel_shared[];
 
 // ---------------------------------------------------------------------------------------------
 // Inline PTX: compile.rs rewrites each asm statement to __emu_asm("template", __emu_op(...)...).
@@ -1147,8 +1153,11 @@ extern "C" __attribute__((visibility("default"))) int emu_kernel_info(const char
         if (param_sizes)
             for (unsigned i = 0; i < k->nparams && i < 256; i++) param_sizes[i] = k->sizes[i];
         if (max_threads_per_block) *max_threads_per_block = k->max_threads;
-        // The module's total: which statics a kernel touches is not known to the runtime.
-        if (static_shared_bytes) *static_shared_bytes = __emu_static_shared_bytes();
+        // The kernel's own (compile.rs' figure), else the module's total.
+        if (static_shared_bytes) {
+            unsigned long long v = __emu_kernel_shared[k - __emu_kernels()];
+            *static_shared_bytes = v == ~0ull ? __emu_static_shared_bytes() : v;
+        }
         return 0;
     }
     return 1;
@@ -1175,6 +1184,19 @@ extern "C" EMU_RT __attribute__((visibility("default"))) int emu_launch(const ch
     if (nt == 0 || nt > 1024 || grid[0] == 0 || grid[1] == 0 || grid[2] == 0)
         return __emu_ret(1, msg, msg_cap, "invalid launch configuration");
     if (dyn > EMU_DYN_SHARED_MAX) return __emu_ret(1, msg, msg_cap, "too much dynamic shared memory");
+    {
+        // sm_90: at most 48 KiB static (compile.rs refuses more, as ptxas does) and 227 KiB in all.
+        unsigned long long st = __emu_kernel_shared[k - __emu_kernels()];
+        if (st == ~0ull) st = __emu_static_shared_bytes();
+        if (st > 48 * 1024 || st + dyn > EMU_DYN_SHARED_MAX) {
+            char text[200];
+            snprintf(text, sizeof text,
+                     "kernel %s: %llu bytes of static and %u of dynamic shared memory, above what sm_90 allows "
+                     "(48 KiB static, %u in all)",
+                     name, st, dyn, EMU_DYN_SHARED_MAX);
+            return __emu_ret(1, msg, msg_cap, text);
+        }
+    }
     std::lock_guard<std::mutex> lock(__emu_mutex);
     EmuLaunch& L = __emu_L;
     unsigned n = (unsigned)nt;
