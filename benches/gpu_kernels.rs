@@ -64,6 +64,10 @@ fn time(
 
 struct Report {
     rows: Vec<String>,
+    /// Where the rows go, rewritten after each one (through a temporary file), so a run cut
+    /// short by a time limit keeps what it measured.
+    json: Option<String>,
+    write_failed: bool,
 }
 
 impl Report {
@@ -77,6 +81,14 @@ impl Report {
         json.push('}');
         println!("{line}");
         self.rows.push(json);
+        if let Some(path) = &self.json {
+            let body = format!("[\n{}\n]\n", self.rows.join(",\n"));
+            let tmp = format!("{path}.tmp");
+            if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, path)) {
+                eprintln!("gpu_kernels: cannot write {path}: {e}");
+                self.write_failed = true;
+            }
+        }
     }
 }
 
@@ -411,7 +423,11 @@ fn main() {
         gpu.arch(),
         gpu.multiprocessors()
     );
-    let mut r = Report { rows: Vec::new() };
+    let mut r = Report {
+        rows: Vec::new(),
+        json,
+        write_failed: false,
+    };
     let mut failed = false;
     for (name, f) in [
         (
@@ -427,14 +443,7 @@ fn main() {
             failed = true;
         }
     }
-    if let Some(path) = json {
-        let body = format!("[\n{}\n]\n", r.rows.join(",\n"));
-        if let Err(e) = std::fs::write(&path, body) {
-            eprintln!("gpu_kernels: cannot write {path}: {e}");
-            failed = true;
-        }
-    }
-    if failed {
+    if failed || r.write_failed {
         std::process::exit(1);
     }
 }

@@ -522,7 +522,8 @@ fn compile_in(
         link.arg(format!("-fsanitize={s}"));
     }
     let out = link
-        .args(["-x", "assembler", "module.s", "-o"])
+        // The C++ driver adds its libraries for C++ inputs only.
+        .args(["-x", "assembler", "module.s", "-x", "none", "-lstdc++", "-lm", "-o"])
         .arg(&tmp_obj)
         .output()
         .map_err(|e| {
