@@ -7,13 +7,14 @@
 //!    marker tokens, so kernels stamped out by macros are seen as the compiler sees them.
 //! 2. The preprocessed text is rewritten in place, line count unchanged (so the line markers
 //!    keep diagnostics on the source's own file names and lines): the markers are consumed
-//!    (kernels and their launch bounds recorded, `__shared__` variables made block statics in
-//!    the section the runtime poisons), and each inline `asm` statement becomes an
+//!    (kernels and their launch bounds recorded, `__shared__` variables made block statics,
+//!    each function-scope one followed by a marker statement that names it in the assembly),
+//!    and each inline `asm` statement becomes an
 //!    `__emu_asm(..)` call that the runtime's PTX emulation executes.
 //! 3. A registration block is appended (kernel names, parameter sizes deduced from each kernel's
 //!    type, entry points unpacking `void** params`) and the result is compiled to assembly with
 //!    `c++ -S -O2 -march=native -fPIC`.
-//! 4. The assembly gives each kernel's static shared memory (see [`shared`] for the rule): a
+//! 4. The assembly gives each kernel's static shared memory (see the module `shared` for the rule): a
 //!    kernel over sm_90's 48 KiB fails the compilation with ptxas' message, as NVRTC does when it
 //!    builds for a real architecture; the figures are appended as the table
 //!    `__emu_kernel_shared` that `emu_kernel_info` serves.
@@ -523,7 +524,16 @@ fn compile_in(
     }
     let out = link
         // The C++ driver adds its libraries for C++ inputs only.
-        .args(["-x", "assembler", "module.s", "-x", "none", "-lstdc++", "-lm", "-o"])
+        .args([
+            "-x",
+            "assembler",
+            "module.s",
+            "-x",
+            "none",
+            "-lstdc++",
+            "-lm",
+            "-o",
+        ])
         .arg(&tmp_obj)
         .output()
         .map_err(|e| {
@@ -828,7 +838,7 @@ pub(crate) mod shared {
             .iter()
             .any(|s| w.contains(s))
         };
-        let per_kernel: Vec<Option<u64>> = kernels
+        let reach: Vec<Option<(u64, Vec<String>)>> = kernels
             .iter()
             .map(|k| {
                 let &start = region_of.get(k.as_str())?;
@@ -853,9 +863,12 @@ pub(crate) mod shared {
                         }
                     }
                 }
-                Some(total)
+                let mut vars: Vec<String> = counted.into_iter().map(str::to_string).collect();
+                vars.sort();
+                Some((total, vars))
             })
             .collect();
+        let per_kernel: Vec<Option<u64>> = reach.iter().map(|r| r.as_ref().map(|r| r.0)).collect();
 
         // The text: moved definitions cut out, then appended in emu_shared, then the table.
         let mut text = String::with_capacity(asm.len() + 4096);
@@ -882,7 +895,10 @@ pub(crate) mod shared {
             for d in &moves {
                 match &d.comm {
                     Some((n, size, align)) => {
-                        let _ = writeln!(text, "\t.balign {align}\n{n}:\n\t.zero {size}");
+                        let _ = writeln!(
+                            text,
+                            "\t.balign {align}\n\t.size\t{n}, {size}\n{n}:\n\t.zero {size}"
+                        );
                     }
                     None => {
                         if let Some(a) = &d.align {
@@ -902,6 +918,27 @@ pub(crate) mod shared {
             let _ = writeln!(text, "\t.quad\t{}", v.unwrap_or(u64::MAX));
         }
         text.push_str("\t.quad\t0\n");
+        // __emu_kernel_shared_vars: per kernel, a list of {address, size} ended by {0, 0}.
+        text.push_str("\t.section\t.data.rel.ro.local,\"aw\"\n\t.balign 8\n\t.globl\t__emu_kernel_shared_vars\n\t.hidden\t__emu_kernel_shared_vars\n__emu_kernel_shared_vars:\n");
+        for (i, r) in reach.iter().enumerate() {
+            match r {
+                Some(_) => {
+                    let _ = writeln!(text, "\t.quad\t.Lemu_shared_vars{i}");
+                }
+                None => text.push_str("\t.quad\t0\n"),
+            }
+        }
+        text.push_str("\t.quad\t0\n");
+        for (i, r) in reach.iter().enumerate() {
+            if let Some((_, vars)) = r {
+                let _ = writeln!(text, ".Lemu_shared_vars{i}:");
+                for v in vars {
+                    let size = sizes.get(v.as_str()).copied().unwrap_or(0);
+                    let _ = writeln!(text, "\t.quad\t{v}\n\t.quad\t{size}");
+                }
+                text.push_str("\t.quad\t0\n\t.quad\t0\n");
+            }
+        }
         Analysis { text, per_kernel }
     }
 
@@ -955,6 +992,51 @@ mod tests {
         assert!(o(&["--frobnicate"]).is_err());
         assert!(o(&["--ftz=maybe"]).is_err());
         assert!(o(&["-arch=gfx90a"]).is_err());
+    }
+
+    #[test]
+    fn shared_memory_per_kernel_from_the_assembly() {
+        // k1 calls f (a template instantiation whose statics are COMDAT, one of them marked),
+        // k2 has its own local static (common form) and reaches g through an alias.
+        let asm = "\t.text\n\t.globl\tk1\nk1:\n\tjmp\t_Z1fILi1EEvPf@PLT\n\t.size\tk1, .-k1\n\
+            \t.section\t.text._Z1fILi1EEvPf,\"axG\",@progbits,_Z1fILi1EEvPf,comdat\n_Z1fILi1EEvPf:\n\
+            #APP\n\t# __emu_shared _ZZ1fE2As(%rip) 8+_ZZ1fE1w(%rip)\n#NO_APP\n\
+            \tleaq\t_ZZ1fE2As(%rip), %rdx\n\t.section\t.rodata\n.L4:\n\t.long\t.L5-.L4\n\
+            \t.section\t.text._Z1fILi1EEvPf\n\tmovl\t$3, _ZZ1fE1w(%rip)\n\tret\n\
+            \t.text\nk2:\n\t# __emu_shared _ZZ2k2E1s(%rip)\n\tcall\tgalias\n\tret\n\
+            \t.set\tgalias, g\ng:\n\tleaq\t_ZZL1gE1d(%rip), %rax\n\tret\n\
+            \t.section\t.bss._ZZ1fE2As,\"awG\",@nobits,_ZZ1fE2As,comdat\n\t.align 16\n\
+            \t.size\t_ZZ1fE2As, 512\n_ZZ1fE2As:\n\t.zero\t512\n\
+            \t.section\t.bss._ZZ1fE1w,\"awG\",@nobits,_ZZ1fE1w,comdat\n\t.size\t_ZZ1fE1w, 4\n\
+            _ZZ1fE1w:\n\t.zero\t4\n\t.local\t_ZZ2k2E1s\n\t.comm\t_ZZ2k2E1s,40960,32\n\
+            \t.section\temu_shared,\"aw\"\n\t.size\t_ZZL1gE1d, 64\n_ZZL1gE1d:\n\t.zero\t64\n";
+        let kernels = ["k1".to_string(), "k2".into(), "k3".into()];
+        let a = shared::analyse(asm, &kernels);
+        assert_eq!(a.per_kernel, [Some(516), Some(40960 + 64), None]);
+        assert!(a.text.contains(".Lemu_shared_vars1:\n\t.quad\t_ZZ2k2E1s\n\t.quad\t40960\n\t.quad\t_ZZL1gE1d\n\t.quad\t64\n\t.quad\t0\n\t.quad\t0\n"), "{}", a.text);
+        assert!(
+            a.text.contains(
+                "__emu_kernel_shared:\n\t.quad\t516\n\t.quad\t41024\n\t.quad\t18446744073709551615\n\t.quad\t0\n"
+            ),
+            "{}",
+            a.text
+        );
+        // The COMDAT and common definitions now sit in emu_shared.
+        let moved = &a.text[a.text.rfind("\t.section\temu_shared").unwrap()..];
+        for l in [
+            "_ZZ1fE2As:\n\t.zero\t512",
+            "_ZZ1fE1w:\n\t.zero\t4",
+            "_ZZ2k2E1s:\n\t.zero 40960",
+        ] {
+            assert!(moved.contains(l), "{l}: {moved}");
+        }
+        assert!(!a.text.contains(".comm"));
+        assert_eq!(a.text.matches("_ZZ1fE2As:").count(), 1);
+        let log = shared::over_limit(&kernels, &[Some(49152), Some(51200), None]);
+        assert_eq!(
+            log,
+            "ptxas error   : Entry function 'k2' uses too much shared data (0xc800 bytes, 0xc000 max)\n"
+        );
     }
 
     #[test]

@@ -428,17 +428,28 @@ pub fn rewrite(src: &str) -> Result<Rewritten, String> {
                     }
                 } else {
                     let is_static = i >= 1 && lx.is(i - 1, "static");
-                    let rep = if is_static {
-                        SHARED_ATTR.to_string()
+                    let storage = if is_static { "" } else { "static " };
+                    // In a function body: a block static and, after the declaration's `;`, the
+                    // marker statement by which compile.rs finds it in the assembly and moves it
+                    // into the section emu_shared. (A section attribute here would be dropped for
+                    // the statics of templates, and conflict with others for those of inline
+                    // functions: COMDAT variables.) Elsewhere, or if the declaration cannot be
+                    // read: the section attribute.
+                    let marked = if braces.last() == Some(&Scope::Code) {
+                        shared_declarators(&lx, i)
                     } else {
-                        format!("static {SHARED_ATTR}")
+                        None
                     };
-                    edits.list.push((t.start, t.end, rep));
-                    // In a function body: the marker statement after the declaration's `;`.
-                    if braces.last() == Some(&Scope::Code) {
-                        if let Some((semi, names)) = shared_declarators(&lx, i) {
+                    match marked {
+                        Some((semi, names)) => {
+                            edits.list.push((t.start, t.end, storage.to_string()));
                             let end = lx.toks[semi].end;
                             edits.list.push((end, end, shared_marker(&names)));
+                        }
+                        None => {
+                            edits
+                                .list
+                                .push((t.start, t.end, format!("{storage}{SHARED_ATTR}")))
                         }
                     }
                 }
@@ -737,6 +748,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn line_markers_name_the_next_line() {
+        // g++ 12 starts with `# 0 "<built-in>"`: line 0 (in a debug build, `0 - 1` would panic).
+        let src = "# 0 \"<built-in>\"\nint a;\n# 0 \"<command-line>\"\n# 1 \"k.cu\"\nint b;\n\n asm goto(\"x\" : : : : l);\n";
+        let lx = lex(src);
+        let at = |t: &str| (0..lx.toks.len()).find(|&j| lx.is(j, t)).unwrap();
+        assert_eq!(lx.toks[at("a")].line, 0);
+        assert_eq!(lx.where_(at("b")), "k.cu(1)");
+        assert_eq!(lx.where_(at("asm")), "k.cu(3)");
+        match rewrite(src) {
+            Err(e) => assert_eq!(e, "k.cu(3): error: asm goto is not supported\n"),
+            Ok(_) => panic!("asm goto accepted"),
+        }
+    }
+
+    #[test]
+    fn shared_declarations_in_functions_are_marked() {
+        let src = "# 1 \"k.cu\"\nnamespace n { __emu_shared__ float g[2]; }\nstruct S { int x; };\n\
+            template <class T, int N = (3 > 2)> __attribute__((noinline)) void f(T* x) {\n\
+            __emu_shared__ __attribute__((aligned(16))) T a[N * 4], b;\n\
+            if (x) { static __emu_shared__ int c[2][3]; }\n}\n\
+            extern \"C\" { __emu_global__ void k() { __emu_shared__ unsigned char raw[(1 > 0) ? 8 : 4]; } }\n";
+        let r = rewrite(src).unwrap();
+        assert_eq!(r.text.lines().count(), src.lines().count());
+        let t = &r.text;
+        assert!(
+            t.contains(
+                "namespace n { static __attribute__((section(\"emu_shared\"))) float g[2]; }"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("static  __attribute__((aligned(16))) T a[N * 4], b; __asm__(\"# __emu_shared %0 %1\" :: \"m\"(a), \"m\"(b));"),
+            "{t}"
+        );
+        assert!(
+            t.contains("static  int c[2][3]; __asm__(\"# __emu_shared %0\" :: \"m\"(c));"),
+            "{t}"
+        );
+        assert!(
+            t.contains("__asm__(\"# __emu_shared %0\" :: \"m\"(raw));"),
+            "{t}"
+        );
+        assert_eq!(r.kernels.len(), 1);
+    }
+
+    #[test]
     fn asm_and_markers() {
         let src = "# 1 \"k.cu\"\nextern \"C\" __emu_global__ void __emu_launch_bounds__(128, 2)\n k(float* x) {\n  __emu_shared__ float s[4];\n  extern __emu_shared__ __attribute__((aligned(16))) float dyn[];\n  unsigned r; asm volatile(\"cvt %0, %1;\"\n \"x\" : \"=r\"(r) : \"f\"(x[0]) : \"memory\");\n}\n";
         let r = rewrite(src).unwrap();
@@ -758,6 +815,6 @@ mod tests {
         );
         assert!(r
             .text
-            .contains("static __attribute__((section(\"emu_shared\"))) float s[4];"));
+            .contains("static  float s[4]; __asm__(\"# __emu_shared %0\" :: \"m\"(s));"));
     }
 }

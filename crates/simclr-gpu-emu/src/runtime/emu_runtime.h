@@ -222,6 +222,7 @@ struct EmuLaunch {
     void* sched_sp = nullptr;
     EmuEntry entry = nullptr;
     void** params = nullptr;
+    const struct EmuSharedVar* shared_vars = nullptr;  // the kernel's static shared variables
     bool failed = false;
     char msg[1024];
     EmuPolicy policy = EMU_ALTERNATE;
@@ -844,9 +845,17 @@ static inline unsigned long long __emu_static_shared_bytes() {
     return (__start_emu_shared && __stop_emu_shared) ? (unsigned long long)(__stop_emu_shared - __start_emu_shared) : 0;
 }
 // Each kernel's own static shared bytes, in the registration's order, ~0 where compile.rs did not
-// find the kernel's code in the assembly (then the module's total is reported). Defined in the
-// assembly compile.rs appends (see compile.rs, `shared`, for the rule).
+// find the kernel's code in the assembly (then the module's total is reported), and its static
+// shared variables (a list ended by a null address; a null list where unknown: then the whole
+// section is poisoned). Defined in the assembly compile.rs appends (see compile.rs, `shared`,
+// for the rule). Poisoning each variable, not the section, keeps clear of AddressSanitizer's
+// redzones between them.
+struct EmuSharedVar {
+    void* addr;
+    unsigned long long size;
+};
 extern "C" EMU_HIDDEN const unsigned long long __emu_kernel_shared[];
+extern "C" EMU_HIDDEN const EmuSharedVar* const __emu_kernel_shared_vars[];
 
 // ---------------------------------------------------------------------------------------------
 // Inline PTX: compile.rs rewrites each asm statement to __emu_asm("template", __emu_op(...)...).
@@ -1053,7 +1062,11 @@ EMU_RT static void __emu_run_block(bool descending) {
     L.at_bar = 0;
     L.bar_count = 0;
     // Poison the block's shared memory (static and this launch's dynamic bytes).
-    if (__start_emu_shared && __stop_emu_shared) memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
+    if (L.shared_vars) {
+        for (const EmuSharedVar* v = L.shared_vars; v->addr; v++) memset(v->addr, 0xff, v->size);
+    } else if (__start_emu_shared && __stop_emu_shared) {
+        memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
+    }
     memset(__emu_dyn_shared, 0xff, L.dyn);
 #ifdef EMU_TSAN
     __tsan_release(&L.tsan_start);
@@ -1219,6 +1232,7 @@ extern "C" EMU_RT __attribute__((visibility("default"))) int emu_launch(const ch
     L.dyn = dyn;
     L.entry = k->entry;
     L.params = params;
+    L.shared_vars = __emu_kernel_shared_vars[k - __emu_kernels()];
     L.failed = false;
     L.msg[0] = 0;
     L.rng = 0;
