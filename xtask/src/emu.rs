@@ -81,6 +81,8 @@ pub fn emulator_lib_dir() -> Result<PathBuf, String> {
         "libcublasLt.so.13",
         "libcudnn.so",
         "libcudnn.so.9",
+        "libnccl.so",
+        "libnccl.so.2",
     ] {
         let link = dir.join(name);
         let _ = std::fs::remove_file(&link);
@@ -169,6 +171,8 @@ pub fn gpu_emu(args: &[String]) -> Result<(), String> {
         _ => lib.display().to_string(),
     };
     let cache = target_dir().join("gpu-emu/cache");
+    let nccl_dir = target_dir().join("gpu-emu/nccl");
+    std::fs::create_dir_all(&nccl_dir).map_err(|e| format!("{}: {e}", nccl_dir.display()))?;
     let preload = o.sanitize.as_deref().map(sanitizer_runtime).transpose()?;
     let start = std::time::Instant::now();
     let mut failed = Vec::new();
@@ -188,6 +192,9 @@ pub fn gpu_emu(args: &[String]) -> Result<(), String> {
             .env("SIMCLR_REQUIRE_GPU", "1")
             .env("SIMCLR_POISON_BUFFERS", "1")
             .env("SIMCLR_GPU_EMU_CACHE", &cache)
+            // The emulated NCCL's rendezvous folders: under the build folder rather than
+            // /dev/shm, since a test that leaves a rank blocked leaves its folder behind.
+            .env("SIMCLR_GPU_EMU_NCCL_DIR", &nccl_dir)
             .args(["--show-output"])
             .args(&o.filter);
         if let (Some(kind), Some(rt)) = (&o.sanitize, &preload) {

@@ -14,5 +14,6 @@ pub mod compile;
 pub mod cublas;
 pub mod cudnn;
 pub mod driver;
+pub mod nccl;
 pub mod numeric;
 pub mod nvrtc;
