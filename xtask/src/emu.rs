@@ -12,8 +12,9 @@ use std::process::Command;
 
 use crate::{cargo, root};
 
-/// The packages whose GPU tests run on the emulated device by default.
-const DEFAULT_PACKAGES: [&str; 1] = ["simclr-kernels"];
+/// The packages whose GPU tests run on the emulated device by default: the kernels, the CUDA
+/// backend (with cuBLAS, cuDNN and NCCL) and the facade's PyTorch parity.
+const DEFAULT_PACKAGES: [&str; 3] = ["simclr-kernels", "simclr-nn", "simclr"];
 
 struct Options {
     sanitize: Option<String>,
@@ -98,26 +99,31 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("target"))
 }
 
-/// The test executables cargo builds for `package`, from `--message-format=json`.
-fn test_binaries(package: &str) -> Result<Vec<(String, PathBuf)>, String> {
+/// A test executable: its label (package/target), path and package folder.
+struct TestBinary {
+    label: String,
+    exe: PathBuf,
+    dir: PathBuf,
+}
+
+/// The test executables of `packages`. The whole workspace's tests are built, as `cargo test
+/// --workspace --release` builds them: the same features, so the same artifacts, and no second
+/// build of the dependencies.
+fn test_binaries(packages: &[String]) -> Result<Vec<TestBinary>, String> {
     let mut cmd = cargo();
     cmd.current_dir(root())
         .args([
             "test",
+            "--workspace",
             "--release",
             "--no-run",
             "--message-format=json",
-            "-p",
         ])
-        .arg(package)
         .stderr(std::process::Stdio::inherit());
     eprintln!("+ {cmd:?}");
     let o = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if !o.status.success() {
-        return Err(format!(
-            "building the tests of {package} failed with {}",
-            o.status
-        ));
+        return Err(format!("building the tests failed with {}", o.status));
     }
     let mut v = Vec::new();
     for line in String::from_utf8_lossy(&o.stdout).lines() {
@@ -128,13 +134,49 @@ fn test_binaries(package: &str) -> Result<Vec<(String, PathBuf)>, String> {
         if msg["profile"]["test"] != serde_json::Value::Bool(true) {
             continue;
         }
-        if let (Some(exe), Some(name)) =
-            (msg["executable"].as_str(), msg["target"]["name"].as_str())
-        {
-            v.push((format!("{package}/{name}"), PathBuf::from(exe)));
+        let (Some(exe), Some(target), Some(manifest)) = (
+            msg["executable"].as_str(),
+            msg["target"]["name"].as_str(),
+            msg["manifest_path"].as_str(),
+        ) else {
+            continue;
+        };
+        let package = package_name(Path::new(manifest))?;
+        if packages.contains(&package) {
+            v.push(TestBinary {
+                label: format!("{package}/{target}"),
+                exe: PathBuf::from(exe),
+                dir: Path::new(manifest)
+                    .parent()
+                    .map_or_else(root, Path::to_path_buf),
+            });
+        }
+    }
+    for p in packages {
+        if !v.iter().any(|b| b.label.starts_with(&format!("{p}/"))) {
+            return Err(format!("gpu-emu: no test binary of a package named {p}"));
         }
     }
     Ok(v)
+}
+
+/// The `[package]` name of a manifest.
+fn package_name(manifest: &Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(manifest).map_err(|e| format!("{}: {e}", manifest.display()))?;
+    let mut in_package = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_package = line == "[package]";
+        } else if in_package {
+            if let Some(v) = line.strip_prefix("name").map(str::trim_start) {
+                if let Some(v) = v.strip_prefix('=') {
+                    return Ok(v.trim().trim_matches('"').to_string());
+                }
+            }
+        }
+    }
+    Err(format!("{}: no [package] name", manifest.display()))
 }
 
 /// The sanitizer runtime of the host compiler, to preload.
@@ -162,10 +204,7 @@ fn sanitizer_runtime(kind: &str) -> Result<PathBuf, String> {
 pub fn gpu_emu(args: &[String]) -> Result<(), String> {
     let o = parse(args)?;
     let lib = emulator_lib_dir()?;
-    let mut binaries = Vec::new();
-    for p in &o.packages {
-        binaries.extend(test_binaries(p)?);
-    }
+    let binaries = test_binaries(&o.packages)?;
     let ld_path = match std::env::var("LD_LIBRARY_PATH") {
         Ok(old) if !old.is_empty() => format!("{}:{old}", lib.display()),
         _ => lib.display().to_string(),
@@ -177,7 +216,12 @@ pub fn gpu_emu(args: &[String]) -> Result<(), String> {
     let start = std::time::Instant::now();
     let mut failed = Vec::new();
     let mut passed = 0usize;
-    for (name, exe) in &binaries {
+    for TestBinary {
+        label: name,
+        exe,
+        dir,
+    } in &binaries
+    {
         let mut cmd = if o.sanitize.as_deref() == Some("thread") {
             // ThreadSanitizer needs the fixed memory layout of a process without address-space
             // randomisation.
@@ -187,7 +231,7 @@ pub fn gpu_emu(args: &[String]) -> Result<(), String> {
         } else {
             Command::new(exe)
         };
-        cmd.current_dir(package_dir(exe, name))
+        cmd.current_dir(dir)
             .env("LD_LIBRARY_PATH", &ld_path)
             .env("SIMCLR_REQUIRE_GPU", "1")
             .env("SIMCLR_POISON_BUFFERS", "1")
@@ -239,17 +283,6 @@ pub fn gpu_emu(args: &[String]) -> Result<(), String> {
     }
 }
 
-/// A test binary runs in its package's folder, as `cargo test` runs it.
-fn package_dir(_exe: &Path, name: &str) -> PathBuf {
-    let package = name.split('/').next().unwrap_or_default();
-    let crate_dir = root().join("crates").join(package);
-    if crate_dir.is_dir() {
-        crate_dir
-    } else {
-        root()
-    }
-}
-
 /// The passed count of libtest's `test result:` line.
 fn count_passed(out: &str) -> usize {
     out.lines()
@@ -275,6 +308,17 @@ mod tests {
     }
 
     #[test]
+    fn package_names_come_from_the_manifests() {
+        let r = root();
+        assert_eq!(
+            package_name(&r.join("crates/simclr-kernels/Cargo.toml")).unwrap(),
+            "simclr-kernels"
+        );
+        // The root manifest holds [workspace] tables before its [package].
+        assert_eq!(package_name(&r.join("Cargo.toml")).unwrap(), "simclr");
+    }
+
+    #[test]
     fn arguments() {
         let o = parse(&[
             "--sanitize".into(),
@@ -284,7 +328,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(o.sanitize.as_deref(), Some("address"));
-        assert_eq!(o.packages, ["simclr-kernels"]);
+        assert_eq!(o.packages, DEFAULT_PACKAGES);
         assert_eq!(o.filter, ["gpu_"]);
         assert!(parse(&["--sanitize".into(), "memory".into()]).is_err());
     }
