@@ -290,16 +290,16 @@ fn bf16_noise(x: &Tensor) -> Tensor {
 /// Every gradient of `model`, in parameter order, on the host.
 fn all_grads(model: &mut SimClr) -> Vec<f32> {
     grads(model)
-        .iter()
-        .flat_map(|(_, t)| data(t).to_vec())
+        .values()
+        .flat_map(|t| data(t).to_vec())
         .collect()
 }
 
 /// The fixture's gradients in `model`'s parameter order.
 fn fixture_grads(model: &mut SimClr, ck: &Checkpoint) -> Vec<f32> {
     grads(model)
-        .iter()
-        .flat_map(|(name, _)| f32s(ck, &format!("grad.{name}")).to_vec())
+        .keys()
+        .flat_map(|name| f32s(ck, &format!("grad.{name}")).to_vec())
         .collect()
 }
 
