@@ -236,6 +236,8 @@ pub fn gpu_emu(args: &[String]) -> Result<(), String> {
             .env("SIMCLR_REQUIRE_GPU", "1")
             .env("SIMCLR_POISON_BUFFERS", "1")
             .env("SIMCLR_GPU_EMU_CACHE", &cache)
+            // Two devices, so that the tests that need two GPUs (NCCL between them) run too.
+            .env("SIMCLR_GPU_EMU_DEVICES", "2")
             // The emulated NCCL's rendezvous folders: under the build folder rather than
             // /dev/shm, since a test that leaves a rank blocked leaves its folder behind.
             .env("SIMCLR_GPU_EMU_NCCL_DIR", &nccl_dir)

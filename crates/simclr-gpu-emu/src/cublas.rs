@@ -143,6 +143,27 @@ fn with_state(h: CublasHandle, f: impl FnOnce(&mut HandleState)) -> CublasStatus
     }
 }
 
+/// The `cublasGet*` calls: a field of a live handle's state, written to a non-null `out`.
+///
+/// # Safety
+/// `out` is null or writable.
+unsafe fn get<T>(
+    h: CublasHandle,
+    out: *mut T,
+    field: impl FnOnce(&HandleState) -> T,
+) -> CublasStatus {
+    let s = match state(h) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    if out.is_null() {
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    // SAFETY: non-null out-pointer, writable per the contract.
+    unsafe { out.write(field(&s)) };
+    CUBLAS_STATUS_SUCCESS
+}
+
 fn status(r: Result<(), CublasStatus>) -> CublasStatus {
     match r {
         Ok(()) => CUBLAS_STATUS_SUCCESS,
@@ -217,16 +238,7 @@ pub unsafe extern "C" fn cublasGetStream_v2(
     handle: CublasHandle,
     stream: *mut *mut c_void,
 ) -> CublasStatus {
-    let s = match state(handle) {
-        Ok(s) => s,
-        Err(e) => return e,
-    };
-    if stream.is_null() {
-        return CUBLAS_STATUS_INVALID_VALUE;
-    }
-    // SAFETY: non-null out-pointer.
-    unsafe { stream.write(s.stream as *mut c_void) };
-    CUBLAS_STATUS_SUCCESS
+    unsafe { get(handle, stream, |s| s.stream as *mut c_void) }
 }
 
 /// `cublasSetMathMode`: one of the documented `cublasMath_t` values, optionally with
@@ -260,16 +272,7 @@ pub unsafe extern "C" fn cublasSetMathMode(handle: CublasHandle, mode: u32) -> C
 /// `mode` is null or writable.
 #[no_mangle]
 pub unsafe extern "C" fn cublasGetMathMode(handle: CublasHandle, mode: *mut u32) -> CublasStatus {
-    let s = match state(handle) {
-        Ok(s) => s,
-        Err(e) => return e,
-    };
-    if mode.is_null() {
-        return CUBLAS_STATUS_INVALID_VALUE;
-    }
-    // SAFETY: non-null out-pointer.
-    unsafe { mode.write(s.math) };
-    CUBLAS_STATUS_SUCCESS
+    unsafe { get(handle, mode, |s| s.math) }
 }
 
 /// `cublasSetPointerMode_v2`: whether `alpha`/`beta` are host or device pointers.
@@ -296,16 +299,7 @@ pub unsafe extern "C" fn cublasGetPointerMode_v2(
     handle: CublasHandle,
     mode: *mut u32,
 ) -> CublasStatus {
-    let s = match state(handle) {
-        Ok(s) => s,
-        Err(e) => return e,
-    };
-    if mode.is_null() {
-        return CUBLAS_STATUS_INVALID_VALUE;
-    }
-    // SAFETY: non-null out-pointer.
-    unsafe { mode.write(s.pointer_mode) };
-    CUBLAS_STATUS_SUCCESS
+    unsafe { get(handle, mode, |s| s.pointer_mode) }
 }
 
 /// `cublasSetWorkspace_v2`: accepted and checked (the emulated GEMMs need no workspace).
@@ -427,6 +421,13 @@ struct Args {
     ldc: i64,
     stride_c: i64,
     batch: i64,
+    types: Types,
+    what: &'static str,
+}
+
+/// The types of a GEMM call: of its elements, its scalars, and its inputs' rounding.
+#[derive(Clone, Copy, Debug)]
+struct Types {
     /// The element types of A and B, and of C.
     ab: Elem,
     ce: Elem,
@@ -436,7 +437,59 @@ struct Args {
     tf32_by_mode: bool,
     /// Rounding the compute type asks for whatever the math mode.
     round: InputRounding,
-    what: &'static str,
+}
+
+impl Types {
+    /// The typed GEMMs (`cublasS*`, `cublasD*`): everything of type `e`, TF32 by the math mode
+    /// on f32.
+    fn real(e: Elem) -> Types {
+        Types {
+            ab: e,
+            ce: e,
+            scale: e,
+            tf32_by_mode: e == Elem::F32,
+            round: InputRounding::None,
+        }
+    }
+}
+
+impl Args {
+    /// The C arguments as the entry points take them: each matrix as (pointer, leading
+    /// dimension, batch stride), strides 0 and a batch of 1 for the unbatched forms.
+    fn new(
+        (transa, transb): (u32, u32),
+        (m, n, k): (c_int, c_int, c_int),
+        alpha: *const c_void,
+        (a, lda, stride_a): (*const c_void, c_int, i64),
+        (b, ldb, stride_b): (*const c_void, c_int, i64),
+        beta: *const c_void,
+        (c, ldc, stride_c): (*mut c_void, c_int, i64),
+        batch: c_int,
+        types: Types,
+        what: &'static str,
+    ) -> Args {
+        Args {
+            transa,
+            transb,
+            m: m as i64,
+            n: n as i64,
+            k: k as i64,
+            alpha,
+            a,
+            lda: lda as i64,
+            stride_a,
+            b,
+            ldb: ldb as i64,
+            stride_b,
+            beta,
+            c,
+            ldc: ldc as i64,
+            stride_c,
+            batch: batch as i64,
+            types,
+            what,
+        }
+    }
 }
 
 fn gemm(handle: CublasHandle, g: Args) -> CublasStatus {
@@ -454,6 +507,7 @@ fn span(rows: usize, cols: usize, ld: usize, e: Elem) -> usize {
 
 fn gemm_inner(handle: CublasHandle, g: Args) -> Result<(), CublasStatus> {
     let st = state(handle)?;
+    let ty = g.types;
     let op_ok = |t: u32| matches!(t, CUBLAS_OP_N | CUBLAS_OP_T | CUBLAS_OP_C);
     // "CUBLAS_STATUS_INVALID_VALUE: if m < 0 or n < 0 or k < 0, or if transa, transb !=
     // CUBLAS_OP_N, CUBLAS_OP_C, CUBLAS_OP_T, or if lda < max(1, m) if transa == CUBLAS_OP_N and
@@ -491,22 +545,27 @@ fn gemm_inner(handle: CublasHandle, g: Args) -> Result<(), CublasStatus> {
     }
     let scalars = if st.pointer_mode == CUBLAS_POINTER_MODE_HOST {
         // SAFETY: non-null host pointers to the scale type, per the cuBLAS contract.
-        unsafe { Scalars::Host(read_scalar(g.alpha, g.scale), read_scalar(g.beta, g.scale)) }
+        unsafe {
+            Scalars::Host(
+                read_scalar(g.alpha, ty.scale),
+                read_scalar(g.beta, ty.scale),
+            )
+        }
     } else {
         for (p, name) in [(g.alpha, "alpha"), (g.beta, "beta")] {
-            check(p as usize, g.scale.size(), g.what, name)?;
+            check(p as usize, ty.scale.size(), g.what, name)?;
         }
         Scalars::Device {
             alpha: g.alpha as usize,
             beta: g.beta as usize,
-            e: g.scale,
+            e: ty.scale,
         }
     };
     let math = st.math & !CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION;
-    let round = if g.tf32_by_mode && math == CUBLAS_TF32_TENSOR_OP_MATH {
+    let round = if ty.tf32_by_mode && math == CUBLAS_TF32_TENSOR_OP_MATH {
         InputRounding::Tf32
     } else {
-        g.round
+        ty.round
     };
     let round = if round == InputRounding::Tf32 && !numeric::tf32_allowed() {
         InputRounding::None
@@ -529,8 +588,8 @@ fn gemm_inner(handle: CublasHandle, g: Args) -> Result<(), CublasStatus> {
         ldc: g.ldc as usize,
         stride_c: g.stride_c as usize,
         batch,
-        ab: g.ab,
-        ce: g.ce,
+        ab: ty.ab,
+        ce: ty.ce,
         round,
     };
     // The exact ranges the dimensions imply; A and B are read only when k > 0 and alpha != 0
@@ -541,8 +600,8 @@ fn gemm_inner(handle: CublasHandle, g: Args) -> Result<(), CublasStatus> {
         check(
             op.a,
             whole(
-                op.stride_a * g.ab.size(),
-                span(a_rows as usize, a_cols as usize, op.lda, g.ab),
+                op.stride_a * ty.ab.size(),
+                span(a_rows as usize, a_cols as usize, op.lda, ty.ab),
             ),
             g.what,
             "A",
@@ -550,8 +609,8 @@ fn gemm_inner(handle: CublasHandle, g: Args) -> Result<(), CublasStatus> {
         check(
             op.b,
             whole(
-                op.stride_b * g.ab.size(),
-                span(b_rows as usize, b_cols as usize, op.ldb, g.ab),
+                op.stride_b * ty.ab.size(),
+                span(b_rows as usize, b_cols as usize, op.ldb, ty.ab),
             ),
             g.what,
             "B",
@@ -559,7 +618,7 @@ fn gemm_inner(handle: CublasHandle, g: Args) -> Result<(), CublasStatus> {
     }
     check(
         op.c,
-        whole(op.stride_c * g.ce.size(), span(m, n, op.ldc, g.ce)),
+        whole(op.stride_c * ty.ce.size(), span(m, n, op.ldc, ty.ce)),
         g.what,
         "C",
     )?;
@@ -701,31 +760,18 @@ pub unsafe extern "C" fn cublasSgemm_v2(
 ) -> CublasStatus {
     gemm(
         handle,
-        Args {
-            transa,
-            transb,
-            m: m as i64,
-            n: n as i64,
-            k: k as i64,
-            alpha: alpha as _,
-            a: a as _,
-            lda: lda as i64,
-            stride_a: 0,
-            b: b as _,
-            ldb: ldb as i64,
-            stride_b: 0,
-            beta: beta as _,
-            c: c as _,
-            ldc: ldc as i64,
-            stride_c: 0,
-            batch: 1,
-            ab: Elem::F32,
-            ce: Elem::F32,
-            scale: Elem::F32,
-            tf32_by_mode: true,
-            round: InputRounding::None,
-            what: "cublasSgemm",
-        },
+        Args::new(
+            (transa, transb),
+            (m, n, k),
+            alpha as _,
+            (a as _, lda, 0),
+            (b as _, ldb, 0),
+            beta as _,
+            (c as _, ldc, 0),
+            1,
+            Types::real(Elem::F32),
+            "cublasSgemm",
+        ),
     )
 }
 
@@ -752,31 +798,18 @@ pub unsafe extern "C" fn cublasDgemm_v2(
 ) -> CublasStatus {
     gemm(
         handle,
-        Args {
-            transa,
-            transb,
-            m: m as i64,
-            n: n as i64,
-            k: k as i64,
-            alpha: alpha as _,
-            a: a as _,
-            lda: lda as i64,
-            stride_a: 0,
-            b: b as _,
-            ldb: ldb as i64,
-            stride_b: 0,
-            beta: beta as _,
-            c: c as _,
-            ldc: ldc as i64,
-            stride_c: 0,
-            batch: 1,
-            ab: Elem::F64,
-            ce: Elem::F64,
-            scale: Elem::F64,
-            tf32_by_mode: false,
-            round: InputRounding::None,
-            what: "cublasDgemm",
-        },
+        Args::new(
+            (transa, transb),
+            (m, n, k),
+            alpha as _,
+            (a as _, lda, 0),
+            (b as _, ldb, 0),
+            beta as _,
+            (c as _, ldc, 0),
+            1,
+            Types::real(Elem::F64),
+            "cublasDgemm",
+        ),
     )
 }
 
@@ -807,31 +840,18 @@ pub unsafe extern "C" fn cublasSgemmStridedBatched(
 ) -> CublasStatus {
     gemm(
         handle,
-        Args {
-            transa,
-            transb,
-            m: m as i64,
-            n: n as i64,
-            k: k as i64,
-            alpha: alpha as _,
-            a: a as _,
-            lda: lda as i64,
-            stride_a,
-            b: b as _,
-            ldb: ldb as i64,
-            stride_b,
-            beta: beta as _,
-            c: c as _,
-            ldc: ldc as i64,
-            stride_c,
-            batch: batch as i64,
-            ab: Elem::F32,
-            ce: Elem::F32,
-            scale: Elem::F32,
-            tf32_by_mode: true,
-            round: InputRounding::None,
-            what: "cublasSgemmStridedBatched",
-        },
+        Args::new(
+            (transa, transb),
+            (m, n, k),
+            alpha as _,
+            (a as _, lda, stride_a),
+            (b as _, ldb, stride_b),
+            beta as _,
+            (c as _, ldc, stride_c),
+            batch,
+            Types::real(Elem::F32),
+            "cublasSgemmStridedBatched",
+        ),
     )
 }
 
@@ -862,68 +882,59 @@ pub unsafe extern "C" fn cublasDgemmStridedBatched(
 ) -> CublasStatus {
     gemm(
         handle,
-        Args {
-            transa,
-            transb,
-            m: m as i64,
-            n: n as i64,
-            k: k as i64,
-            alpha: alpha as _,
-            a: a as _,
-            lda: lda as i64,
-            stride_a,
-            b: b as _,
-            ldb: ldb as i64,
-            stride_b,
-            beta: beta as _,
-            c: c as _,
-            ldc: ldc as i64,
-            stride_c,
-            batch: batch as i64,
-            ab: Elem::F64,
-            ce: Elem::F64,
-            scale: Elem::F64,
-            tf32_by_mode: false,
-            round: InputRounding::None,
-            what: "cublasDgemmStridedBatched",
-        },
+        Args::new(
+            (transa, transb),
+            (m, n, k),
+            alpha as _,
+            (a as _, lda, stride_a),
+            (b as _, ldb, stride_b),
+            beta as _,
+            (c as _, ldc, stride_c),
+            batch,
+            Types::real(Elem::F64),
+            "cublasDgemmStridedBatched",
+        ),
     )
 }
 
 /// The `cublasGemmEx` type combinations emulated, from the documentation's table of
-/// supported (compute type, scale type, A/B type, C type): `(A/B, C, scale, tf32 by the math
-/// mode, input rounding)`. Anything else (f16, integer, fp8, complex) is `NOT_SUPPORTED`.
-fn ex_types(
-    atype: u32,
-    btype: u32,
-    ctype: u32,
-    compute: u32,
-) -> Result<(Elem, Elem, Elem, bool, InputRounding), CublasStatus> {
+/// supported (compute type, scale type, A/B type, C type). Anything else (f16, integer, fp8,
+/// complex) is `NOT_SUPPORTED`.
+fn ex_types(atype: u32, btype: u32, ctype: u32, compute: u32) -> Result<Types, CublasStatus> {
     if atype != btype {
         return Err(CUBLAS_STATUS_NOT_SUPPORTED);
     }
     let none = InputRounding::None;
+    let t = |ab, ce, scale, tf32_by_mode, round| {
+        Ok(Types {
+            ab,
+            ce,
+            scale,
+            tf32_by_mode,
+            round,
+        })
+    };
     match (compute, atype, ctype) {
         (CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_32F) => {
-            Ok((Elem::F32, Elem::F32, Elem::F32, true, none))
+            t(Elem::F32, Elem::F32, Elem::F32, true, none)
         }
         (CUBLAS_COMPUTE_32F_PEDANTIC, CUDA_R_32F, CUDA_R_32F) => {
-            Ok((Elem::F32, Elem::F32, Elem::F32, false, none))
+            t(Elem::F32, Elem::F32, Elem::F32, false, none)
         }
         (CUBLAS_COMPUTE_32F | CUBLAS_COMPUTE_32F_PEDANTIC, CUDA_R_16BF, CUDA_R_16BF) => {
-            Ok((Elem::Bf16, Elem::Bf16, Elem::F32, false, none))
+            t(Elem::Bf16, Elem::Bf16, Elem::F32, false, none)
         }
         (CUBLAS_COMPUTE_32F | CUBLAS_COMPUTE_32F_PEDANTIC, CUDA_R_16BF, CUDA_R_32F) => {
-            Ok((Elem::Bf16, Elem::F32, Elem::F32, false, none))
+            t(Elem::Bf16, Elem::F32, Elem::F32, false, none)
         }
         (CUBLAS_COMPUTE_32F_FAST_TF32, CUDA_R_32F, CUDA_R_32F) => {
-            Ok((Elem::F32, Elem::F32, Elem::F32, false, InputRounding::Tf32))
+            t(Elem::F32, Elem::F32, Elem::F32, false, InputRounding::Tf32)
         }
         (CUBLAS_COMPUTE_32F_FAST_16BF, CUDA_R_32F, CUDA_R_32F) => {
-            Ok((Elem::F32, Elem::F32, Elem::F32, false, InputRounding::Bf16))
+            t(Elem::F32, Elem::F32, Elem::F32, false, InputRounding::Bf16)
         }
         (CUBLAS_COMPUTE_64F | CUBLAS_COMPUTE_64F_PEDANTIC, CUDA_R_64F, CUDA_R_64F) => {
-            Ok((Elem::F64, Elem::F64, Elem::F64, false, none))
+            t(Elem::F64, Elem::F64, Elem::F64, false, none)
         }
         _ => {
             eprintln!(
@@ -1004,37 +1015,24 @@ pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
     if state(handle).is_err() {
         return CUBLAS_STATUS_NOT_INITIALIZED;
     }
-    let (ab, ce, scale, tf32_by_mode, round) = match ex_types(atype, btype, ctype, compute) {
+    let types = match ex_types(atype, btype, ctype, compute) {
         Ok(t) => t,
         Err(e) => return e,
     };
     gemm(
         handle,
-        Args {
-            transa,
-            transb,
-            m: m as i64,
-            n: n as i64,
-            k: k as i64,
+        Args::new(
+            (transa, transb),
+            (m, n, k),
             alpha,
-            a,
-            lda: lda as i64,
-            stride_a,
-            b,
-            ldb: ldb as i64,
-            stride_b,
+            (a, lda, stride_a),
+            (b, ldb, stride_b),
             beta,
-            c,
-            ldc: ldc as i64,
-            stride_c,
-            batch: batch as i64,
-            ab,
-            ce,
-            scale,
-            tf32_by_mode,
-            round,
-            what: "cublasGemmEx",
-        },
+            (c, ldc, stride_c),
+            batch,
+            types,
+            "cublasGemmEx",
+        ),
     )
 }
 

@@ -2,82 +2,14 @@
 //! here from the definition (column-major, `C = alpha op(A) op(B) + beta C`) in f64.
 #![allow(clippy::too_many_arguments)]
 
+mod common;
+
 use std::ffi::c_void;
 use std::ptr::null_mut;
 
+use common::*;
 use simclr_gpu_emu::cublas::*;
 use simclr_gpu_emu::driver::api;
-
-fn setup() {
-    // SAFETY: the driver's own entry points with valid out-pointers; the context is made
-    // current on this (test) thread.
-    unsafe {
-        assert_eq!(api::cuInit(0), 0);
-        let mut ctx = null_mut();
-        assert_eq!(api::cuDevicePrimaryCtxRetain(&mut ctx, 0), 0);
-        assert_eq!(api::cuCtxSetCurrent(ctx), 0);
-    }
-}
-
-/// Device memory holding `v` (an allocation of exactly its bytes).
-fn upload<T: Copy>(v: &[T]) -> u64 {
-    let bytes = std::mem::size_of_val(v);
-    let mut p = 0u64;
-    // SAFETY: valid out-pointer, host source of `bytes` bytes.
-    unsafe {
-        assert_eq!(api::cuMemAlloc_v2(&mut p, bytes), 0);
-        assert_eq!(
-            api::cuMemcpyHtoD_v2(p, v.as_ptr() as *const c_void, bytes),
-            0
-        );
-    }
-    p
-}
-
-/// A fresh allocation (its bytes 0xFF: NaN as f32) of `len` values of `T`.
-fn alloc<T>(len: usize) -> u64 {
-    let mut p = 0u64;
-    // SAFETY: valid out-pointer.
-    unsafe {
-        assert_eq!(
-            api::cuMemAlloc_v2(&mut p, len * std::mem::size_of::<T>()),
-            0
-        )
-    };
-    p
-}
-
-fn download<T: Copy + Default>(p: u64, len: usize) -> Vec<T> {
-    let mut v = vec![T::default(); len];
-    // SAFETY: the copy waits for the null stream, hence for the handle's work on it.
-    unsafe {
-        assert_eq!(api::cuCtxSynchronize(), 0);
-        assert_eq!(
-            api::cuMemcpyDtoH_v2(
-                v.as_mut_ptr() as *mut c_void,
-                p,
-                len * std::mem::size_of::<T>()
-            ),
-            0
-        );
-    }
-    v
-}
-
-/// A small deterministic generator of values in [-1, 1) with all mantissa bits in use.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.next()).collect()
-    }
-}
 
 /// The reference: column-major matrices, `ta`/`tb` transposing the stored A (rows x cols with
 /// leading dimension lda) and B.
@@ -114,16 +46,36 @@ fn reference(
     out
 }
 
+/// `alpha op(A) op(B)` into a fresh, packed `m x n` C (beta 0).
+fn product(
+    ta: bool,
+    tb: bool,
+    (m, n, k): (usize, usize, usize),
+    alpha: f64,
+    (a, lda): (&[f64], usize),
+    (b, ldb): (&[f64], usize),
+) -> Vec<f64> {
+    reference(
+        ta,
+        tb,
+        (m, n, k),
+        alpha,
+        a,
+        lda,
+        b,
+        ldb,
+        0.0,
+        &vec![0.0; m * n],
+        m,
+    )
+}
+
 fn handle() -> CublasHandle {
-    setup();
+    init_context();
     let mut h = null_mut();
     // SAFETY: valid out-pointer.
     assert_eq!(unsafe { cublasCreate_v2(&mut h) }, CUBLAS_STATUS_SUCCESS);
     h
-}
-
-fn to64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
 }
 
 /// Runs one Sgemm and returns C, with A and B given as stored (column-major, padded).
@@ -166,16 +118,6 @@ fn sgemm(
         )
     };
     (s, download(dc, c_len))
-}
-
-fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
-    assert_eq!(got.len(), want.len());
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
-            "{what}: element {i}: got {g}, want {w}"
-        );
-    }
 }
 
 #[test]
@@ -248,14 +190,6 @@ fn sgemm_matches_the_definition_for_transposes_leading_dims_alpha_beta() {
     assert_eq!(unsafe { cublasDestroy_v2(h) }, CUBLAS_STATUS_SUCCESS);
 }
 
-/// TF32 as the test writes it: round to nearest, ties away from zero, to 10 mantissa bits.
-fn tf32(v: f32) -> f32 {
-    let b = v.to_bits();
-    let mag = b & 0x7fff_ffff;
-    let rounded = (mag + (1 << 12)) & !((1 << 13) - 1);
-    f32::from_bits((b & 0x8000_0000) | rounded)
-}
-
 #[test]
 fn tf32_math_mode_rounds_inputs_and_pedantic_does_not() {
     let h = handle();
@@ -263,34 +197,10 @@ fn tf32_math_mode_rounds_inputs_and_pedantic_does_not() {
     let (m, n, k) = (4, 3, 16);
     let a = rng.vec(m * k);
     let b = rng.vec(k * n);
-    let exact = reference(
-        false,
-        false,
-        (m, n, k),
-        1.0,
-        &to64(&a),
-        m,
-        &to64(&b),
-        k,
-        0.0,
-        &vec![0.0; m * n],
-        m,
-    );
+    let exact = product(false, false, (m, n, k), 1.0, (&to64(&a), m), (&to64(&b), k));
     let ar: Vec<f64> = a.iter().map(|&v| tf32(v) as f64).collect();
     let br: Vec<f64> = b.iter().map(|&v| tf32(v) as f64).collect();
-    let rounded = reference(
-        false,
-        false,
-        (m, n, k),
-        1.0,
-        &ar,
-        m,
-        &br,
-        k,
-        0.0,
-        &vec![0.0; m * n],
-        m,
-    );
+    let rounded = product(false, false, (m, n, k), 1.0, (&ar, m), (&br, k));
     // SAFETY: a live handle.
     unsafe {
         let mut mode = 99;
@@ -301,17 +211,20 @@ fn tf32_math_mode_rounds_inputs_and_pedantic_does_not() {
             CUBLAS_STATUS_SUCCESS
         );
     }
-    let (s, got) = sgemm(
-        h,
-        false,
-        false,
-        (m, n, k),
-        1.0,
-        (&a, m),
-        (&b, k),
-        0.0,
-        (None, m),
-    );
+    let packed = || {
+        sgemm(
+            h,
+            false,
+            false,
+            (m, n, k),
+            1.0,
+            (&a, m),
+            (&b, k),
+            0.0,
+            (None, m),
+        )
+    };
+    let (s, got) = packed();
     assert_eq!(s, CUBLAS_STATUS_SUCCESS);
     assert_close(&got, &rounded, 1e-6, "tf32");
     // The inputs have low bits set: the TF32 product must differ from the exact one.
@@ -326,33 +239,13 @@ fn tf32_math_mode_rounds_inputs_and_pedantic_does_not() {
             CUBLAS_STATUS_SUCCESS
         )
     };
-    let (_, got) = sgemm(
-        h,
-        false,
-        false,
-        (m, n, k),
-        1.0,
-        (&a, m),
-        (&b, k),
-        0.0,
-        (None, m),
-    );
+    let (_, got) = packed();
     assert_close(&got, &exact, 1e-6, "pedantic");
     // SAFETY: a live handle; 7 is no cublasMath_t.
     unsafe {
         assert_eq!(cublasSetMathMode(h, 7), CUBLAS_STATUS_INVALID_VALUE);
         cublasDestroy_v2(h);
     }
-}
-
-fn bf16(v: f32) -> u16 {
-    // Round to nearest even.
-    let b = v.to_bits();
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
-
-fn from_bf16(b: u16) -> f64 {
-    f32::from_bits((b as u32) << 16) as f64
 }
 
 #[test]
@@ -362,21 +255,9 @@ fn gemm_ex_bf16_inputs_f32_compute_with_f32_and_bf16_outputs() {
     let (m, n, k) = (6, 4, 10);
     let a: Vec<u16> = rng.vec(k * m).iter().map(|&v| bf16(v)).collect(); // stored k x m: OP_T
     let b: Vec<u16> = rng.vec(k * n).iter().map(|&v| bf16(v)).collect();
-    let a64: Vec<f64> = a.iter().map(|&v| from_bf16(v)).collect();
-    let b64: Vec<f64> = b.iter().map(|&v| from_bf16(v)).collect();
-    let want = reference(
-        true,
-        false,
-        (m, n, k),
-        1.0,
-        &a64,
-        k,
-        &b64,
-        k,
-        0.0,
-        &vec![0.0; m * n],
-        m,
-    );
+    let a64: Vec<f64> = a.iter().map(|&v| from_bf16(v) as f64).collect();
+    let b64: Vec<f64> = b.iter().map(|&v| from_bf16(v) as f64).collect();
+    let want = product(true, false, (m, n, k), 1.0, (&a64, k), (&b64, k));
     let (da, db) = (upload(&a), upload(&b));
     let (alpha, beta) = (1.0f32, 0.0f32);
     for ctype in [CUDA_R_32F, CUDA_R_16BF] {
@@ -415,7 +296,7 @@ fn gemm_ex_bf16_inputs_f32_compute_with_f32_and_bf16_outputs() {
         } else {
             let got: Vec<f32> = download::<u16>(dc, m * n)
                 .iter()
-                .map(|&v| from_bf16(v) as f32)
+                .map(|&v| from_bf16(v))
                 .collect();
             // One bf16 rounding of the f32 result: within 2^-8 relative.
             assert_close(&got, &want, 1.0 / 256.0, "bf16 -> bf16");
@@ -499,19 +380,8 @@ fn strided_batched_and_a_stream() {
     unsafe { assert_eq!(api::cuStreamSynchronize(stream), 0) };
     let got = download::<f32>(dc, sc * batch);
     for bi in 0..batch {
-        let want = reference(
-            false,
-            false,
-            (m, n, k),
-            2.0,
-            &to64(&a[bi * sa..]),
-            m,
-            &to64(&b[bi * sb..]),
-            k,
-            0.0,
-            &vec![0.0; m * n],
-            m,
-        );
+        let (a, b) = (to64(&a[bi * sa..]), to64(&b[bi * sb..]));
+        let want = product(false, false, (m, n, k), 2.0, (&a, m), (&b, k));
         assert_close(&got[bi * sc..bi * sc + m * n], &want, 1e-6, "batched");
     }
     // SAFETY: a live handle.
@@ -544,56 +414,32 @@ fn argument_checks_have_the_documented_statuses() {
             )
         }
     };
-    assert_eq!(
-        call(h, CUBLAS_OP_N, 2, 2, 2, 2, 2, 2),
-        CUBLAS_STATUS_SUCCESS
+    let (ok, invalid, failed) = (
+        CUBLAS_STATUS_SUCCESS,
+        CUBLAS_STATUS_INVALID_VALUE,
+        CUBLAS_STATUS_EXECUTION_FAILED,
     );
-    assert_eq!(
-        call(h, CUBLAS_OP_N, -1, 2, 2, 2, 2, 2),
-        CUBLAS_STATUS_INVALID_VALUE
-    );
-    assert_eq!(
-        call(h, CUBLAS_OP_N, 2, -1, 2, 2, 2, 2),
-        CUBLAS_STATUS_INVALID_VALUE
-    );
-    assert_eq!(
-        call(h, CUBLAS_OP_N, 2, 2, -1, 2, 2, 2),
-        CUBLAS_STATUS_INVALID_VALUE
-    );
-    // lda < max(1, m) for OP_N; < max(1, k) for OP_T.
-    assert_eq!(
-        call(h, CUBLAS_OP_N, 3, 2, 2, 2, 2, 3),
-        CUBLAS_STATUS_INVALID_VALUE
-    );
-    assert_eq!(
-        call(h, CUBLAS_OP_T, 2, 2, 3, 2, 3, 2),
-        CUBLAS_STATUS_INVALID_VALUE
-    );
-    assert_eq!(
-        call(h, CUBLAS_OP_T, 2, 2, 3, 3, 3, 2),
-        CUBLAS_STATUS_SUCCESS
-    );
-    // ldb < max(1, k); ldc < max(1, m).
-    assert_eq!(
-        call(h, CUBLAS_OP_N, 2, 2, 3, 2, 2, 2),
-        CUBLAS_STATUS_INVALID_VALUE
-    );
-    assert_eq!(
-        call(h, CUBLAS_OP_N, 2, 2, 2, 2, 2, 1),
-        CUBLAS_STATUS_INVALID_VALUE
-    );
-    // An operation that is none of N, T, C.
-    assert_eq!(call(h, 9, 2, 2, 2, 2, 2, 2), CUBLAS_STATUS_INVALID_VALUE);
-    // m == 0: nothing to do, success.
-    assert_eq!(
-        call(h, CUBLAS_OP_N, 0, 2, 2, 1, 2, 1),
-        CUBLAS_STATUS_SUCCESS
-    );
-    // C's range past its allocation (64 floats): the emulator's device-memory check.
-    assert_eq!(
-        call(h, CUBLAS_OP_N, 8, 9, 1, 8, 1, 8),
-        CUBLAS_STATUS_EXECUTION_FAILED
-    );
+    // (op(A), [m, n, k, lda, ldb, ldc], the status, why).
+    let cases = [
+        (CUBLAS_OP_N, [2, 2, 2, 2, 2, 2], ok, "valid"),
+        (CUBLAS_OP_N, [-1, 2, 2, 2, 2, 2], invalid, "m < 0"),
+        (CUBLAS_OP_N, [2, -1, 2, 2, 2, 2], invalid, "n < 0"),
+        (CUBLAS_OP_N, [2, 2, -1, 2, 2, 2], invalid, "k < 0"),
+        // lda < max(1, m) for OP_N; < max(1, k) for OP_T.
+        (CUBLAS_OP_N, [3, 2, 2, 2, 2, 3], invalid, "lda < m"),
+        (CUBLAS_OP_T, [2, 2, 3, 2, 3, 2], invalid, "lda < k"),
+        (CUBLAS_OP_T, [2, 2, 3, 3, 3, 2], ok, "lda = k"),
+        // ldb < max(1, k); ldc < max(1, m).
+        (CUBLAS_OP_N, [2, 2, 3, 2, 2, 2], invalid, "ldb < k"),
+        (CUBLAS_OP_N, [2, 2, 2, 2, 2, 1], invalid, "ldc < m"),
+        (9, [2, 2, 2, 2, 2, 2], invalid, "op none of N, T, C"),
+        (CUBLAS_OP_N, [0, 2, 2, 1, 2, 1], ok, "m == 0: nothing to do"),
+        // C's range past its allocation (64 floats): the emulator's device-memory check.
+        (CUBLAS_OP_N, [8, 9, 1, 8, 1, 8], failed, "C out of range"),
+    ];
+    for (ta, [m, n, k, lda, ldb, ldc], want, why) in cases {
+        assert_eq!(call(h, ta, m, n, k, lda, ldb, ldc), want, "{why}");
+    }
     // A null or destroyed handle.
     assert_eq!(
         call(null_mut(), CUBLAS_OP_N, 2, 2, 2, 2, 2, 2),

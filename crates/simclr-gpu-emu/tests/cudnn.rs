@@ -4,98 +4,143 @@
 //! the backward passes as the sums of the same products over the other indices.
 #![allow(clippy::too_many_arguments)]
 
-use std::ffi::c_void;
+mod common;
+
 use std::ptr::null_mut;
 
+use common::*;
 use simclr_gpu_emu::cudnn::conv::*;
 use simclr_gpu_emu::cudnn::desc::*;
 use simclr_gpu_emu::cudnn::*;
-use simclr_gpu_emu::driver::api;
 
-type P = *mut c_void;
+type P = *mut std::ffi::c_void;
 
 fn handle() -> P {
-    // SAFETY: the driver's entry points with valid out-pointers.
-    unsafe {
-        assert_eq!(api::cuInit(0), 0);
-        let mut ctx = null_mut();
-        assert_eq!(api::cuDevicePrimaryCtxRetain(&mut ctx, 0), 0);
-        assert_eq!(api::cuCtxSetCurrent(ctx), 0);
-        let mut h = null_mut();
-        assert_eq!(cudnnCreate(&mut h), CUDNN_STATUS_SUCCESS);
-        h
-    }
+    init_context();
+    let mut h = null_mut();
+    // SAFETY: a valid out-pointer.
+    unsafe { assert_eq!(cudnnCreate(&mut h), CUDNN_STATUS_SUCCESS) };
+    h
 }
 
-fn upload<T: Copy>(v: &[T]) -> u64 {
-    let bytes = std::mem::size_of_val(v);
-    let mut p = 0u64;
-    // SAFETY: valid out-pointer and host source.
-    unsafe {
-        assert_eq!(api::cuMemAlloc_v2(&mut p, bytes.max(1)), 0);
-        assert_eq!(
-            api::cuMemcpyHtoD_v2(p, v.as_ptr() as *const c_void, bytes),
-            0
-        );
-    }
-    p
-}
-
-fn alloc(bytes: usize) -> u64 {
-    let mut p = 0u64;
-    // SAFETY: valid out-pointer. Fresh memory is 0xFF bytes: NaN in f32 and bf16.
-    unsafe { assert_eq!(api::cuMemAlloc_v2(&mut p, bytes.max(1)), 0) };
-    p
-}
-
-fn download<T: Copy + Default>(p: u64, len: usize) -> Vec<T> {
-    let mut v = vec![T::default(); len];
-    // SAFETY: waits for the work, then copies len values.
-    unsafe {
-        assert_eq!(api::cuCtxSynchronize(), 0);
-        let bytes = len * std::mem::size_of::<T>();
-        assert_eq!(
-            api::cuMemcpyDtoH_v2(v.as_mut_ptr() as *mut c_void, p, bytes),
-            0
-        );
-    }
-    v
-}
-
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.next()).collect()
-    }
-}
-
-fn tensor(format: u32, dtype: u32, d: [i32; 4]) -> P {
+/// A packed 4-d tensor descriptor of logical (N, C, H, W) dims `d`.
+fn tensor(format: u32, dtype: u32, d: [usize; 4]) -> P {
+    let [n, c, h, w] = d.map(|v| v as i32);
     let mut t = null_mut();
     // SAFETY: valid out-pointer.
     unsafe { assert_eq!(cudnnCreateTensorDescriptor(&mut t), CUDNN_STATUS_SUCCESS) };
     assert_eq!(
-        cudnnSetTensor4dDescriptor(t, format, dtype, d[0], d[1], d[2], d[3]),
+        cudnnSetTensor4dDescriptor(t, format, dtype, n, c, h, w),
         CUDNN_STATUS_SUCCESS
     );
     t
 }
 
-fn filter(format: u32, dtype: u32, d: [i32; 4]) -> P {
+/// A filter descriptor of logical (K, C, R, S) dims `d`.
+fn filter(format: u32, dtype: u32, d: [usize; 4]) -> P {
+    let [k, c, r, s] = d.map(|v| v as i32);
     let mut f = null_mut();
     // SAFETY: valid out-pointer.
     unsafe { assert_eq!(cudnnCreateFilterDescriptor(&mut f), CUDNN_STATUS_SUCCESS) };
     assert_eq!(
-        cudnnSetFilter4dDescriptor(f, dtype, format, d[0], d[1], d[2], d[3]),
+        cudnnSetFilter4dDescriptor(f, dtype, format, k, c, r, s),
         CUDNN_STATUS_SUCCESS
     );
     f
+}
+
+/// The `_v7` heuristics' forward ranking, 8 entries requested: the status, the entries and
+/// how many were written.
+fn forward_algos(h: P, x: P, w: P, cd: P, y: P) -> (CudnnStatus, [AlgoPerf; 8], i32) {
+    let mut perf = [AlgoPerf::default(); 8];
+    let mut count = 0;
+    // SAFETY: room for the 8 entries requested; valid out-pointers.
+    let s = unsafe {
+        cudnnGetConvolutionForwardAlgorithm_v7(h, x, w, cd, y, 8, &mut count, perf.as_mut_ptr())
+    };
+    (s, perf, count)
+}
+
+/// A descriptor and the device buffer it describes.
+type Buf = (P, u64);
+
+/// A pass's host scaling factors (`alpha`, `beta`) and workspace (address, bytes): every
+/// configuration these tests use scales in f32.
+#[derive(Clone, Copy)]
+struct Call {
+    h: P,
+    alpha: f32,
+    beta: f32,
+    ws: u64,
+    ws_size: usize,
+}
+
+impl Call {
+    /// `y = alpha conv(x, w) + beta y`.
+    fn forward(&self, x: Buf, w: Buf, cd: P, algo: u32, y: Buf) -> CudnnStatus {
+        // SAFETY: host scalars; buffers as their descriptors describe them (or refused first).
+        unsafe {
+            cudnnConvolutionForward(
+                self.h,
+                &self.alpha as *const f32 as _,
+                x.0,
+                x.1 as _,
+                w.0,
+                w.1 as _,
+                cd,
+                algo,
+                self.ws as _,
+                self.ws_size,
+                &self.beta as *const f32 as _,
+                y.0,
+                y.1 as _,
+            )
+        }
+    }
+
+    /// `dx = alpha conv_transpose(dy, w) + beta dx`.
+    fn backward_data(&self, w: Buf, dy: Buf, cd: P, algo: u32, dx: Buf) -> CudnnStatus {
+        // SAFETY: as for `forward`.
+        unsafe {
+            cudnnConvolutionBackwardData(
+                self.h,
+                &self.alpha as *const f32 as _,
+                w.0,
+                w.1 as _,
+                dy.0,
+                dy.1 as _,
+                cd,
+                algo,
+                self.ws as _,
+                self.ws_size,
+                &self.beta as *const f32 as _,
+                dx.0,
+                dx.1 as _,
+            )
+        }
+    }
+
+    /// `dw = alpha dL/dw + beta dw`.
+    fn backward_filter(&self, x: Buf, dy: Buf, cd: P, algo: u32, dw: Buf) -> CudnnStatus {
+        // SAFETY: as for `forward`.
+        unsafe {
+            cudnnConvolutionBackwardFilter(
+                self.h,
+                &self.alpha as *const f32 as _,
+                x.0,
+                x.1 as _,
+                dy.0,
+                dy.1 as _,
+                cd,
+                algo,
+                self.ws as _,
+                self.ws_size,
+                &self.beta as *const f32 as _,
+                dw.0,
+                dw.1 as _,
+            )
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -191,63 +236,67 @@ impl Geo {
             }
         }
     }
+    /// x's logical dims: (N, C, H, W).
+    fn x_dims(&self) -> [usize; 4] {
+        [self.n, self.c, self.h, self.w]
+    }
+    /// y's logical dims: (N, K, OH, OW).
+    fn y_dims(&self) -> [usize; 4] {
+        [self.n, self.k, self.oh(), self.ow()]
+    }
+    /// w's logical dims: (K, C per group, R, S).
+    fn w_dims(&self) -> [usize; 4] {
+        [self.k, self.c / self.groups, self.r, self.s]
+    }
     fn x_len(&self) -> usize {
-        self.n * self.c * self.h * self.w
+        self.x_dims().iter().product()
     }
     fn w_len(&self) -> usize {
-        self.k * (self.c / self.groups) * self.r * self.s
+        self.w_dims().iter().product()
     }
     fn y_len(&self) -> usize {
-        self.n * self.k * self.oh() * self.ow()
+        self.y_dims().iter().product()
     }
 }
 
-/// Logical NCHW data laid out in `format` (NHWC: channels innermost).
-fn layout(v: &[f32], d: [usize; 4], format: u32) -> Vec<f32> {
-    if format == CUDNN_TENSOR_NCHW {
-        return v.to_vec();
-    }
-    let mut out = vec![0.0; v.len()];
-    for a in 0..d[0] {
-        for b in 0..d[1] {
-            for c in 0..d[2] {
-                for e in 0..d[3] {
-                    out[((a * d[2] + c) * d[3] + e) * d[1] + b] =
-                        v[((a * d[1] + b) * d[2] + c) * d[3] + e];
-                }
-            }
-        }
+/// Each logical NCHW index of dims `d`, with its index in `format`'s layout (NHWC: channels
+/// innermost).
+fn positions(d: [usize; 4], format: u32) -> impl Iterator<Item = (usize, usize)> {
+    let nhwc = format != CUDNN_TENSOR_NCHW;
+    (0..d.iter().product()).map(move |l| {
+        let (a, b, c, e) = (
+            l / (d[1] * d[2] * d[3]),
+            l / (d[2] * d[3]) % d[1],
+            l / d[3] % d[2],
+            l % d[3],
+        );
+        (
+            l,
+            if nhwc {
+                ((a * d[2] + c) * d[3] + e) * d[1] + b
+            } else {
+                l
+            },
+        )
+    })
+}
+
+/// Logical NCHW data laid out in `format`.
+fn layout<T: Copy + Default>(v: &[T], d: [usize; 4], format: u32) -> Vec<T> {
+    let mut out = vec![T::default(); v.len()];
+    for (l, p) in positions(d, format) {
+        out[p] = v[l];
     }
     out
 }
 
 /// The inverse of [`layout`].
-fn unlayout(v: &[f32], d: [usize; 4], format: u32) -> Vec<f32> {
-    if format == CUDNN_TENSOR_NCHW {
-        return v.to_vec();
-    }
-    let mut out = vec![0.0; v.len()];
-    for a in 0..d[0] {
-        for b in 0..d[1] {
-            for c in 0..d[2] {
-                for e in 0..d[3] {
-                    out[((a * d[1] + b) * d[2] + c) * d[3] + e] =
-                        v[((a * d[2] + c) * d[3] + e) * d[1] + b];
-                }
-            }
-        }
+fn unlayout<T: Copy + Default>(v: &[T], d: [usize; 4], format: u32) -> Vec<T> {
+    let mut out = vec![T::default(); v.len()];
+    for (l, p) in positions(d, format) {
+        out[l] = v[p];
     }
     out
-}
-
-fn close(got: &[f32], want: &[f64], tol: f64, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g as f64 - w).abs() <= tol * (1.0 + w.abs()),
-            "{what}: element {i}: got {g}, want {w}"
-        );
-    }
 }
 
 /// The three passes of `g` in f32, layout `format`, checked against the definition.
@@ -255,22 +304,18 @@ fn check_f32_passes(g: Geo, format: u32, math: u32, algos: (u32, u32, u32)) {
     let h = handle();
     let mut rng = Lcg(g.n as u64 * 31 + g.c as u64);
     let (x, w, dy) = (rng.vec(g.x_len()), rng.vec(g.w_len()), rng.vec(g.y_len()));
-    let xd = [g.n, g.c, g.h, g.w];
-    let yd = [g.n, g.k, g.oh(), g.ow()];
-    let wd = [g.k, g.c / g.groups, g.r, g.s];
-    let i32s = |d: [usize; 4]| d.map(|v| v as i32);
+    let (xd, yd, wd) = (g.x_dims(), g.y_dims(), g.w_dims());
     let (tx, ty) = (
-        tensor(format, CUDNN_DATA_FLOAT, i32s(xd)),
-        tensor(format, CUDNN_DATA_FLOAT, i32s(yd)),
+        tensor(format, CUDNN_DATA_FLOAT, xd),
+        tensor(format, CUDNN_DATA_FLOAT, yd),
     );
-    let tw = filter(format, CUDNN_DATA_FLOAT, i32s(wd));
+    let tw = filter(format, CUDNN_DATA_FLOAT, wd);
     let cd = g.conv(math, CUDNN_DATA_FLOAT);
     let (px, pw, pdy) = (
         upload(&layout(&x, xd, format)),
         upload(&layout(&w, wd, format)),
         upload(&layout(&dy, yd, format)),
     );
-    let ws = alloc(1 << 20);
     let (mut fy, mut fdx, mut fdw) = (
         vec![0.0; g.y_len()],
         vec![0.0; g.x_len()],
@@ -281,117 +326,37 @@ fn check_f32_passes(g: Geo, format: u32, math: u32, algos: (u32, u32, u32)) {
         fdx[xi] += dy[yi] as f64 * w[wi] as f64;
         fdw[wi] += dy[yi] as f64 * x[xi] as f64;
     });
-    let one = 1.0f32;
-    let zero = 0.0f32;
+    let call = Call {
+        h,
+        alpha: 1.0,
+        beta: 0.0,
+        ws: alloc_bytes(1 << 20),
+        ws_size: 1 << 20,
+    };
+    let got = |p: u64, d: [usize; 4]| unlayout(&download(p, d.iter().product()), d, format);
     // Forward, beta 0 into NaN-filled y.
-    let py = alloc(g.y_len() * 4);
-    // SAFETY: tensors as described, host scalars, a 1 MiB workspace.
-    unsafe {
-        let s = cudnnConvolutionForward(
-            h,
-            &one as *const f32 as _,
-            tx,
-            px as _,
-            tw,
-            pw as _,
-            cd,
-            algos.0,
-            ws as _,
-            1 << 20,
-            &zero as *const f32 as _,
-            ty,
-            py as _,
-        );
-        assert_eq!(s, CUDNN_STATUS_SUCCESS);
-    }
-    close(
-        &unlayout(&download(py, g.y_len()), yd, format),
-        &fy,
-        1e-5,
-        "forward",
-    );
+    let py = alloc::<f32>(g.y_len());
+    let s = call.forward((tx, px), (tw, pw), cd, algos.0, (ty, py));
+    assert_eq!(s, CUDNN_STATUS_SUCCESS);
+    assert_close(&got(py, yd), &fy, 1e-5, "forward");
     // Forward again, alpha 2 and beta 0.5 over that result.
-    let (two, half) = (2.0f32, 0.5f32);
-    // SAFETY: as above.
-    unsafe {
-        let s = cudnnConvolutionForward(
-            h,
-            &two as *const f32 as _,
-            tx,
-            px as _,
-            tw,
-            pw as _,
-            cd,
-            algos.0,
-            ws as _,
-            1 << 20,
-            &half as *const f32 as _,
-            ty,
-            py as _,
-        );
-        assert_eq!(s, CUDNN_STATUS_SUCCESS);
-    }
+    let scaled = Call {
+        alpha: 2.0,
+        beta: 0.5,
+        ..call
+    };
+    let s = scaled.forward((tx, px), (tw, pw), cd, algos.0, (ty, py));
+    assert_eq!(s, CUDNN_STATUS_SUCCESS);
     let want: Vec<f64> = fy.iter().map(|v| 2.5 * v).collect();
-    close(
-        &unlayout(&download(py, g.y_len()), yd, format),
-        &want,
-        1e-5,
-        "forward alpha beta",
-    );
-    // Backward data.
-    let pdx = alloc(g.x_len() * 4);
-    // SAFETY: as above.
-    unsafe {
-        let s = cudnnConvolutionBackwardData(
-            h,
-            &one as *const f32 as _,
-            tw,
-            pw as _,
-            ty,
-            pdy as _,
-            cd,
-            algos.1,
-            ws as _,
-            1 << 20,
-            &zero as *const f32 as _,
-            tx,
-            pdx as _,
-        );
-        assert_eq!(s, CUDNN_STATUS_SUCCESS);
-    }
-    close(
-        &unlayout(&download(pdx, g.x_len()), xd, format),
-        &fdx,
-        1e-5,
-        "backward data",
-    );
-    // Backward filter.
-    let pdw = alloc(g.w_len() * 4);
-    // SAFETY: as above.
-    unsafe {
-        let s = cudnnConvolutionBackwardFilter(
-            h,
-            &one as *const f32 as _,
-            tx,
-            px as _,
-            ty,
-            pdy as _,
-            cd,
-            algos.2,
-            ws as _,
-            1 << 20,
-            &zero as *const f32 as _,
-            tw,
-            pdw as _,
-        );
-        assert_eq!(s, CUDNN_STATUS_SUCCESS);
-    }
-    close(
-        &unlayout(&download(pdw, g.w_len()), wd, format),
-        &fdw,
-        1e-5,
-        "backward filter",
-    );
+    assert_close(&got(py, yd), &want, 1e-5, "forward alpha beta");
+    let pdx = alloc::<f32>(g.x_len());
+    let s = call.backward_data((tw, pw), (ty, pdy), cd, algos.1, (tx, pdx));
+    assert_eq!(s, CUDNN_STATUS_SUCCESS);
+    assert_close(&got(pdx, xd), &fdx, 1e-5, "backward data");
+    let pdw = alloc::<f32>(g.w_len());
+    let s = call.backward_filter((tx, px), (ty, pdy), cd, algos.2, (tw, pdw));
+    assert_eq!(s, CUDNN_STATUS_SUCCESS);
+    assert_close(&got(pdw, wd), &fdw, 1e-5, "backward filter");
     // SAFETY: live handle.
     unsafe { assert_eq!(cudnnDestroy(h), CUDNN_STATUS_SUCCESS) };
 }
@@ -455,11 +420,6 @@ fn f32_nchw_fft_and_winograd_where_they_apply() {
     check_f32_passes(g, CUDNN_TENSOR_NCHW, CUDNN_FMA_MATH, (6, 4, 5));
 }
 
-fn tf32(v: f32) -> f32 {
-    let b = v.to_bits();
-    f32::from_bits((b & 0x8000_0000) | (((b & 0x7fff_ffff) + (1 << 12)) & !((1 << 13) - 1)))
-}
-
 #[test]
 fn tf32_for_tensor_core_algorithms_under_default_math_only() {
     let g = Geo {
@@ -484,49 +444,31 @@ fn tf32_for_tensor_core_algorithms_under_default_math_only() {
         exact[yi] += x[xi] as f64 * w[wi] as f64;
         rounded[yi] += tf32(x[xi]) as f64 * tf32(w[wi]) as f64;
     });
-    let d = [1, 8, 5, 5];
+    let (xd, wd) = (g.x_dims(), g.w_dims());
     let (tx, tw) = (
-        tensor(CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, d),
-        filter(CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, [8, 8, 3, 3]),
+        tensor(CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, xd),
+        filter(CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, wd),
     );
     let (px, pw) = (
-        upload(&layout(&x, [1, 8, 5, 5], 1)),
-        upload(&layout(&w, [8, 8, 3, 3], 1)),
+        upload(&layout(&x, xd, CUDNN_TENSOR_NHWC)),
+        upload(&layout(&w, wd, CUDNN_TENSOR_NHWC)),
     );
-    let ws = alloc(1 << 16);
+    let call = Call {
+        h,
+        alpha: 1.0,
+        beta: 0.0,
+        ws: alloc_bytes(1 << 16),
+        ws_size: 1 << 16,
+    };
     for (math, algo, want) in [
         (CUDNN_DEFAULT_MATH, 1, &rounded),
         (CUDNN_FMA_MATH, 1, &exact),
         (CUDNN_DEFAULT_MATH, 0, &exact),
     ] {
         let cd = g.conv(math, CUDNN_DATA_FLOAT);
-        let mut perf = [AlgoPerf {
-            algo: 0,
-            status: 0,
-            time: 0.0,
-            memory: 0,
-            determinism: 0,
-            math_type: 0,
-            reserved: [0; 3],
-        }; 8];
-        let mut count = 0;
-        // SAFETY: 8 entries.
-        unsafe {
-            assert_eq!(
-                cudnnGetConvolutionForwardAlgorithm_v7(
-                    h,
-                    tx,
-                    tw,
-                    cd,
-                    tx,
-                    8,
-                    &mut count,
-                    perf.as_mut_ptr()
-                ),
-                CUDNN_STATUS_SUCCESS
-            );
-        }
-        assert_eq!(count, 8);
+        // y has x's shape here: 8 channels in and out, same padding.
+        let (s, perf, count) = forward_algos(h, tx, tw, cd, tx);
+        assert_eq!((s, count), (CUDNN_STATUS_SUCCESS, 8));
         assert_eq!(perf[0].algo, 1, "IMPLICIT_PRECOMP_GEMM first");
         let tc = if math == CUDNN_DEFAULT_MATH {
             CUDNN_TENSOR_OP_MATH
@@ -534,43 +476,17 @@ fn tf32_for_tensor_core_algorithms_under_default_math_only() {
             CUDNN_FMA_MATH
         };
         assert_eq!(perf[0].math_type, tc);
-        let py = alloc(g.y_len() * 4);
-        let (one, zero) = (1.0f32, 0.0f32);
-        // SAFETY: as described.
-        unsafe {
-            let s = cudnnConvolutionForward(
-                h,
-                &one as *const f32 as _,
-                tx,
-                px as _,
-                tw,
-                pw as _,
-                cd,
-                algo,
-                ws as _,
-                1 << 16,
-                &zero as *const f32 as _,
-                tx,
-                py as _,
-            );
-            assert_eq!(s, CUDNN_STATUS_SUCCESS);
-        }
-        let got = unlayout(&download(py, g.y_len()), [1, 8, 5, 5], 1);
-        close(&got, want, 1e-6, "tf32");
+        let py = alloc::<f32>(g.y_len());
+        let s = call.forward((tx, px), (tw, pw), cd, algo, (tx, py));
+        assert_eq!(s, CUDNN_STATUS_SUCCESS);
+        let got = unlayout(&download(py, g.y_len()), g.y_dims(), CUDNN_TENSOR_NHWC);
+        assert_close(&got, want, 1e-6, "tf32");
     }
     // The TF32 result is not the exact one: the rounding happened.
     assert!(rounded
         .iter()
         .zip(&exact)
         .any(|(a, b)| (a - b).abs() > 1e-5));
-}
-
-fn bf16(v: f32) -> u16 {
-    let b = v.to_bits();
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
-fn from_bf16(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
 }
 
 #[test]
@@ -598,49 +514,17 @@ fn bf16_stem_refuses_the_tensor_core_algorithms_the_heuristics_rank_first() {
     let wf: Vec<f32> = w.iter().map(|&v| from_bf16(v)).collect();
     let mut want = vec![0.0; g.y_len()];
     g.terms(|yi, xi, wi| want[yi] += xf[xi] as f64 * wf[wi] as f64);
-    let xd = [1, 3, 11, 11];
-    let yd = [1, 8, g.oh(), g.ow()];
-    let wd = [8, 3, 7, 7];
-    let i32s = |d: [usize; 4]| d.map(|v| v as i32);
-    let tx = tensor(CUDNN_TENSOR_NHWC, CUDNN_DATA_BFLOAT16, i32s(xd));
-    let ty = tensor(CUDNN_TENSOR_NHWC, CUDNN_DATA_BFLOAT16, i32s(yd));
-    let tw = filter(CUDNN_TENSOR_NHWC, CUDNN_DATA_BFLOAT16, i32s(wd));
+    let (xd, yd, wd) = (g.x_dims(), g.y_dims(), g.w_dims());
+    let tx = tensor(CUDNN_TENSOR_NHWC, CUDNN_DATA_BFLOAT16, xd);
+    let ty = tensor(CUDNN_TENSOR_NHWC, CUDNN_DATA_BFLOAT16, yd);
+    let tw = filter(CUDNN_TENSOR_NHWC, CUDNN_DATA_BFLOAT16, wd);
     let cd = g.conv(CUDNN_TENSOR_OP_MATH, CUDNN_DATA_FLOAT);
-    let lay16 = |v: &[u16], d: [usize; 4]| {
-        let f: Vec<f32> = v.iter().map(|&b| f32::from_bits(b as u32)).collect();
-        layout(&f, d, CUDNN_TENSOR_NHWC)
-            .iter()
-            .map(|f| f.to_bits() as u16)
-            .collect::<Vec<u16>>()
-    };
-    let (px, pw) = (upload(&lay16(&x, xd)), upload(&lay16(&w, wd)));
-    let ws = alloc(1 << 20);
-    let mut perf = [AlgoPerf {
-        algo: 0,
-        status: 0,
-        time: 0.0,
-        memory: 0,
-        determinism: 0,
-        math_type: 0,
-        reserved: [0; 3],
-    }; 8];
-    let mut count = 0;
-    // SAFETY: 8 entries.
-    unsafe {
-        assert_eq!(
-            cudnnGetConvolutionForwardAlgorithm_v7(
-                h,
-                tx,
-                tw,
-                cd,
-                ty,
-                8,
-                &mut count,
-                perf.as_mut_ptr()
-            ),
-            CUDNN_STATUS_SUCCESS
-        );
-    }
+    let (px, pw) = (
+        upload(&layout(&x, xd, CUDNN_TENSOR_NHWC)),
+        upload(&layout(&w, wd, CUDNN_TENSOR_NHWC)),
+    );
+    let (s, perf, _) = forward_algos(h, tx, tw, cd, ty);
+    assert_eq!(s, CUDNN_STATUS_SUCCESS);
     assert_eq!((perf[0].algo, perf[0].status), (1, CUDNN_STATUS_SUCCESS));
     assert_eq!(perf[0].math_type, CUDNN_TENSOR_OP_MATH);
     let mut need = 0usize;
@@ -652,78 +536,37 @@ fn bf16_stem_refuses_the_tensor_core_algorithms_the_heuristics_rank_first() {
         );
     }
     assert!(need > 0);
-    let (one, zero) = (1.0f32, 0.0f32);
-    let py = alloc(g.y_len() * 2);
-    let fwd = |algo: u32| unsafe {
-        cudnnConvolutionForward(
-            h,
-            &one as *const f32 as _,
-            tx,
-            px as _,
-            tw,
-            pw as _,
-            cd,
-            algo,
-            ws as _,
-            1 << 20,
-            &zero as *const f32 as _,
-            ty,
-            py as _,
-        )
+    let call = Call {
+        h,
+        alpha: 1.0,
+        beta: 0.0,
+        ws: alloc_bytes(1 << 20),
+        ws_size: 1 << 20,
     };
-    let s = fwd(perf[0].algo);
+    let py = alloc::<u16>(g.y_len());
+    let s = call.forward((tx, px), (tw, pw), cd, perf[0].algo, (ty, py));
     assert!(
         (3000..4000).contains(&s),
         "refused in the NOT_SUPPORTED family, got {s}"
     );
     // The next algorithm runs, with f32 accumulation and one rounding to bf16.
-    assert_eq!(fwd(0), CUDNN_STATUS_SUCCESS);
+    let s = call.forward((tx, px), (tw, pw), cd, 0, (ty, py));
+    assert_eq!(s, CUDNN_STATUS_SUCCESS);
     let got: Vec<f32> = download::<u16>(py, g.y_len())
         .iter()
         .map(|&b| from_bf16(b))
         .collect();
-
     let got_nchw = unlayout(&got, yd, CUDNN_TENSOR_NHWC);
-    close(&got_nchw, &want, 1.0 / 128.0, "bf16 stem forward");
-    // The backward passes' tensor-core algorithms (ALGO_1) are refused the same way.
-    let pdy = alloc(g.y_len() * 2);
-    let pdx = alloc(g.x_len() * 2);
-    let pdw = alloc(g.w_len() * 2);
-    // SAFETY: as described (the refusal comes before any data is read).
-    unsafe {
-        let s = cudnnConvolutionBackwardData(
-            h,
-            &one as *const f32 as _,
-            tw,
-            pw as _,
-            ty,
-            pdy as _,
-            cd,
-            1,
-            ws as _,
-            1 << 20,
-            &zero as *const f32 as _,
-            tx,
-            pdx as _,
-        );
-        assert!((3000..4000).contains(&s));
-        let s = cudnnConvolutionBackwardFilter(
-            h,
-            &one as *const f32 as _,
-            tx,
-            px as _,
-            ty,
-            pdy as _,
-            cd,
-            1,
-            ws as _,
-            1 << 20,
-            &zero as *const f32 as _,
-            tw,
-            pdw as _,
-        );
-        assert!((3000..4000).contains(&s));
-    }
+    assert_close(&got_nchw, &want, 1.0 / 128.0, "bf16 stem forward");
+    // The backward passes' tensor-core algorithms (ALGO_1) are refused the same way (before
+    // any data is read).
+    let pdy = alloc::<u16>(g.y_len());
+    let pdx = alloc::<u16>(g.x_len());
+    let pdw = alloc::<u16>(g.w_len());
+    let s = call.backward_data((tw, pw), (ty, pdy), cd, 1, (tx, pdx));
+    assert!((3000..4000).contains(&s));
+    let s = call.backward_filter((tx, px), (ty, pdy), cd, 1, (tw, pdw));
+    assert!((3000..4000).contains(&s));
     // With 8 input channels the same configuration runs on algorithm 1.
     let tx8 = tensor(CUDNN_TENSOR_NHWC, CUDNN_DATA_BFLOAT16, [1, 8, 11, 11]);
     let tw8 = filter(CUDNN_TENSOR_NHWC, CUDNN_DATA_BFLOAT16, [8, 8, 7, 7]);
@@ -731,25 +574,9 @@ fn bf16_stem_refuses_the_tensor_core_algorithms_the_heuristics_rank_first() {
         upload(&vec![0x3f80u16; 8 * 121]),
         upload(&vec![0x3f80u16; 8 * 8 * 49]),
     );
-    // SAFETY: as described.
-    unsafe {
-        let s = cudnnConvolutionForward(
-            h,
-            &one as *const f32 as _,
-            tx8,
-            px8 as _,
-            tw8,
-            pw8 as _,
-            cd,
-            1,
-            ws as _,
-            1 << 20,
-            &zero as *const f32 as _,
-            ty,
-            py as _,
-        );
-        assert_eq!(s, CUDNN_STATUS_SUCCESS);
-    }
+    let s = call.forward((tx8, px8), (tw8, pw8), cd, 1, (ty, py));
+    assert_eq!(s, CUDNN_STATUS_SUCCESS);
+    // SAFETY: a live handle.
     unsafe { cudnnDestroy(h) };
 }
 
@@ -770,50 +597,26 @@ fn fft_is_refused_for_strided_convolutions_and_workspaces_are_checked() {
         groups: 1,
         flip: false,
     };
-    let tx = tensor(CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, [1, 2, 8, 8]);
-    let ty = tensor(
-        CUDNN_TENSOR_NCHW,
-        CUDNN_DATA_FLOAT,
-        [1, 2, g.oh() as i32, g.ow() as i32],
-    );
-    let tw = filter(CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, [2, 2, 3, 3]);
+    let tx = tensor(CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, g.x_dims());
+    let ty = tensor(CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, g.y_dims());
+    let tw = filter(CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, g.w_dims());
     let cd = g.conv(CUDNN_FMA_MATH, CUDNN_DATA_FLOAT);
-    let mut perf = [AlgoPerf {
-        algo: 0,
-        status: 0,
-        time: 0.0,
-        memory: 0,
-        determinism: 0,
-        math_type: 0,
-        reserved: [0; 3],
-    }; 8];
+    let (s, perf, _) = forward_algos(h, tx, tw, cd, ty);
+    assert_eq!(s, CUDNN_STATUS_SUCCESS);
+    let fft: Vec<_> = perf.iter().filter(|p| p.algo == 4 || p.algo == 5).collect();
+    assert!(fft.iter().all(|p| p.status == CUDNN_STATUS_NOT_SUPPORTED));
+    // Refused entries come after every supported one.
+    let first_refused = perf.iter().position(|p| p.status != 0).unwrap();
+    assert!(perf[first_refused..].iter().all(|p| p.status != 0));
+    let mut need = 0;
     let mut count = 0;
-    // SAFETY: 8 entries; valid out-pointers.
+    let mut dperf = perf;
+    // SAFETY: valid out-pointers; room for the 6 entries requested.
     unsafe {
-        assert_eq!(
-            cudnnGetConvolutionForwardAlgorithm_v7(
-                h,
-                tx,
-                tw,
-                cd,
-                ty,
-                8,
-                &mut count,
-                perf.as_mut_ptr()
-            ),
-            CUDNN_STATUS_SUCCESS
-        );
-        let fft: Vec<_> = perf.iter().filter(|p| p.algo == 4 || p.algo == 5).collect();
-        assert!(fft.iter().all(|p| p.status == CUDNN_STATUS_NOT_SUPPORTED));
-        // Refused entries come after every supported one.
-        let first_refused = perf.iter().position(|p| p.status != 0).unwrap();
-        assert!(perf[first_refused..].iter().all(|p| p.status != 0));
-        let mut need = 0;
         assert_eq!(
             cudnnGetConvolutionForwardWorkspaceSize(h, tx, tw, cd, ty, 4, &mut need),
             CUDNN_STATUS_NOT_SUPPORTED
         );
-        let mut dperf = perf;
         assert_eq!(
             cudnnGetConvolutionBackwardDataAlgorithm_v7(
                 h,
@@ -827,49 +630,43 @@ fn fft_is_refused_for_strided_convolutions_and_workspaces_are_checked() {
             ),
             CUDNN_STATUS_SUCCESS
         );
-        assert_eq!(count, 6);
-        assert!(dperf[..6]
-            .iter()
-            .filter(|p| p.algo == 2 || p.algo == 3)
-            .all(|p| p.status == CUDNN_STATUS_NOT_SUPPORTED));
-        // Launching FFT anyway: refused, nothing run.
-        let (px, pw, py) = (
-            upload(&vec![0.0f32; 128]),
-            upload(&[0.0f32; 36]),
-            alloc(2 * 16 * 4),
-        );
-        let ws = alloc(1 << 20);
-        let (one, zero) = (1.0f32, 0.0f32);
-        let fwd = |algo: u32, ws_size: usize| {
-            cudnnConvolutionForward(
-                h,
-                &one as *const f32 as _,
-                tx,
-                px as _,
-                tw,
-                pw as _,
-                cd,
-                algo,
-                ws as _,
-                ws_size,
-                &zero as *const f32 as _,
-                ty,
-                py as _,
-            )
+    }
+    assert_eq!(count, 6);
+    assert!(dperf[..6]
+        .iter()
+        .filter(|p| p.algo == 2 || p.algo == 3)
+        .all(|p| p.status == CUDNN_STATUS_NOT_SUPPORTED));
+    // Launching FFT anyway: refused, nothing run.
+    let x = (tx, upload(&vec![0.0f32; g.x_len()]));
+    let w = (tw, upload(&vec![0.0f32; g.w_len()]));
+    let y = (ty, alloc::<f32>(g.y_len()));
+    let ws = alloc_bytes(1 << 20);
+    let call = |algo: u32, ws_size: usize| {
+        let c = Call {
+            h,
+            alpha: 1.0,
+            beta: 0.0,
+            ws,
+            ws_size,
         };
-        assert_eq!(fwd(4, 1 << 20), CUDNN_STATUS_NOT_SUPPORTED);
-        // GEMM (2) needs a workspace: too small a one is BAD_PARAM, enough runs.
+        c.forward(x, w, cd, algo, y)
+    };
+    assert_eq!(call(4, 1 << 20), CUDNN_STATUS_NOT_SUPPORTED);
+    // GEMM (2) needs a workspace: too small a one is BAD_PARAM, enough runs.
+    // SAFETY: a valid out-pointer.
+    unsafe {
         assert_eq!(
             cudnnGetConvolutionForwardWorkspaceSize(h, tx, tw, cd, ty, 2, &mut need),
             CUDNN_STATUS_SUCCESS
         );
-        assert!(need > 0);
-        assert_eq!(fwd(2, need - 1), CUDNN_STATUS_BAD_PARAM);
-        assert_eq!(fwd(2, need), CUDNN_STATUS_SUCCESS);
-        // A workspace size larger than the allocation: outside device memory.
-        assert_eq!(fwd(2, (1 << 20) + 1), CUDNN_STATUS_EXECUTION_FAILED);
-        assert_eq!(cudnnDestroy(h), CUDNN_STATUS_SUCCESS);
     }
+    assert!(need > 0);
+    assert_eq!(call(2, need - 1), CUDNN_STATUS_BAD_PARAM);
+    assert_eq!(call(2, need), CUDNN_STATUS_SUCCESS);
+    // A workspace size larger than the allocation: outside device memory.
+    assert_eq!(call(2, (1 << 20) + 1), CUDNN_STATUS_EXECUTION_FAILED);
+    // SAFETY: a live handle.
+    unsafe { assert_eq!(cudnnDestroy(h), CUDNN_STATUS_SUCCESS) };
 }
 
 #[test]
@@ -996,19 +793,7 @@ fn descriptors_are_checked_as_cudnn_checks_them() {
             CUDNN_STATUS_SUCCESS
         );
         assert_eq!((n, k, oh, ow), (2, 6, 5, 5));
-        let mut perf = [AlgoPerf {
-            algo: 0,
-            status: 0,
-            time: 0.0,
-            memory: 0,
-            determinism: 0,
-            math_type: 0,
-            reserved: [0; 3],
-        }; 8];
-        let mut count = 0;
-        let mut q = |x: P, w: P, y: P| {
-            cudnnGetConvolutionForwardAlgorithm_v7(h, x, w, c, y, 8, &mut count, perf.as_mut_ptr())
-        };
+        let q = |x: P, w: P, y: P| forward_algos(h, x, w, c, y).0;
         let good_y = tensor(CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, [2, 6, 5, 5]);
         assert_eq!(q(tx, tw, good_y), CUDNN_STATUS_SUCCESS);
         // Output spatial dims inconsistent with the geometry: NOT_SUPPORTED, as documented.
@@ -1072,16 +857,7 @@ fn descriptors_are_checked_as_cudnn_checks_them() {
             CUDNN_CROSS_CORRELATION,
             CUDNN_DATA_BFLOAT16,
         );
-        let s = cudnnGetConvolutionForwardAlgorithm_v7(
-            h,
-            bx,
-            bw,
-            cb,
-            by,
-            8,
-            &mut count,
-            perf.as_mut_ptr(),
-        );
+        let s = forward_algos(h, bx, bw, cb, by).0;
         assert!((3000..4000).contains(&s));
         // A filter larger than the padded input: BAD_PARAM.
         let big = filter(CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, [6, 4, 12, 12]);

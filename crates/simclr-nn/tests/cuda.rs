@@ -564,6 +564,80 @@ fn nccl_single_rank_collectives_and_step() {
     }
 }
 
+/// Two GPU replicas over NCCL, in two threads (global batch norm and the gathered negatives
+/// through NCCL on the devices, the gradients all-reduced in buckets on a second communicator),
+/// train as one replica with the whole batch. Needs two GPUs (`cargo xtask gpu-emu` presents two
+/// emulated ones); with one it says so and passes.
+#[test]
+fn nccl_two_gpus_match_one_replica_with_the_whole_batch() {
+    let test = "nccl_two_gpus_match_one_replica_with_the_whole_batch";
+    let Some((dev, _turn)) = cuda_or_skip(test) else {
+        return;
+    };
+    let gpus = simclr_nn::cuda::device_count();
+    if gpus < 2 {
+        println!("{test}: skipped (needs 2 GPUs, this machine has {gpus})");
+        return;
+    }
+    CudaBackend::get(1)
+        .unwrap()
+        .set_math_mode(simclr_nn::cuda::MathMode::Fp32);
+    use simclr_nn::dist::{Communicator, NcclComm};
+    // Not chaotic at this rate (see cuda_training_steps_match_cpu).
+    const LR: f32 = 0.02;
+    let cfg = tiny(Stem::Cifar);
+    let loss = ContrastiveLoss::NtXent { temperature: 0.5 };
+    let views = t(&[8, 3, 16, 16], 21);
+    let mut whole = SimClr::new(&cfg, dev, 4).unwrap();
+    let mut lars = Lars::default();
+    let want: Vec<f32> = (0..3)
+        .map(|_| {
+            simclr_nn::train_step(&mut whole, &views, &mut lars, LR, 0.5)
+                .unwrap()
+                .loss
+        })
+        .collect();
+    let timeout = std::time::Duration::from_secs(120);
+    let handles: Vec<_> = ThreadComm::group(2, timeout)
+        .into_iter()
+        .map(|boot| {
+            let (cfg, views, loss) = (cfg.clone(), views.clone(), loss);
+            std::thread::spawn(move || {
+                let rank = boot.rank();
+                let device = Device::Cuda(rank);
+                let nccl = NcclComm::new(&boot, device, timeout).unwrap();
+                let comm: Arc<dyn Communicator> = Arc::new(nccl);
+                let dp = DataParallel::new(comm).with_overlap(0.01).unwrap();
+                let mut m = SimClr::new(&cfg, device, 4).unwrap();
+                let local = local_views(&views, rank, 2);
+                let mut lars = Lars::default();
+                let losses: Vec<f32> = (0..3)
+                    .map(|_| {
+                        train_step_dp(&mut m, &local, &mut lars, LR, &loss, &dp)
+                            .unwrap()
+                            .0
+                            .loss
+                    })
+                    .collect();
+                (losses, params(&mut m))
+            })
+        })
+        .collect();
+    let replicas: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for ((name, a), (_, b)) in replicas[0].1.iter().zip(&replicas[1].1) {
+        assert_eq!(a.to_vec(), b.to_vec(), "the replicas differ in {name}");
+    }
+    for (step, (got, want)) in replicas[0].0.iter().zip(&want).enumerate() {
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs(),
+            "step {step}: 2 replicas' loss {got}, one replica's {want}"
+        );
+    }
+    for ((name, x), (_, y)) in replicas[0].1.iter().zip(params(&mut whole)) {
+        close(&format!("2 NCCL replicas' weight {name}"), x, &y, 2e-3);
+    }
+}
+
 #[test]
 fn cuda_row_ranges_are_taken_on_the_device() {
     let Some((dev, _turn)) = cuda_or_skip("cuda_row_ranges_are_taken_on_the_device") else {

@@ -370,7 +370,7 @@ fn workspace(p: Pass, algo: u32, g: &Geom) -> usize {
 /// `cudnnConvolutionFwdAlgoPerf_t` (and the backward passes' `...PerfStruct`s, laid out the
 /// same): what the `_v7` heuristics return per algorithm.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct AlgoPerf {
     /// The algorithm.
     pub algo: u32,
@@ -583,47 +583,53 @@ struct Compute {
 }
 
 impl Compute {
-    /// The filter tap used at position (r, s): flipped in `CUDNN_CONVOLUTION` mode.
-    fn tap(&self, r: usize, s: usize) -> (usize, usize) {
-        if self.g.flip {
-            (self.g.r - 1 - r, self.g.s - 1 - s)
-        } else {
-            (r, s)
-        }
+    /// Every filter position (r, s) with the offset, in an R x S filter plane, of the tap used
+    /// there: flipped in `CUDNN_CONVOLUTION` mode.
+    fn taps(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let g = &self.g;
+        (0..g.r).flat_map(move |r| {
+            (0..g.s).map(move |s| {
+                let (fr, fs) = if g.flip {
+                    (g.r - 1 - r, g.s - 1 - s)
+                } else {
+                    (r, s)
+                };
+                (r, s, fr * g.s + fs)
+            })
+        })
     }
 
-    /// The input position output (oh, ow) reads at tap (r, s), if inside the input.
-    fn input_at(&self, oh: usize, ow: usize, r: usize, s: usize) -> Option<(usize, usize)> {
+    /// Calls `f(o, i)`, in order, for every output position whose input position at filter
+    /// position (r, s) is inside the input (not padding): `o` its offset in an OH x OW plane,
+    /// `i` the input's in an H x W plane.
+    fn overlap(&self, r: usize, s: usize, mut f: impl FnMut(usize, usize)) {
         let g = &self.g;
-        let ih = oh as i64 * g.sh + r as i64 * g.dh - g.ph;
-        let iw = ow as i64 * g.sw + s as i64 * g.dw - g.pw;
-        (ih >= 0 && iw >= 0 && (ih as usize) < g.h && (iw as usize) < g.w)
-            .then_some((ih as usize, iw as usize))
+        for oh in 0..g.oh {
+            for ow in 0..g.ow {
+                let ih = oh as i64 * g.sh + r as i64 * g.dh - g.ph;
+                let iw = ow as i64 * g.sw + s as i64 * g.dw - g.pw;
+                if ih >= 0 && iw >= 0 && (ih as usize) < g.h && (iw as usize) < g.w {
+                    f(oh * g.ow + ow, ih as usize * g.w + iw as usize);
+                }
+            }
+        }
     }
 
     fn forward(&self, x: &[f64], w: &[f64]) -> Vec<f64> {
         let g = self.g;
         let (cpg, kpg) = (g.cpg(), g.kpg());
+        let (hw, rs) = (g.h * g.w, g.r * g.s);
         let mut y = vec![0.0; g.n * g.k * g.oh * g.ow];
-        let work = cpg * g.r * g.s * g.oh * g.ow;
+        let work = cpg * rs * g.oh * g.ow;
         numeric::par_items(&mut y, g.oh * g.ow, work, |i, plane| {
             let (n, k) = (i / g.k, i % g.k);
             let grp = k / kpg;
             for c in 0..cpg {
-                let ci = grp * cpg + c;
-                for r in 0..g.r {
-                    for s in 0..g.s {
-                        let (fr, fs) = self.tap(r, s);
-                        let wv = w[((k * cpg + c) * g.r + fr) * g.s + fs];
-                        for oh in 0..g.oh {
-                            for ow in 0..g.ow {
-                                if let Some((ih, iw)) = self.input_at(oh, ow, r, s) {
-                                    let xv = x[((n * g.c + ci) * g.h + ih) * g.w + iw];
-                                    plane[oh * g.ow + ow] += wv * xv;
-                                }
-                            }
-                        }
-                    }
+                let xp = &x[(n * g.c + grp * cpg + c) * hw..][..hw];
+                let wk = &w[(k * cpg + c) * rs..][..rs];
+                for (r, s, t) in self.taps() {
+                    let wv = wk[t];
+                    self.overlap(r, s, |o, i| plane[o] += wv * xp[i]);
                 }
             }
         });
@@ -633,25 +639,18 @@ impl Compute {
     fn backward_data(&self, w: &[f64], dy: &[f64]) -> Vec<f64> {
         let g = self.g;
         let (cpg, kpg) = (g.cpg(), g.kpg());
+        let (ohw, rs) = (g.oh * g.ow, g.r * g.s);
         let mut dx = vec![0.0; g.n * g.c * g.h * g.w];
-        let work = kpg * g.r * g.s * g.oh * g.ow;
+        let work = kpg * rs * ohw;
         numeric::par_items(&mut dx, g.h * g.w, work, |i, plane| {
             let (n, c) = (i / g.c, i % g.c);
             let (grp, cl) = (c / cpg, c % cpg);
             for k in grp * kpg..(grp + 1) * kpg {
-                for r in 0..g.r {
-                    for s in 0..g.s {
-                        let (fr, fs) = self.tap(r, s);
-                        let wv = w[((k * cpg + cl) * g.r + fr) * g.s + fs];
-                        for oh in 0..g.oh {
-                            for ow in 0..g.ow {
-                                if let Some((ih, iw)) = self.input_at(oh, ow, r, s) {
-                                    let d = dy[((n * g.k + k) * g.oh + oh) * g.ow + ow];
-                                    plane[ih * g.w + iw] += wv * d;
-                                }
-                            }
-                        }
-                    }
+                let dyp = &dy[(n * g.k + k) * ohw..][..ohw];
+                let wk = &w[(k * cpg + cl) * rs..][..rs];
+                for (r, s, t) in self.taps() {
+                    let wv = wk[t];
+                    self.overlap(r, s, |o, i| plane[i] += wv * dyp[o]);
                 }
             }
         });
@@ -661,27 +660,19 @@ impl Compute {
     fn backward_filter(&self, x: &[f64], dy: &[f64]) -> Vec<f64> {
         let g = self.g;
         let (cpg, kpg) = (g.cpg(), g.kpg());
-        let mut dw = vec![0.0; g.k * cpg * g.r * g.s];
-        let work = g.n * cpg * g.r * g.s * g.oh * g.ow;
-        numeric::par_items(&mut dw, cpg * g.r * g.s, work, |k, item| {
+        let (hw, ohw, rs) = (g.h * g.w, g.oh * g.ow, g.r * g.s);
+        let mut dw = vec![0.0; g.k * cpg * rs];
+        let work = g.n * cpg * rs * ohw;
+        numeric::par_items(&mut dw, cpg * rs, work, |k, item| {
             let grp = k / kpg;
             for n in 0..g.n {
+                let dyp = &dy[(n * g.k + k) * ohw..][..ohw];
                 for c in 0..cpg {
-                    let ci = grp * cpg + c;
-                    for r in 0..g.r {
-                        for s in 0..g.s {
-                            let (fr, fs) = self.tap(r, s);
-                            let mut acc = 0.0;
-                            for oh in 0..g.oh {
-                                for ow in 0..g.ow {
-                                    if let Some((ih, iw)) = self.input_at(oh, ow, r, s) {
-                                        acc += dy[((n * g.k + k) * g.oh + oh) * g.ow + ow]
-                                            * x[((n * g.c + ci) * g.h + ih) * g.w + iw];
-                                    }
-                                }
-                            }
-                            item[(c * g.r + fr) * g.s + fs] += acc;
-                        }
+                    let xp = &x[(n * g.c + grp * cpg + c) * hw..][..hw];
+                    for (r, s, t) in self.taps() {
+                        let mut acc = 0.0;
+                        self.overlap(r, s, |o, i| acc += dyp[o] * xp[i]);
+                        item[c * rs + t] += acc;
                     }
                 }
             }

@@ -55,6 +55,14 @@ impl<T> Registry<T> {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(h as usize))
     }
+    /// The object, or the driver's error for a handle that names none.
+    fn lookup(&self, h: Handle) -> Result<Arc<T>, (CuResult, String)> {
+        self.get(h).ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))
+    }
+    /// Forgets the object (the `cu*Destroy` and `cuModuleUnload` calls).
+    fn destroy(&self, h: Handle) -> Result<Arc<T>, (CuResult, String)> {
+        self.remove(h).ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))
+    }
 }
 
 fn streams() -> &'static Registry<Stream> {
@@ -117,9 +125,7 @@ fn stream(h: Handle) -> Result<Arc<Stream>, (CuResult, String)> {
     match h as usize {
         0..=2 => Ok(c.null_stream()),
         _ => {
-            let s = streams()
-                .get(h)
-                .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))?;
+            let s = streams().lookup(h)?;
             match s.ctx.sticky() {
                 CUDA_SUCCESS => Ok(s),
                 e => Err(err(e)),
@@ -479,9 +485,7 @@ pub unsafe extern "C" fn cuStreamCreateWithPriority(
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamDestroy_v2(h: Handle) -> CuResult {
     ret(initialised().and_then(|_| {
-        let s = streams()
-            .remove(h)
-            .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))?;
+        let s = streams().destroy(h)?;
         s.close();
         Ok(())
     }))
@@ -533,9 +537,7 @@ pub unsafe extern "C" fn cuStreamWaitEvent(h: Handle, e: Handle, flags: c_uint) 
         if flags & !1 != 0 {
             return Err(err(CUDA_ERROR_INVALID_VALUE));
         }
-        let ev = events()
-            .get(e)
-            .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))?;
+        let ev = events().lookup(e)?;
         if let Some((es, seq)) = ev.point() {
             if !Arc::ptr_eq(&es, &s) {
                 s.enqueue(Box::new(move || {
@@ -584,21 +586,14 @@ pub unsafe extern "C" fn cuEventCreate(ph: *mut Handle, flags: c_uint) -> CuResu
 /// `cuEventDestroy_v2`.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventDestroy_v2(h: Handle) -> CuResult {
-    ret(initialised().and_then(|_| {
-        events()
-            .remove(h)
-            .map(|_| ())
-            .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))
-    }))
+    ret(initialised().and_then(|_| events().destroy(h).map(|_| ())))
 }
 
 /// `cuEventRecord`.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventRecord(e: Handle, h: Handle) -> CuResult {
     ret(stream(h).and_then(|s| {
-        let ev = events()
-            .get(e)
-            .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))?;
+        let ev = events().lookup(e)?;
         ev.record(&s);
         Ok(())
     }))
@@ -614,9 +609,7 @@ pub unsafe extern "C" fn cuEventRecordWithFlags(e: Handle, h: Handle, _flags: c_
 #[no_mangle]
 pub unsafe extern "C" fn cuEventQuery(e: Handle) -> CuResult {
     ret(initialised().and_then(|_| {
-        let ev = events()
-            .get(e)
-            .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))?;
+        let ev = events().lookup(e)?;
         if ev.complete() {
             Ok(())
         } else {
@@ -629,9 +622,7 @@ pub unsafe extern "C" fn cuEventQuery(e: Handle) -> CuResult {
 #[no_mangle]
 pub unsafe extern "C" fn cuEventSynchronize(e: Handle) -> CuResult {
     ret(initialised().and_then(|_| {
-        let ev = events()
-            .get(e)
-            .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))?;
+        let ev = events().lookup(e)?;
         ev.synchronize();
         match ev.point().map_or(CUDA_SUCCESS, |(s, _)| s.ctx.sticky()) {
             CUDA_SUCCESS => Ok(()),
@@ -644,12 +635,8 @@ pub unsafe extern "C" fn cuEventSynchronize(e: Handle) -> CuResult {
 #[no_mangle]
 pub unsafe extern "C" fn cuEventElapsedTime(ms: *mut f32, start: Handle, end: Handle) -> CuResult {
     ret(initialised().and_then(|_| {
-        let a = events()
-            .get(start)
-            .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))?;
-        let b = events()
-            .get(end)
-            .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))?;
+        let a = events().lookup(start)?;
+        let b = events().lookup(end)?;
         if !a.timing || !b.timing {
             return Err(err(CUDA_ERROR_INVALID_HANDLE));
         }
@@ -1219,12 +1206,7 @@ pub unsafe extern "C" fn cuModuleLoad(pm: *mut Handle, fname: *const c_char) -> 
 /// `cuModuleUnload`.
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleUnload(m: Handle) -> CuResult {
-    ret(initialised().and_then(|_| {
-        modules()
-            .remove(m)
-            .map(|_| ())
-            .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))
-    }))
+    ret(initialised().and_then(|_| modules().destroy(m).map(|_| ())))
 }
 
 /// `cuModuleGetFunction`.
@@ -1235,9 +1217,7 @@ pub unsafe extern "C" fn cuModuleGetFunction(
     name: *const c_char,
 ) -> CuResult {
     ret(ctx().and_then(|_| {
-        let m = modules()
-            .get(m)
-            .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))?;
+        let m = modules().lookup(m)?;
         if name.is_null() {
             return Err(err(CUDA_ERROR_INVALID_VALUE));
         }
@@ -1294,9 +1274,7 @@ const FUNC_CARVEOUT: c_int = 9;
 #[no_mangle]
 pub unsafe extern "C" fn cuFuncGetAttribute(v: *mut c_int, attr: c_int, f: Handle) -> CuResult {
     ret(ctx().and_then(|_| {
-        let f = functions()
-            .get(f)
-            .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))?;
+        let f = functions().lookup(f)?;
         let cc = device::COMPUTE_CAPABILITY.0 * 10 + device::COMPUTE_CAPABILITY.1;
         let a = match attr {
             FUNC_MAX_THREADS => f.max_threads as c_int,
@@ -1316,7 +1294,7 @@ pub unsafe extern "C" fn cuFuncGetAttribute(v: *mut c_int, attr: c_int, f: Handl
 #[no_mangle]
 pub unsafe extern "C" fn cuFuncSetAttribute(f: Handle, attr: c_int, v: c_int) -> CuResult {
     ret(ctx().and_then(|_| {
-        let f = functions().get(f).ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))?;
+        let f = functions().lookup(f)?;
         match attr {
             FUNC_MAX_DYNAMIC_SHARED => {
                 let limit = device::SHARED_PER_BLOCK_OPTIN.saturating_sub(f.static_shared);
@@ -1343,9 +1321,7 @@ pub unsafe extern "C" fn cuFuncSetAttribute(f: Handle, attr: c_int, v: c_int) ->
 #[no_mangle]
 pub unsafe extern "C" fn cuFuncSetCacheConfig(f: Handle, cfg: c_uint) -> CuResult {
     ret(ctx().and_then(|_| {
-        functions()
-            .get(f)
-            .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))?;
+        functions().lookup(f)?;
         if cfg > 3 {
             return Err(err(CUDA_ERROR_INVALID_VALUE));
         }
@@ -1369,9 +1345,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
     extra: *mut *mut c_void,
 ) -> CuResult {
     ret(stream(h).and_then(|s| {
-        let f = functions()
-            .get(f)
-            .ok_or_else(|| err(CUDA_ERROR_INVALID_HANDLE))?;
+        let f = functions().lookup(f)?;
         // SAFETY: kernelParams as the driver API defines it.
         let launch = unsafe { Launch::new(f, [gx, gy, gz], [bx, by, bz], shared, params, extra)? };
         s.enqueue(Box::new(move || launch.run()));
