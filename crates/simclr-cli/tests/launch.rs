@@ -184,3 +184,49 @@ fn losses_or_empty(run: &Path) -> Vec<f64> {
         Vec::new()
     }
 }
+
+/// `simclr launch --gpus 2`: two processes, one GPU each, talking through NCCL (global batch
+/// norm, gathered negatives, the gradient all-reduce), give the losses of one process on one
+/// GPU with the whole batch. Needs two GPUs (`cargo xtask gpu-emu` presents two emulated ones);
+/// elsewhere it says so and passes.
+#[test]
+fn two_gpus_train_as_one() {
+    let test = "two_gpus_train_as_one";
+    let gpus = simclr_nn::cuda::device_count();
+    if gpus < 2 {
+        println!("{test}: skipped (needs 2 GPUs, this machine has {gpus})");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    // FP32 math: TF32 or bf16 would round differently in one process and in two.
+    let device = [
+        "--set",
+        "train.device=cuda",
+        "--set",
+        "train.cuda_math=fp32",
+    ];
+    let mut args = vec!["pretrain".to_string()];
+    args.extend(settings("single", 1));
+    args.extend(device.map(String::from));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, err) = simclr(&a, cwd);
+    assert_eq!(code, 0, "{err}");
+    let want = losses(&cwd.join("single"));
+    assert_eq!(want.len(), 4);
+
+    let mut args = vec!["launch", "--gpus", "2", "--", "pretrain"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    args.extend(settings("dp", 1));
+    args.extend(device.map(String::from));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, err) = simclr(&a, cwd);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("data-parallel over 2 replicas of 8 images"),
+        "{err}"
+    );
+    assert_close(&losses(&cwd.join("dp")), &want, "2 GPUs over NCCL");
+}
