@@ -879,3 +879,213 @@ fn descriptors_are_checked_as_cudnn_checks_them() {
         assert_eq!(name.to_str().unwrap(), "CUDNN_STATUS_NOT_SUPPORTED_SHAPE");
     }
 }
+
+/// Asserts that each of `got` is `want` rounded once to a format of `bits` mantissa bits (23
+/// for f32, 7 for bf16), within one unit in the last place: the emulator accumulates in f64
+/// and rounds once, so anything looser would hide a second rounding or a lost term, and the
+/// one ulp allows for f64 sums in another order landing on the other side of a tie.
+fn assert_rounded_once(got: &[f32], want: &[f64], bits: i32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let ulp = 2f64.powi(w.abs().max(1e-30).log2().floor() as i32 - bits);
+        assert!(
+            (g as f64 - w).abs() <= ulp + 1e-12,
+            "{what}: element {i}: got {g}, want {w}"
+        );
+    }
+}
+
+/// The three passes of `g` in NHWC, f32 or bf16 data (FMA math, so f32 inputs are used as
+/// they are), on algorithm `algo` of each pass, against the definition; backward filter also
+/// with beta 1 over its own result.
+fn check_nhwc_passes(g: Geo, dtype: u32, algo: u32, seed: u64) {
+    let h = handle();
+    let mut rng = Lcg(seed);
+    let bf = dtype == CUDNN_DATA_BFLOAT16;
+    // bf16 data is drawn as f32 and rounded; the reference uses the rounded values.
+    let mut draw = |n: usize| -> Vec<f32> {
+        let v = rng.vec(n);
+        if bf {
+            v.iter().map(|&x| from_bf16(bf16(x))).collect()
+        } else {
+            v
+        }
+    };
+    let (x, w, dy) = (draw(g.x_len()), draw(g.w_len()), draw(g.y_len()));
+    let (xd, yd, wd) = (g.x_dims(), g.y_dims(), g.w_dims());
+    let f = CUDNN_TENSOR_NHWC;
+    let (tx, ty, tw) = (
+        tensor(f, dtype, xd),
+        tensor(f, dtype, yd),
+        filter(f, dtype, wd),
+    );
+    let cd = g.conv(CUDNN_FMA_MATH, CUDNN_DATA_FLOAT);
+    let up = |v: &[f32], d: [usize; 4]| {
+        let v = layout(v, d, f);
+        if bf {
+            upload(&v.iter().map(|&x| bf16(x)).collect::<Vec<u16>>())
+        } else {
+            upload(&v)
+        }
+    };
+    let (px, pw, pdy) = (up(&x, xd), up(&w, wd), up(&dy, yd));
+    let (mut fy, mut fdx, mut fdw) = (
+        vec![0.0; g.y_len()],
+        vec![0.0; g.x_len()],
+        vec![0.0; g.w_len()],
+    );
+    g.terms(|yi, xi, wi| {
+        fy[yi] += x[xi] as f64 * w[wi] as f64;
+        fdx[xi] += dy[yi] as f64 * w[wi] as f64;
+        fdw[wi] += dy[yi] as f64 * x[xi] as f64;
+    });
+    let (bits, size) = if bf { (7, 2) } else { (23, 4) };
+    let got = |p: u64, d: [usize; 4]| -> Vec<f32> {
+        let n = d.iter().product();
+        let v: Vec<f32> = if bf {
+            download::<u16>(p, n)
+                .iter()
+                .map(|&b| from_bf16(b))
+                .collect()
+        } else {
+            download::<f32>(p, n)
+        };
+        unlayout(&v, d, f)
+    };
+    let call = Call {
+        h,
+        alpha: 1.0,
+        beta: 0.0,
+        ws: alloc_bytes(1 << 22),
+        ws_size: 1 << 22,
+    };
+    let py = alloc_bytes(g.y_len() * size);
+    assert_eq!(
+        call.forward((tx, px), (tw, pw), cd, algo, (ty, py)),
+        CUDNN_STATUS_SUCCESS
+    );
+    assert_rounded_once(&got(py, yd), &fy, bits, "forward");
+    let pdx = alloc_bytes(g.x_len() * size);
+    assert_eq!(
+        call.backward_data((tw, pw), (ty, pdy), cd, algo, (tx, pdx)),
+        CUDNN_STATUS_SUCCESS
+    );
+    assert_rounded_once(&got(pdx, xd), &fdx, bits, "backward data");
+    let pdw = alloc_bytes(g.w_len() * size);
+    assert_eq!(
+        call.backward_filter((tx, px), (ty, pdy), cd, algo, (tw, pdw)),
+        CUDNN_STATUS_SUCCESS
+    );
+    let dw1 = got(pdw, wd);
+    assert_rounded_once(&dw1, &fdw, bits, "backward filter");
+    // beta 1: the stored (rounded) result is read back and added before the one rounding.
+    let again = Call { beta: 1.0, ..call };
+    assert_eq!(
+        again.backward_filter((tx, px), (ty, pdy), cd, algo, (tw, pdw)),
+        CUDNN_STATUS_SUCCESS
+    );
+    let want: Vec<f64> = fdw.iter().zip(&dw1).map(|(a, &b)| a + b as f64).collect();
+    assert_rounded_once(&got(pdw, wd), &want, bits, "backward filter beta 1");
+    // SAFETY: a live handle.
+    unsafe { assert_eq!(cudnnDestroy(h), CUDNN_STATUS_SUCCESS) };
+}
+
+#[test]
+fn larger_nhwc_problems_in_f32_and_bf16() {
+    // NHWC 8x32x32x16 to 32 channels, 3x3, padding 1, stride 1 and 2: big enough that the
+    // passes split their work across threads and blocks of images.
+    for stride in [1, 2] {
+        let g = Geo {
+            n: 8,
+            c: 16,
+            h: 32,
+            w: 32,
+            k: 32,
+            r: 3,
+            s: 3,
+            pad: 1,
+            stride,
+            dil: 1,
+            groups: 1,
+            flip: false,
+        };
+        check_nhwc_passes(g, CUDNN_DATA_FLOAT, 1, 11 + stride as u64);
+        check_nhwc_passes(g, CUDNN_DATA_BFLOAT16, 1, 21 + stride as u64);
+    }
+    // Grouped, dilated, convolution mode, images not square, on the non-tensor-core
+    // algorithms.
+    let g = Geo {
+        n: 5,
+        c: 16,
+        h: 19,
+        w: 13,
+        k: 24,
+        r: 3,
+        s: 2,
+        pad: 2,
+        stride: 1,
+        dil: 2,
+        groups: 2,
+        flip: true,
+    };
+    check_nhwc_passes(g, CUDNN_DATA_FLOAT, 0, 31);
+    check_nhwc_passes(g, CUDNN_DATA_BFLOAT16, 0, 32);
+}
+
+/// Times the three passes of a ResNet-sized layer (NHWC f32, 64x16x16x16 to 16 channels,
+/// 3x3, padding 1); not a check. `cargo test --release -p simclr-gpu-emu --test cudnn --
+/// --ignored --nocapture timing`.
+#[test]
+#[ignore]
+fn timing_of_a_resnet_layer() {
+    let g = Geo {
+        n: 64,
+        c: 16,
+        h: 16,
+        w: 16,
+        k: 16,
+        r: 3,
+        s: 3,
+        pad: 1,
+        stride: 1,
+        dil: 1,
+        groups: 1,
+        flip: false,
+    };
+    let h = handle();
+    let mut rng = Lcg(3);
+    let (xd, yd, wd) = (g.x_dims(), g.y_dims(), g.w_dims());
+    let f = CUDNN_TENSOR_NHWC;
+    let t = CUDNN_DATA_FLOAT;
+    let x = (tensor(f, t, xd), upload(&rng.vec(g.x_len())));
+    let w = (filter(f, t, wd), upload(&rng.vec(g.w_len())));
+    let dy = (tensor(f, t, yd), upload(&rng.vec(g.y_len())));
+    let y = (dy.0, alloc::<f32>(g.y_len()));
+    let dx = (x.0, alloc::<f32>(g.x_len()));
+    let dw = (w.0, alloc::<f32>(g.w_len()));
+    let cd = g.conv(CUDNN_FMA_MATH, t);
+    let call = Call {
+        h,
+        alpha: 1.0,
+        beta: 0.0,
+        ws: alloc_bytes(1 << 22),
+        ws_size: 1 << 22,
+    };
+    let time = |what: &str, run: &dyn Fn() -> CudnnStatus| {
+        let mut best = f64::MAX;
+        for _ in 0..10 {
+            let t0 = std::time::Instant::now();
+            assert_eq!(run(), CUDNN_STATUS_SUCCESS);
+            download::<f32>(y.1, 1);
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        println!("{what}: {:.2} ms (best of 10)", best * 1e3);
+    };
+    time("forward", &|| call.forward(x, w, cd, 1, y));
+    time("backward data", &|| call.backward_data(w, dy, cd, 1, dx));
+    time("backward filter", &|| {
+        call.backward_filter(x, dy, cd, 1, dw)
+    });
+    // SAFETY: a live handle.
+    unsafe { assert_eq!(cudnnDestroy(h), CUDNN_STATUS_SUCCESS) };
+}

@@ -6,9 +6,10 @@
 //!
 //! # Numerics
 //!
-//! Every algorithm computes the same thing: a direct loop accumulating in f64, scaled by
-//! `alpha`, plus `beta` times the old output (not read when `beta == 0`: it may hold NaN), then
-//! rounded once to the output type (f64 to f32 to bf16 for bf16 outputs). Real cuDNN
+//! Every algorithm computes the same thing: the definition's sum of products, accumulated in
+//! f64 (as matrix products over im2col matrices, module `im2col`, so in no particular order),
+//! scaled by `alpha`, plus `beta` times the old output (not read when `beta == 0`: it may hold
+//! NaN), then rounded once to the output type (f64 to f32 to bf16 for bf16 outputs). Real cuDNN
 //! accumulates in the compute type (f32) in an order each algorithm chooses: results differ in
 //! the last bits. A "tensor-core" algorithm (below) on f32 data whose math type allows tensor
 //! cores (`CUDNN_DEFAULT_MATH`, `CUDNN_TENSOR_OP_MATH*`; not `CUDNN_FMA_MATH`, nor with
@@ -57,6 +58,8 @@ use super::desc::{self, *};
 use super::*;
 use crate::driver::{api, memory};
 use crate::numeric::{self, Elem, InputRounding};
+
+mod im2col;
 
 /// The three passes of a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -518,6 +521,24 @@ fn check(ptr: usize, len: usize, what: &str, name: &str) -> Result<(), CudnnStat
     })
 }
 
+/// Calls `f(i, idx)` for each element of a strided 4-d tensor in dense (outer, inner, row,
+/// column) order: `i` its dense index, `idx` its element offset.
+#[inline(always)]
+fn for_each_strided(dims: [usize; 4], st: [usize; 4], mut f: impl FnMut(usize, usize)) {
+    let mut i = 0;
+    for a in 0..dims[0] {
+        for b in 0..dims[1] {
+            for c in 0..dims[2] {
+                let row = a * st[0] + b * st[1] + c * st[2];
+                for d in 0..dims[3] {
+                    f(i, row + d * st[3]);
+                    i += 1;
+                }
+            }
+        }
+    }
+}
+
 /// A strided 4-d tensor in device memory, read densely in (outer, inner, row, column) order.
 ///
 /// # Safety
@@ -529,19 +550,26 @@ unsafe fn gather(
     e: Elem,
     round: InputRounding,
 ) -> Vec<f64> {
-    let mut out = Vec::with_capacity(dims.iter().product());
-    for a in 0..dims[0] {
-        for b in 0..dims[1] {
-            for c in 0..dims[2] {
-                for d in 0..dims[3] {
-                    let idx = a * st[0] + b * st[1] + c * st[2] + d * st[3];
-                    // SAFETY: inside the extent, per the contract.
-                    out.push(unsafe { numeric::load(base, idx, e, round) });
-                }
-            }
-        }
+    fn dense(dims: [usize; 4], st: [usize; 4], load: impl Fn(usize) -> f64) -> Vec<f64> {
+        // Pushed, not written into a zeroed vector: zeroing megabytes is not free.
+        let mut out = Vec::with_capacity(dims.iter().product());
+        for_each_strided(dims, st, |_, idx| out.push(load(idx)));
+        out
     }
-    out
+    // One loop per element type, each with its type a constant, so that `load` does not
+    // decide the type per element.
+    // SAFETY (each closure): inside the extent, per the contract.
+    match e {
+        Elem::F32 => dense(dims, st, |idx| unsafe {
+            numeric::load(base, idx, Elem::F32, round)
+        }),
+        Elem::F64 => dense(dims, st, |idx| unsafe {
+            numeric::load(base, idx, Elem::F64, round)
+        }),
+        Elem::Bf16 => dense(dims, st, |idx| unsafe {
+            numeric::load(base, idx, Elem::Bf16, round)
+        }),
+    }
 }
 
 /// Writes `alpha * acc + beta * old` (old not read when beta is 0) to a strided 4-d tensor.
@@ -557,23 +585,26 @@ unsafe fn scatter(
     alpha: f64,
     beta: f64,
 ) {
-    let mut i = 0;
-    for a in 0..dims[0] {
-        for b in 0..dims[1] {
-            for c in 0..dims[2] {
-                for d in 0..dims[3] {
-                    let idx = a * st[0] + b * st[1] + c * st[2] + d * st[3];
-                    let mut v = alpha * acc[i];
-                    if beta != 0.0 {
-                        // SAFETY: inside the extent.
-                        v += beta * unsafe { numeric::load(base, idx, e, InputRounding::None) };
-                    }
-                    // SAFETY: as above.
-                    unsafe { numeric::store(base, idx, e, v) };
-                    i += 1;
-                }
-            }
+    let value = |i: usize, idx: usize| {
+        let mut v = alpha * acc[i];
+        if beta != 0.0 {
+            // SAFETY: inside the extent.
+            v += beta * unsafe { numeric::load(base, idx, e, InputRounding::None) };
         }
+        v
+    };
+    // As in `gather`: the element type a constant in each loop.
+    // SAFETY (each arm): inside the extent, which nobody else uses.
+    match e {
+        Elem::F32 => for_each_strided(dims, st, |i, idx| unsafe {
+            numeric::store(base, idx, Elem::F32, value(i, idx))
+        }),
+        Elem::F64 => for_each_strided(dims, st, |i, idx| unsafe {
+            numeric::store(base, idx, Elem::F64, value(i, idx))
+        }),
+        Elem::Bf16 => for_each_strided(dims, st, |i, idx| unsafe {
+            numeric::store(base, idx, Elem::Bf16, value(i, idx))
+        }),
     }
 }
 
@@ -615,7 +646,35 @@ impl Compute {
         }
     }
 
+    /// Forward: the fast path (module [`im2col`]), or the direct loop where the fast path's
+    /// extra products with the padding's zeros could turn a result into NaN.
     fn forward(&self, x: &[f64], w: &[f64]) -> Vec<f64> {
+        if im2col::zero_products_harmless(&self.g, w) {
+            im2col::forward(&self.g, x, w)
+        } else {
+            self.forward_direct(x, w)
+        }
+    }
+
+    /// Backward data: always the fast path, which multiplies exactly the direct loop's pairs
+    /// (what falls in the padding is dropped after the product, not multiplied by zero).
+    fn backward_data(&self, w: &[f64], dy: &[f64]) -> Vec<f64> {
+        im2col::backward_data(&self.g, w, dy)
+    }
+
+    /// Backward filter: as [`Compute::forward`], dy being the operand met with padding.
+    fn backward_filter(&self, x: &[f64], dy: &[f64]) -> Vec<f64> {
+        if im2col::zero_products_harmless(&self.g, dy) {
+            im2col::backward_filter(&self.g, x, dy)
+        } else {
+            self.backward_filter_direct(x, dy)
+        }
+    }
+
+    /// The definition's loop: for each output plane, each input channel and tap, the
+    /// in-bounds products in order. The fallback of the fast path, and its reference in the
+    /// unit tests.
+    fn forward_direct(&self, x: &[f64], w: &[f64]) -> Vec<f64> {
         let g = self.g;
         let (cpg, kpg) = (g.cpg(), g.kpg());
         let (hw, rs) = (g.h * g.w, g.r * g.s);
@@ -636,7 +695,9 @@ impl Compute {
         y
     }
 
-    fn backward_data(&self, w: &[f64], dy: &[f64]) -> Vec<f64> {
+    /// As [`Compute::forward_direct`], for backward data (the unit tests' reference only).
+    #[cfg(test)]
+    fn backward_data_direct(&self, w: &[f64], dy: &[f64]) -> Vec<f64> {
         let g = self.g;
         let (cpg, kpg) = (g.cpg(), g.kpg());
         let (ohw, rs) = (g.oh * g.ow, g.r * g.s);
@@ -657,7 +718,8 @@ impl Compute {
         dx
     }
 
-    fn backward_filter(&self, x: &[f64], dy: &[f64]) -> Vec<f64> {
+    /// As [`Compute::forward_direct`], for backward filter.
+    fn backward_filter_direct(&self, x: &[f64], dy: &[f64]) -> Vec<f64> {
         let g = self.g;
         let (cpg, kpg) = (g.cpg(), g.kpg());
         let (hw, ohw, rs) = (g.h * g.w, g.oh * g.ow, g.r * g.s);
