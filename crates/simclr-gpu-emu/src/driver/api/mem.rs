@@ -49,16 +49,23 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
     unsafe { cuMemAllocAsync(dptr, bytes, h) }
 }
 
+/// Takes an allocation out of the table for a free call, naming what `p` is not.
+fn retire(p: usize, device: bool, call: &str) -> Result<(), (CuResult, String)> {
+    memory::retire(p, device).map_err(|e| {
+        let what = if device {
+            "a live device allocation"
+        } else {
+            "page-locked memory"
+        };
+        (e, format!("{call} of {p:#x}, which is not {what}"))
+    })
+}
+
 /// `cuMemFree_v2`: waits for the device, as the reference says cuMemFree synchronises.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFree_v2(p: CUdeviceptr) -> CuResult {
     ret(ctx().and_then(|c| {
-        memory::retire(p as usize, true).map_err(|e| {
-            (
-                e,
-                format!("cuMemFree of {p:#x}, which is not a live device allocation"),
-            )
-        })?;
+        retire(p as usize, true, "cuMemFree")?;
         c.synchronize();
         memory::release(p as usize);
         Ok(())
@@ -69,12 +76,7 @@ pub unsafe extern "C" fn cuMemFree_v2(p: CUdeviceptr) -> CuResult {
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFreeAsync(p: CUdeviceptr, h: Handle) -> CuResult {
     ret(stream(h).and_then(|s| {
-        memory::retire(p as usize, true).map_err(|e| {
-            (
-                e,
-                format!("cuMemFreeAsync of {p:#x}, which is not a live device allocation"),
-            )
-        })?;
+        retire(p as usize, true, "cuMemFreeAsync")?;
         s.enqueue(Box::new(move || {
             memory::release(p as usize);
             Ok(())
@@ -118,12 +120,7 @@ pub unsafe extern "C" fn cuMemAllocHost_v2(pp: *mut *mut c_void, bytes: usize) -
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFreeHost(p: *mut c_void) -> CuResult {
     ret(ctx().and_then(|c| {
-        memory::retire(p as usize, false).map_err(|e| {
-            (
-                e,
-                format!("cuMemFreeHost of {p:?}, which is not page-locked memory"),
-            )
-        })?;
+        retire(p as usize, false, "cuMemFreeHost")?;
         c.synchronize();
         memory::release(p as usize);
         Ok(())
