@@ -275,6 +275,73 @@ fn a_missing_syncthreads_gives_a_wrong_result() {
     }
 }
 
+// Threads that never wait run one after another on one stack; the first that waits keeps that
+// stack, deep frames included, and the rest start on stacks of their own. Threads that exited
+// first no longer count at the barrier.
+const EARLY_EXITS: &str = r#"
+__device__ __noinline__ int deep(int d, int v, int* s, unsigned partner) {
+    volatile int pad[16];
+    for (int k = 0; k < 16; k++) pad[k] = v * k + d;
+    int r;
+    if (d == 0) {
+        s[threadIdx.x] = v;
+        __syncthreads();
+        r = s[partner];
+        __syncthreads();
+    } else {
+        r = deep(d - 1, v, s, partner);
+    }
+    return r + pad[d % 16] - (v * (d % 16) + d);
+}
+extern "C" __global__ void early_exits(const int* x, int* y, unsigned every) {
+    __shared__ int s[1024];
+    unsigned i = threadIdx.x, n = blockDim.x, base = blockIdx.x * n;
+    if (i % every == 0) {
+        y[base + i] = -1;
+        return;
+    }
+    unsigned p = n - 1 - i;
+    if (p % every == 0) p = i;
+    y[base + i] = deep(6, x[base + i], s, p);
+}
+"#;
+
+#[test]
+fn threads_that_exit_early_and_threads_that_wait_share_a_block() {
+    let m = build(EARLY_EXITS);
+    for n in [1usize, 33, 256, 1024] {
+        for every in [1u32, 2, 3, 7, 64, 5000] {
+            // Two blocks: one scheduled ascending, one descending.
+            let x: Vec<i32> = (0..2 * n as i32).map(|i| i * 3 + 1).collect();
+            let mut y = vec![0i32; 2 * n];
+            let (mut px, mut py, mut e) = (x.as_ptr(), y.as_mut_ptr(), every);
+            m.run(
+                "early_exits",
+                [2, 1, 1],
+                [n as u32, 1, 1],
+                0,
+                params!(px, py, e),
+            )
+            .unwrap_or_else(|e| panic!("n {n} every {every}: {e:?}"));
+            for b in 0..2 {
+                for i in 0..n {
+                    let want = if i as u32 % every == 0 {
+                        -1
+                    } else {
+                        let p = n - 1 - i;
+                        x[b * n + if p as u32 % every == 0 { i } else { p }]
+                    };
+                    assert_eq!(
+                        y[b * n + i],
+                        want,
+                        "n {n} every {every} block {b} thread {i}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 const FAILS: &str = r#"
 extern "C" __global__ void deadlock(int* out) {
     if (threadIdx.x == 0) __syncthreads();

@@ -159,7 +159,8 @@ __emu_ctx_switch:
     .size __emu_ctx_switch, .-__emu_ctx_switch
 )");
 
-enum EmuState : int { EMU_READY = 0, EMU_AT_BARRIER = 1, EMU_AT_COLLECTIVE = 2, EMU_EXITED = 3 };
+// EMU_PENDING: not started, left to the block's runner (see __emu_run_block).
+enum EmuState : int { EMU_READY = 0, EMU_AT_BARRIER = 1, EMU_AT_COLLECTIVE = 2, EMU_EXITED = 3, EMU_PENDING = 4 };
 
 struct EmuGroup;
 
@@ -178,6 +179,7 @@ struct EmuFiber {
     int bar_total = 0;
     EmuGroup* group = nullptr;
     void* sync_obj = nullptr;
+    bool from_runner = false;  // started on the runner's stack, which it now owns
 #ifdef EMU_TSAN
     void* tsan_fiber = nullptr;
 #endif
@@ -188,7 +190,6 @@ struct EmuFiber {
 
 // One warp collective in progress: the lanes of `mask` that have arrived so far.
 struct EmuGroup {
-    bool used = false;
     unsigned mask = 0, arrived = 0;
     const char* what = "";
     unsigned gen = 0;  // completions of this slot: TSan sync objects alternate by its parity
@@ -199,6 +200,7 @@ struct EmuGroup {
 
 struct EmuWarp {
     EmuGroup groups[32];
+    unsigned used_bits = 0;  // the groups in use, so that exits and block starts scan none
     unsigned exited = 0;  // lanes that have exited
     unsigned exist = 0;   // lanes that exist in this block
 };
@@ -219,6 +221,12 @@ struct EmuLaunch {
     unsigned at_bar = 0; // threads waiting at the block barrier
     int bar_count = 0;   // predicates summed for __syncthreads_count/and/or
     int cur = -1;        // the running fiber, -1: the scheduler
+    // The runner runs a block's threads one after another on its own stack, with no switch
+    // per thread; the thread it runs (direct_i) becomes a fiber of its own at its first wait.
+    EmuFiber runner;
+    int direct_i = -1;
+    bool descending = false;
+    bool promoted = false;
     void* sched_sp = nullptr;
     EmuEntry entry = nullptr;
     void** params = nullptr;
@@ -267,6 +275,16 @@ EMU_RT static void __emu_fail(const char* fmt, ...) {
 // Switch from the running fiber to the scheduler (the fiber stays in whatever state it set).
 EMU_RT static void __emu_to_scheduler(bool exiting = false) {
     EmuFiber* f = __emu_cur();
+    if (__emu_L.direct_i == __emu_L.cur && !exiting) {
+        // A thread the runner started waits: it keeps the runner's stack, where its frames are,
+        // and the runner takes the thread's unused one. The scheduler starts the rest as fibers.
+        EmuFiber& r = __emu_L.runner;
+        std::swap(f->stack, r.stack);
+        std::swap(f->stack_size, r.stack_size);
+        f->from_runner = true;
+        __emu_L.direct_i = -1;
+        __emu_L.promoted = true;
+    }
 #ifdef EMU_TSAN
     __tsan_switch_to_fiber(__emu_L.tsan_sched, __tsan_switch_to_fiber_no_sync);
 #endif
@@ -395,12 +413,8 @@ EMU_RT static void __emu_collective_at(unsigned mask, const void* in, void* out,
     if (mask & ~W.exist) fail_here("the mask names a lane that does not exist in this block", W.exist, "lanes present");
     if (mask & W.exited) fail_here("the mask names a lane that has exited", W.exited, "exited lanes");
     EmuGroup* g = nullptr;
-    EmuGroup* free_g = nullptr;
-    for (auto& c : W.groups) {
-        if (!c.used) {
-            if (!free_g) free_g = &c;
-            continue;
-        }
+    for (unsigned bits = W.used_bits; bits; bits &= bits - 1) {
+        EmuGroup& c = W.groups[__builtin_ctz(bits)];
         if (c.mask & mask) {
             if (c.mask != mask || strcmp(c.what, what) != 0)
                 fail_here("lanes of the warp are at different collectives", c.mask, c.what);
@@ -409,8 +423,10 @@ EMU_RT static void __emu_collective_at(unsigned mask, const void* in, void* out,
         }
     }
     if (!g) {
-        g = free_g;
-        g->used = true;
+        // At most 32 groups: each names a calling lane, and a lane waits at one at a time.
+        unsigned slot = (unsigned)__builtin_ctz(~W.used_bits);
+        W.used_bits |= 1u << slot;
+        g = &W.groups[slot];
         g->mask = mask;
         g->arrived = 0;
         g->what = what;
@@ -441,7 +457,7 @@ EMU_RT static void __emu_collective_at(unsigned mask, const void* in, void* out,
                 L.fibers[base + l].state = EMU_READY;
                 L.fibers[base + l].group = nullptr;
             }
-        g->used = false;
+        W.used_bits &= ~(1u << (unsigned)(g - W.groups));
     } else {
         f->state = EMU_AT_COLLECTIVE;
         f->group = g;
@@ -928,6 +944,42 @@ static unsigned long long __emu_rand() {
     return __emu_L.rng = x;
 }
 
+// The bookkeeping of a thread whose kernel function has returned.
+EMU_RT static void __emu_thread_exited(EmuFiber* f) {
+    EmuLaunch& L = __emu_L;
+    f->state = EMU_EXITED;
+    L.live--;
+    EmuWarp& W = L.warps[f->linear >> 5];
+    unsigned bit = 1u << (f->linear & 31u);
+    W.exited |= bit;
+    // A lane that exits while named by a collective its warp-mates wait at: that collective can
+    // never complete (on the GPU: undefined behaviour, usually a hang).
+    for (unsigned bits = W.used_bits; bits; bits &= bits - 1) {
+        EmuGroup& g = W.groups[__builtin_ctz(bits)];
+        if ((g.mask & bit) && !(g.arrived & bit)) {
+            char buf[300];
+            snprintf(buf, sizeof buf, "thread exited while named by the mask 0x%08x of %s that its warp waits at",
+                     g.mask, g.what);
+            __emu_fail("launch failed in block (%u,%u,%u) thread (%u,%u,%u): %s", blockIdx.x, blockIdx.y,
+                       blockIdx.z, f->tid.x, f->tid.y, f->tid.z, buf);
+        }
+    }
+    if (L.at_bar > 0 && L.at_bar == L.live) __emu_release_barrier();
+#ifdef EMU_TSAN
+    __tsan_release(&L.tsan_end);
+#endif
+}
+
+static void __emu_shuffle(unsigned* order, unsigned n) {
+    for (unsigned i = 0; i < n; i++) order[i] = i;
+    for (unsigned i = n; i > 1; i--) {
+        unsigned j = (unsigned)(__emu_rand() % i);
+        unsigned t = order[i - 1];
+        order[i - 1] = order[j];
+        order[j] = t;
+    }
+}
+
 [[noreturn]] EMU_RT static void __emu_fiber_main() {
     EmuLaunch& L = __emu_L;
 #ifdef EMU_ASAN
@@ -937,31 +989,47 @@ static unsigned long long __emu_rand() {
     __tsan_acquire(&L.tsan_start);
 #endif
     L.entry(L.params);
-    EmuFiber* f = __emu_cur();
-    f->state = EMU_EXITED;
-    L.live--;
-    EmuWarp& W = L.warps[f->linear >> 5];
-    unsigned bit = 1u << (f->linear & 31u);
-    W.exited |= bit;
-    // A lane that exits while named by a collective its warp-mates wait at: that collective can
-    // never complete (on the GPU: undefined behaviour, usually a hang).
-    for (auto& g : W.groups)
-        if (g.used && (g.mask & bit) && !(g.arrived & bit)) {
-            char buf[300];
-            snprintf(buf, sizeof buf, "thread exited while named by the mask 0x%08x of %s that its warp waits at",
-                     g.mask, g.what);
-            __emu_fail("launch failed in block (%u,%u,%u) thread (%u,%u,%u): %s", blockIdx.x, blockIdx.y,
-                       blockIdx.z, f->tid.x, f->tid.y, f->tid.z, buf);
-        }
-    if (L.at_bar > 0 && L.at_bar == L.live) __emu_release_barrier();
-#ifdef EMU_TSAN
-    __tsan_release(&L.tsan_end);
-#endif
+    __emu_thread_exited(__emu_cur());
     __emu_to_scheduler(true);
     __builtin_unreachable();
 }
 
-EMU_RT static void __emu_init_fiber(EmuFiber& f) {
+// The order in which a block's threads first run: that of the scheduler's first pass.
+EMU_RT static unsigned __emu_first_order(unsigned k) {
+    EmuLaunch& L = __emu_L;
+    return L.policy == EMU_RANDOM ? L.order[k] : L.descending ? L.n - 1 - k : k;
+}
+
+// Runs the block's threads in turn on the runner's stack, each to its end, until one waits (it
+// then keeps this stack and finishes as a fiber: see __emu_to_scheduler) or all have exited.
+// A thread that never waits runs exactly as it would on a fiber of its own.
+[[noreturn]] EMU_RT static void __emu_runner_main() {
+    EmuLaunch& L = __emu_L;
+#ifdef EMU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, &L.sched_stack_bottom, &L.sched_stack_size);
+#endif
+    for (unsigned k = 0; k < L.n && !L.failed; k++) {
+        unsigned i = __emu_first_order(k);
+        EmuFiber* f = &L.fibers[i];
+        L.cur = (int)i;
+        L.direct_i = (int)i;
+        threadIdx = f->tid;
+        f->state = EMU_READY;
+        L.entry(L.params);
+        f = &L.fibers[i];
+        __emu_thread_exited(f);
+        if (f->from_runner) break;  // this stack is now the thread's; the runner is done
+    }
+    L.direct_i = -1;
+    void* abandoned;  // never resumed: each block starts the runner afresh
+#ifdef EMU_ASAN
+    __sanitizer_start_switch_fiber(nullptr, L.sched_stack_bottom, L.sched_stack_size);
+#endif
+    __emu_ctx_switch(&abandoned, L.sched_sp);
+    __builtin_unreachable();
+}
+
+EMU_RT static void __emu_init_fiber(EmuFiber& f, void (*main)() = __emu_fiber_main) {
     if (!f.stack) {
         size_t page = (size_t)sysconf(_SC_PAGESIZE);
         void* m = mmap(nullptr, EMU_STACK + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
@@ -979,8 +1047,8 @@ EMU_RT static void __emu_init_fiber(EmuFiber& f) {
     }
     uintptr_t top = ((uintptr_t)f.stack + f.stack_size) & ~(uintptr_t)15;
     void** sp = (void**)top;
-    *--sp = nullptr;                          // fake return address of __emu_fiber_main
-    *--sp = (void*)&__emu_fiber_main;         // __emu_ctx_switch's `ret` goes here
+    *--sp = nullptr;                          // fake return address of `main`
+    *--sp = (void*)main;                      // __emu_ctx_switch's `ret` goes here
     for (int i = 0; i < 6; i++) *--sp = nullptr;  // rbp rbx r12 r13 r14 r15
     f.sp = sp;
 #ifdef EMU_ASAN
@@ -988,11 +1056,9 @@ EMU_RT static void __emu_init_fiber(EmuFiber& f) {
 #endif
 }
 
-EMU_RT static void __emu_run_fiber(unsigned i) {
+// Runs fiber `f` (a thread's, with L.cur and threadIdx set, or the runner) until it switches back.
+EMU_RT static void __emu_switch_to(EmuFiber& f) {
     EmuLaunch& L = __emu_L;
-    EmuFiber& f = L.fibers[i];
-    L.cur = (int)i;
-    threadIdx = f.tid;
 #ifdef EMU_ASAN
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(&fake, f.stack, f.stack_size);
@@ -1005,6 +1071,13 @@ EMU_RT static void __emu_run_fiber(unsigned i) {
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
     L.cur = -1;
+}
+
+EMU_RT static void __emu_run_fiber(unsigned i) {
+    EmuLaunch& L = __emu_L;
+    L.cur = (int)i;
+    threadIdx = L.fibers[i].tid;
+    __emu_switch_to(L.fibers[i]);
 }
 
 EMU_RT static int __emu_fmt_where(char* out, size_t cap, int state) {
@@ -1044,16 +1117,27 @@ EMU_RT static int __emu_fmt_where(char* out, size_t cap, int state) {
 EMU_RT static void __emu_run_block(bool descending) {
     EmuLaunch& L = __emu_L;
     const unsigned n = L.n;
+    // TSan must see each thread on a fiber of its own, or races between them go unseen.
+#ifdef EMU_TSAN
+    const bool direct = false;
+#else
+    const bool direct = true;
+#endif
     for (unsigned i = 0; i < n; i++) {
         EmuFiber& f = L.fibers[i];
-        __emu_init_fiber(f);
-        f.state = EMU_READY;
+        if (direct) {
+            f.state = EMU_PENDING;
+        } else {
+            __emu_init_fiber(f);
+            f.state = EMU_READY;
+        }
         f.group = nullptr;
         f.bar_result = 0;
+        f.from_runner = false;
     }
     for (unsigned w = 0; w < (n + 31) / 32; w++) {
         EmuWarp& W = L.warps[w];
-        for (auto& g : W.groups) g.used = false;
+        W.used_bits = 0;
         W.exited = 0;
         unsigned lanes = n - w * 32 >= 32 ? 32 : n - w * 32;
         W.exist = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u;
@@ -1072,15 +1156,25 @@ EMU_RT static void __emu_run_block(bool descending) {
     __tsan_release(&L.tsan_start);
 #endif
     unsigned* order = L.order;
+    L.descending = descending;
+    if (direct) {
+        if (L.policy == EMU_RANDOM) __emu_shuffle(order, n);
+        L.promoted = false;
+        __emu_init_fiber(L.runner, __emu_runner_main);
+        __emu_switch_to(L.runner);
+        if (L.failed) return;
+        if (L.live == 0) return;
+        // A thread waits: the ones the runner has not reached start as fibers.
+        for (unsigned i = 0; i < n; i++) {
+            EmuFiber& f = L.fibers[i];
+            if (f.state != EMU_PENDING) continue;
+            __emu_init_fiber(f);
+            f.state = EMU_READY;
+        }
+    }
     for (;;) {
         if (L.policy == EMU_RANDOM) {
-            for (unsigned i = 0; i < n; i++) order[i] = i;
-            for (unsigned i = n; i > 1; i--) {
-                unsigned j = (unsigned)(__emu_rand() % i);
-                unsigned t = order[i - 1];
-                order[i - 1] = order[j];
-                order[j] = t;
-            }
+            __emu_shuffle(order, n);
         }
         bool progressed = false;
         for (unsigned k = 0; k < n; k++) {
