@@ -3,9 +3,9 @@
 # training-step benchmarks, an end-to-end `simclr train` and the PyTorch comparison on the same
 # GPU. Made by `cargo xtask gpu-check`; run as
 #   bash gpu-check/run.sh            (results under $OUT, or gpu-check/out)
-# It is written for a remote GPU machine reached by one command with a time limit (about 560 s),
-# whose results come back from $OUT, at most 8 files: everything goes to at most 7 (log.txt,
-# tests.txt and five JSON results), and every section is cut short rather than lose the rest.
+# Everything goes to at most 7 files under $OUT (log.txt, tests.txt and five JSON results), and
+# every section is cut short at its share of BUDGET rather than lose the rest, so that a run
+# under a wall-clock limit still reports each section it reached.
 #
 # SECTIONS picks what runs, always in this order, cheap and most telling first (default: all;
 # torch-compile, last, gets what is left of BUDGET):
