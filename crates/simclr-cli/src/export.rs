@@ -2,7 +2,7 @@
 //! representations as `.npy` or safetensors.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 
 use simclr_nn::checkpoint::{state_dict, NamedTensor, TensorData};
 use simclr_nn::layers::Linear;
@@ -56,6 +56,136 @@ pub fn save_torchvision(
     .map_err(|e| io_err(path, e))
 }
 
+/// The files of a run folder that belong to the run: what a command writing a user's `--out`
+/// never replaces, `--force` or not. `rel` is relative to the run folder; `None` when the run
+/// does not own it.
+fn run_owned(rel: &Path) -> Option<&'static str> {
+    let mut parts = rel
+        .components()
+        .map(|c| c.as_os_str().to_str().unwrap_or(""));
+    let first = parts.next()?;
+    let nested = parts.next().is_some();
+    Some(match (first, nested) {
+        ("config.toml", false) => "its configuration",
+        ("metrics.jsonl", false) => "its metrics",
+        ("results.md" | "results.json", false) => "its results",
+        ("encoder.safetensors", false) => "its exported encoder",
+        ("checkpoints", _) => "its checkpoints",
+        ("plots", true) => "its charts",
+        (name, true) if name.starts_with("finetune-") => "its fine-tuned models",
+        _ => return None,
+    })
+}
+
+/// Whether `dir` is a run folder: it holds a checkpoint, or the configuration and metrics that
+/// a run writes when it starts.
+fn is_run_dir(dir: &Path) -> bool {
+    crate::state::checkpoint_path(dir).is_file()
+        || (dir.join("config.toml").is_file() && dir.join("metrics.jsonl").is_file())
+}
+
+/// `path` made absolute, its links resolved where they exist and its `.` and `..` taken out, so
+/// that the run folder above it is found whatever way `path` was written.
+fn resolved(path: &Path) -> PathBuf {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    };
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::Prefix(_) | Component::RootDir => out.push(c.as_os_str()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => {
+                out.push(name);
+                // What exists is resolved as the system resolves it; below a missing folder
+                // nothing can be written anyway.
+                if let Ok(real) = out.canonicalize() {
+                    out = real;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The run folder above `path` that owns it, with what of the run it is.
+fn owning_run(path: &Path) -> Option<(PathBuf, &'static str)> {
+    let mut candidates = vec![resolved(path)];
+    if path.is_symlink() {
+        // Also the link's own place: a rename onto it replaces the link, a plain write follows it.
+        if let Some(dir) = path.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            if let (Some(name), Ok(d)) = (path.file_name(), dir.canonicalize()) {
+                candidates.push(d.join(name));
+            }
+        }
+    }
+    candidates.iter().find_map(|p| {
+        p.ancestors().skip(1).find_map(|dir| {
+            let what = run_owned(p.strip_prefix(dir).ok()?)?;
+            is_run_dir(dir).then(|| (dir.to_path_buf(), what))
+        })
+    })
+}
+
+/// Checks that a command may write its output `path`: never a file a run folder owns (its
+/// checkpoints, config.toml, metrics.jsonl, results, charts, fine-tuned models or exported
+/// encoder), present or not, since the run reads or rewrites it; another existing file only
+/// when `force` is set. The error names the file.
+pub fn check_output(path: &Path, force: bool) -> Result<()> {
+    if let Some((run, what)) = owning_run(path) {
+        return Err(io_err(
+            path,
+            format!(
+                "belongs to the run in {} ({what}); write the output elsewhere (--force does not \
+                 overwrite a run's own files)",
+                run.display()
+            ),
+        ));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Err(io_err(path, "is a folder; name a file to write")),
+        Ok(_) if !force => Err(io_err(
+            path,
+            "exists; pass --force to overwrite it, or choose another name",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The files [`save_features`] writes for `path`: `path` itself, and for `.npy` the labels
+/// beside it. An error for another extension.
+pub fn features_outputs(path: &Path) -> Result<Vec<PathBuf>> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("npy") => Ok(vec![path.to_path_buf(), path.with_extension("labels.npy")]),
+        Some("safetensors") => Ok(vec![path.to_path_buf()]),
+        _ => Err(CliError::Usage(format!(
+            "{}: the output must end in .npy or .safetensors",
+            path.display()
+        ))),
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a reader (or a crash)
+/// sees the old file or the new one, never a part; the error names `path` once.
+pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
+    simclr_nn::checkpoint::write_atomic(path, bytes).map_err(|e| match e {
+        simclr_nn::NnError::Io { source, .. } => io_err(path, source),
+        other => io_err(path, other),
+    })
+}
+
 fn npy_bytes(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
     let shape_txt = match shape {
         [n] => format!("({n},)"),
@@ -93,11 +223,11 @@ pub fn save_features(f: &Features, path: &Path) -> Result<()> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("npy") => {
             let bytes = npy_bytes("<f4", &[f.len(), f.dim], bytemuck::cast_slice(&f.data));
-            simclr_nn::checkpoint::write_atomic(path, &bytes).map_err(|e| io_err(path, e))?;
+            write_whole(path, &bytes)?;
             let lpath = path.with_extension("labels.npy");
             let lbytes: Vec<u8> = labels.iter().flat_map(|l| l.to_le_bytes()).collect();
             let bytes = npy_bytes("<i8", &[labels.len()], &lbytes);
-            simclr_nn::checkpoint::write_atomic(&lpath, &bytes).map_err(|e| io_err(&lpath, e))
+            write_whole(&lpath, &bytes)
         }
         Some("safetensors") => {
             let tensors = BTreeMap::from([
@@ -134,6 +264,67 @@ pub fn save_features(f: &Features, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_owns_its_checkpoints_configuration_metrics_and_results() {
+        for owned in [
+            "config.toml",
+            "metrics.jsonl",
+            "results.md",
+            "results.json",
+            "encoder.safetensors",
+            "checkpoints/last.safetensors",
+            "checkpoints/other.safetensors",
+            "plots/loss.png",
+            "finetune-10/model.safetensors",
+        ] {
+            assert!(run_owned(Path::new(owned)).is_some(), "{owned}");
+        }
+        for free in [
+            "h.npy",
+            "enc.safetensors",
+            "plots",
+            "finetune-10",
+            "notes/config.toml",
+        ] {
+            assert!(run_owned(Path::new(free)).is_none(), "{free}");
+        }
+    }
+
+    #[test]
+    fn outputs_are_checked_against_runs_and_existing_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+        std::fs::write(run.join("config.toml"), "").unwrap();
+        std::fs::write(run.join("checkpoints/last.safetensors"), "x").unwrap();
+        let ck = run.join("checkpoints/last.safetensors");
+        for force in [false, true] {
+            let e = check_output(&ck, force).unwrap_err().to_string();
+            assert!(
+                e.contains("last.safetensors") && e.contains("checkpoints"),
+                "{e}"
+            );
+            // Written another way, and not yet there.
+            let other = run.join("plots/../checkpoints/./x.safetensors");
+            assert!(check_output(&other, force).is_err());
+            assert!(check_output(&run.join("encoder.safetensors"), force).is_err());
+        }
+        // A file of the user's beside the run's.
+        let mine = run.join("h.npy");
+        check_output(&mine, false).unwrap();
+        std::fs::write(&mine, "x").unwrap();
+        let e = check_output(&mine, false).unwrap_err().to_string();
+        assert!(e.contains("h.npy") && e.contains("--force"), "{e}");
+        check_output(&mine, true).unwrap();
+        // A folder is never a file to write.
+        assert!(check_output(tmp.path(), true).is_err());
+        // A config.toml alone does not make a run folder.
+        let plain = tmp.path().join("plain");
+        std::fs::create_dir_all(&plain).unwrap();
+        std::fs::write(plain.join("config.toml"), "").unwrap();
+        check_output(&plain.join("config.toml"), true).unwrap();
+    }
 
     #[test]
     fn npy_header_is_aligned_and_parsable() {

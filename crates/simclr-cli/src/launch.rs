@@ -4,9 +4,11 @@
 //! variables `torchrun` sets (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`);
 //! on several machines, start one process per replica yourself (SLURM's `srun` does: its
 //! `SLURM_PROCID`, `SLURM_NTASKS` and node list are read too). Each process finds its group with
-//! [`connect_from_env`]. If one process fails, the launcher stops the others and says which rank
-//! failed; a rank that dies mid-run makes the others fail within the collective timeout
-//! (`SIMCLR_DIST_TIMEOUT` seconds, 300 by default).
+//! [`connect_from_env`]. If one process fails, the launcher stops the others and names the rank
+//! whose failure explains the rest, and how it ended: a rank killed by a signal (the
+//! out-of-memory killer's SIGKILL, a segmentation fault) comes before the ranks that then failed
+//! because their peer vanished. A rank that dies mid-run makes the others fail at once, or at
+//! the latest within the collective timeout (`SIMCLR_DIST_TIMEOUT` seconds, 300 by default).
 //!
 //! With `train.device = auto` each process trains on the GPU of its `LOCAL_RANK` when the
 //! machine has GPUs, and the replicas then exchange gradients through NCCL. `simclr launch
@@ -83,7 +85,8 @@ impl Replicas {
 const INTERRUPTED_EXIT: i32 = 130;
 
 /// Runs `args` (a `simclr` command line) in as many processes of this program as `replicas`
-/// says, rank 0's output shown, the others' errors shown; waits for all and fails if any fails.
+/// says, rank 0's output shown, the others' errors shown; waits for all and fails if any fails,
+/// naming the rank that failed first and how (its exit status or the signal that killed it).
 /// When `interrupted` becomes true (Ctrl-C), the processes are asked to stop together (SIGINT):
 /// rank 0 writes a checkpoint.
 pub fn launch(
@@ -139,8 +142,139 @@ pub fn launch(
             }
         }
     }
-    // Wait for all; the first failure stops the rest (they would wait for it until the timeout).
+    supervise(&mut children, interrupted, FAILURE_GRACE)
+}
+
+/// How long the launcher lets the other ranks end on their own after the first failure before
+/// it stops them: a rank that was killed is often seen in the same poll as the peers that then
+/// lost it, and this window lets every rank that ended by itself be told apart from the ones
+/// the launcher stopped.
+const FAILURE_GRACE: Duration = Duration::from_secs(2);
+
+/// How one rank ended, as the launcher saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// Exited with this non-zero status.
+    Exited(i32),
+    /// Killed by this signal (not by the launcher).
+    Signalled { signal: i32, core_dumped: bool },
+}
+
+/// A rank that failed by itself, in the order the launcher saw them fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Failure {
+    rank: usize,
+    ending: Ending,
+}
+
+fn ending(status: std::process::ExitStatus) -> Option<Ending> {
+    use std::os::unix::process::ExitStatusExt;
+    if status.success() {
+        return None;
+    }
+    Some(match (status.code(), status.signal()) {
+        (Some(code), _) => Ending::Exited(code),
+        (None, Some(signal)) => Ending::Signalled {
+            signal,
+            core_dumped: status.core_dumped(),
+        },
+        // Neither an exit code nor a signal (a stopped process is not reported by wait).
+        (None, None) => Ending::Exited(-1),
+    })
+}
+
+/// The name of a POSIX signal as Linux numbers them.
+fn signal_name(signal: i32) -> Option<&'static str> {
+    Some(match signal {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        5 => "SIGTRAP",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        10 => "SIGUSR1",
+        11 => "SIGSEGV",
+        12 => "SIGUSR2",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        24 => "SIGXCPU",
+        25 => "SIGXFSZ",
+        _ => return None,
+    })
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Ending::Exited(code) => write!(f, "failed (exit status: {code})"),
+            Ending::Signalled {
+                signal,
+                core_dumped,
+            } => {
+                write!(f, "was killed by signal {signal}")?;
+                if let Some(name) = signal_name(signal) {
+                    write!(f, " ({name})")?;
+                }
+                if core_dumped {
+                    write!(f, ", core dumped")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The rank whose failure explains the others': a rank killed by a signal, which cannot be a
+/// consequence of a vanished peer, before one that exited with an error (as its peers do when
+/// it disappears); among those alike, the first seen.
+fn root_cause(failures: &[Failure]) -> Option<Failure> {
+    failures
+        .iter()
+        .find(|f| matches!(f.ending, Ending::Signalled { .. }))
+        .or_else(|| failures.first())
+        .copied()
+}
+
+/// The launcher's report of a failed group: the root cause first, then what the other ranks
+/// did.
+fn failure_report(failures: &[Failure], stopped: &[usize], procs: usize) -> String {
+    let Some(root) = root_cause(failures) else {
+        return format!("the ranks of {procs} failed");
+    };
+    let mut msg = format!("rank {} of {procs} {}", root.rank, root.ending);
+    if matches!(root.ending, Ending::Signalled { signal: 9, .. }) {
+        msg.push_str(
+            " (the kernel's out-of-memory killer sends SIGKILL: `dmesg` says whether it did)",
+        );
+    }
+    let others: Vec<String> = failures
+        .iter()
+        .filter(|f| f.rank != root.rank)
+        .map(|f| format!("rank {} {}", f.rank, f.ending))
+        .collect();
+    if !others.is_empty() {
+        msg.push_str(&format!("; then {}", others.join(", ")));
+    }
+    let stopped: Vec<String> = stopped.iter().map(usize::to_string).collect();
+    match stopped.as_slice() {
+        [] => {}
+        [one] => msg.push_str(&format!("; rank {one} was stopped")),
+        many => msg.push_str(&format!("; ranks {} were stopped", many.join(", "))),
+    }
+    msg
+}
+
+/// Waits for every child, forwarding an interrupt; after the first failure, gives the others
+/// `grace` to end by themselves, then stops the rest, and reports the root cause.
+fn supervise(children: &mut [Child], interrupted: &AtomicBool, grace: Duration) -> Result<()> {
+    let procs = children.len();
     let mut done = vec![false; procs];
+    let mut failures: Vec<Failure> = Vec::new();
+    let mut first_failure: Option<std::time::Instant> = None;
     let mut forwarded = false;
     let mut stopped_by_interrupt = false;
     loop {
@@ -148,7 +282,7 @@ pub fn launch(
             // A terminal's Ctrl-C reaches the whole process group already; a SIGINT sent to
             // the launcher alone is passed on.
             forwarded = true;
-            for c in &children {
+            for c in children.iter() {
                 let _ = Command::new("kill")
                     .args(["-INT", &c.id().to_string()])
                     .status();
@@ -167,18 +301,28 @@ pub fn launch(
                         stopped_by_interrupt = true;
                         continue;
                     }
-                    if !status.success() {
-                        stop(&mut children);
-                        return Err(CliError::Usage(format!(
-                            "rank {rank} of {procs} failed ({status}); the other ranks were stopped"
-                        )));
+                    if let Some(ending) = ending(status) {
+                        failures.push(Failure { rank, ending });
+                        first_failure.get_or_insert_with(std::time::Instant::now);
                     }
                 }
                 Ok(None) => running = true,
                 Err(e) => {
-                    stop(&mut children);
-                    return Err(CliError::Usage(format!("rank {rank}: {e}")));
+                    stop(children);
+                    return Err(CliError::Usage(format!(
+                        "rank {rank} of {procs}: cannot wait for it: {e}; the other ranks were \
+                         stopped"
+                    )));
                 }
+            }
+        }
+        if let Some(t) = first_failure {
+            if !running || t.elapsed() >= grace {
+                // The ranks still running would wait for the failed one until the collective
+                // timeout.
+                let stopped: Vec<usize> = (0..procs).filter(|&r| !done[r]).collect();
+                stop(children);
+                return Err(CliError::Usage(failure_report(&failures, &stopped, procs)));
             }
         }
         if !running {
@@ -191,7 +335,11 @@ pub fn launch(
             }
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(if first_failure.is_some() {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(100)
+        });
     }
 }
 
@@ -237,6 +385,58 @@ mod tests {
         let args = vec!["pretrain".to_string()];
         let e = launch(Replicas::Gpus(2), None, &args, &never).unwrap_err();
         assert!(e.to_string().contains("--gpus 2"), "{e}");
+    }
+
+    #[test]
+    fn a_rank_killed_by_a_signal_is_the_root_cause_of_the_peers_errors() {
+        let killed = Failure {
+            rank: 1,
+            ending: Ending::Signalled {
+                signal: 9,
+                core_dumped: false,
+            },
+        };
+        let lost_peer = Failure {
+            rank: 0,
+            ending: Ending::Exited(1),
+        };
+        // Seen in the same poll, rank 0 first: rank 1 is still the cause.
+        let report = failure_report(&[lost_peer, killed], &[2], 3);
+        assert!(
+            report.starts_with("rank 1 of 3 was killed by signal 9 (SIGKILL)"),
+            "{report}"
+        );
+        assert!(
+            report.contains("then rank 0 failed (exit status: 1)"),
+            "{report}"
+        );
+        assert!(report.contains("rank 2 was stopped"), "{report}");
+        // Without a signal, the first rank seen to fail.
+        let other = Failure {
+            rank: 2,
+            ending: Ending::Exited(1),
+        };
+        let report = failure_report(&[other, lost_peer], &[1], 3);
+        assert!(
+            report.starts_with("rank 2 of 3 failed (exit status: 1)"),
+            "{report}"
+        );
+        let segv = Ending::Signalled {
+            signal: 11,
+            core_dumped: true,
+        };
+        assert_eq!(
+            segv.to_string(),
+            "was killed by signal 11 (SIGSEGV), core dumped"
+        );
+        assert_eq!(
+            Ending::Signalled {
+                signal: 40,
+                core_dumped: false
+            }
+            .to_string(),
+            "was killed by signal 40"
+        );
     }
 
     #[test]

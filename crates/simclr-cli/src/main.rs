@@ -131,17 +131,24 @@ enum Command {
         /// Representation.
         #[arg(long, value_enum, default_value = "h")]
         rep: Representation,
-        /// Output file (.npy or .safetensors).
+        /// Output file (.npy or .safetensors; a .npy gets its labels beside it as
+        /// `<name>.labels.npy`). Never a file of a run folder.
         #[arg(long)]
         out: PathBuf,
+        /// Overwrite the output if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Write a run's encoder as safetensors with torchvision's parameter names.
     Export {
         #[command(flatten)]
         run: RunArgs,
-        /// Output file.
+        /// Output file. Never a file of a run folder.
         #[arg(long)]
         out: PathBuf,
+        /// Overwrite the output if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// A PNG grid of images and their augmented views.
     AugmentPreview {
@@ -153,9 +160,12 @@ enum Command {
         /// Views per image.
         #[arg(long, default_value_t = 6)]
         views: usize,
-        /// Output PNG.
+        /// Output PNG. Never a file of a run folder.
         #[arg(long, default_value = "augment-preview.png")]
         out: PathBuf,
+        /// Overwrite the output if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// One of the paper's ablations at the scale of the given configuration: every variant
     /// pre-trained and linear-evaluated, then a table and a figure (into OUT/STUDY).
@@ -300,10 +310,14 @@ fn print_json(v: serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(&v).expect("json"));
 }
 
+/// Writes a result file whole or not at all: a reader never sees half of it.
 fn write_file(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text).map_err(|e| CliError::Io {
+    simclr_nn::checkpoint::write_atomic(path, text.as_bytes()).map_err(|e| CliError::Io {
         path: path.to_path_buf(),
-        msg: e.to_string(),
+        msg: match e {
+            simclr_nn::NnError::Io { source, .. } => source.to_string(),
+            other => other.to_string(),
+        },
     })
 }
 
@@ -460,7 +474,12 @@ fn run(cli: Cli) -> Result<()> {
             split,
             rep,
             out,
+            force,
         } => {
+            // Before the features are computed: a refusal then costs nothing.
+            for path in simclr_cli::export::features_outputs(&out)? {
+                simclr_cli::export::check_output(&path, force)?;
+            }
             let (cfg, mut model) =
                 evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
             let splits = simclr_cli::data::open(&cfg.data, cfg.train.seed)?;
@@ -479,7 +498,8 @@ fn run(cli: Cli) -> Result<()> {
             simclr_cli::export::save_features(&f, &out)?;
             eprintln!("wrote {} x {} to {}", f.len(), f.dim, out.display());
         }
-        Command::Export { run, out } => {
+        Command::Export { run, out, force } => {
+            simclr_cli::export::check_output(&out, force)?;
             let (cfg, mut model) =
                 evaluate::load_run(&run.run, run.checkpoint.as_deref(), &run.set)?;
             simclr_cli::export::save_encoder(&mut model, &out, &cfg)?;
@@ -494,7 +514,9 @@ fn run(cli: Cli) -> Result<()> {
             images,
             views,
             out,
+            force,
         } => {
+            simclr_cli::export::check_output(&out, force)?;
             let cfg = config.build(Some("quickstart"))?;
             let splits = simclr_cli::data::open(&cfg.data, cfg.train.seed)?;
             let aug = Augmentation::new(cfg.augment.to_augment(cfg.data.image_size))?;

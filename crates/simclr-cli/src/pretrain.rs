@@ -111,13 +111,22 @@ impl std::fmt::Debug for Trainer {
 }
 
 fn check_writable(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| io_err(dir, format!("cannot create the output folder: {e}")))?;
     let probe = dir.join(".write-test");
     std::fs::write(&probe, b"ok")
         .map_err(|e| io_err(dir, format!("the output folder is not writable: {e}")))?;
     let _ = std::fs::remove_file(probe);
     Ok(())
+}
+
+/// What rank 0 writes into the run folder once the trainer is ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setup {
+    /// A new run: the folder is created and gets its config.toml.
+    New,
+    /// A resumed run whose settings were overridden: its config.toml is replaced.
+    ResumeChanged,
+    /// A resumed run as it was: its files stay as they are.
+    Resume,
 }
 
 impl Trainer {
@@ -128,7 +137,9 @@ impl Trainer {
 
     /// A new run as one replica of a data-parallel group (`comm`; `None`: a single process).
     /// Every replica trains on its share of each batch (`train.batch_size / world` images) with
-    /// global batch norm and gathered negatives; only rank 0 writes the run folder.
+    /// global batch norm and gathered negatives; only rank 0 writes the run folder, and only
+    /// once the data, the model and the devices are ready, so a run that cannot start leaves
+    /// no folder behind.
     pub fn new_data_parallel(cfg: Config, comm: Option<Arc<dyn Communicator>>) -> Result<Trainer> {
         let run_dir = cfg.output.dir.clone();
         if state::checkpoint_path(&run_dir).exists() {
@@ -139,16 +150,12 @@ impl Trainer {
                 run_dir.display()
             )));
         }
-        if comm.as_ref().is_none_or(|c| c.rank() == 0) {
-            check_writable(&run_dir)?;
-            let path = run_dir.join("config.toml");
-            std::fs::write(&path, cfg.to_toml()).map_err(|e| io_err(&path, e))?;
-        }
-        Self::build(cfg, run_dir, None, comm)
+        Self::build(cfg, run_dir, None, comm, Setup::New)
     }
 
     /// Resumes the run in `run_dir` from its checkpoint, with its saved configuration
-    /// (`overrides` may change, say, `train.epochs`).
+    /// (`overrides` may change, say, `train.epochs`; they are saved into its config.toml once
+    /// the run has started, so a resume that fails leaves the folder as it was).
     pub fn resume(run_dir: &Path, overrides: &[String]) -> Result<Trainer> {
         Self::resume_data_parallel(run_dir, overrides, None)
     }
@@ -160,22 +167,46 @@ impl Trainer {
         overrides: &[String],
         comm: Option<Arc<dyn Communicator>>,
     ) -> Result<Trainer> {
-        let main = comm.as_ref().is_none_or(|c| c.rank() == 0);
         let cfg_path = run_dir.join("config.toml");
         if !cfg_path.exists() {
             return Err(io_err(&cfg_path, "no config.toml: not a run folder"));
         }
         let mut cfg = Config::build(None, Some(&cfg_path), overrides)?;
         cfg.output.dir = run_dir.to_path_buf();
-        if main {
-            check_writable(run_dir)?;
-        }
         let ck_path = state::checkpoint_path(run_dir);
         let ck = Checkpoint::load(&ck_path)?;
-        if main && !overrides.is_empty() {
-            std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| io_err(&cfg_path, e))?;
+        let setup = if overrides.is_empty() {
+            Setup::Resume
+        } else {
+            Setup::ResumeChanged
+        };
+        Self::build(cfg, run_dir.to_path_buf(), Some(ck), comm, setup)
+    }
+
+    /// Rank 0's writes into the run folder, the last step of [`Trainer::build`]: everything
+    /// that can refuse the run has succeeded by then. Returns the open metrics file.
+    fn prepare_run_dir(cfg: &Config, run_dir: &Path, setup: Setup) -> Result<std::fs::File> {
+        let cfg_path = run_dir.join("config.toml");
+        match setup {
+            Setup::New => {
+                std::fs::create_dir_all(run_dir).map_err(|e| {
+                    io_err(run_dir, format!("cannot create the output folder: {e}"))
+                })?;
+                crate::export::write_whole(&cfg_path, cfg.to_toml().as_bytes())?;
+            }
+            Setup::ResumeChanged => {
+                crate::export::write_whole(&cfg_path, cfg.to_toml().as_bytes())?
+            }
+            // Nothing else is written before the next checkpoint: an unwritable folder would
+            // otherwise be found only after that stretch of training.
+            Setup::Resume => check_writable(run_dir)?,
         }
-        Self::build(cfg, run_dir.to_path_buf(), Some(ck), comm)
+        let metrics_path = run_dir.join("metrics.jsonl");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| io_err(&metrics_path, e))
     }
 
     fn build(
@@ -183,6 +214,7 @@ impl Trainer {
         run_dir: PathBuf,
         ck: Option<Checkpoint>,
         comm: Option<Arc<dyn Communicator>>,
+        setup: Setup,
     ) -> Result<Trainer> {
         let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world_size()));
         if cfg.train.batch_size % world != 0 {
@@ -311,14 +343,7 @@ impl Trainer {
             broadcast_state(&mut model, dp.comm.as_ref(), 0)?;
         }
         let metrics = if rank == 0 {
-            let metrics_path = run_dir.join("metrics.jsonl");
-            Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&metrics_path)
-                    .map_err(|e| io_err(&metrics_path, e))?,
-            )
+            Some(Self::prepare_run_dir(&cfg, &run_dir, setup)?)
         } else {
             None
         };
