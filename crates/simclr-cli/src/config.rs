@@ -589,6 +589,150 @@ pub const PRESETS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The most batches `data.prefetch` may hold ahead of the trainer: each holds all its views in
+/// memory, and beyond a few the trainer never waits anyway.
+pub const MAX_PREFETCH: usize = 64;
+
+/// The lower end of the `data.threads` bound, so that a configuration written for a larger
+/// machine still runs on a small one (idle threads cost little; thousands of them do not).
+pub const MIN_THREAD_BOUND: usize = 64;
+
+/// The upper end of the `data.threads` bound, whatever the machine.
+pub const MAX_THREAD_BOUND: usize = 1024;
+
+/// The largest `train.allreduce_bucket_mib`: a bucket is allocated on every GPU, and one larger
+/// than the model's gradients only turns the overlap off.
+pub const MAX_ALLREDUCE_BUCKET_MIB: f64 = 1024.0;
+
+/// The cores this process may use (1 when the system does not say).
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The most decode and augmentation threads `data.threads` may ask for on this machine: four
+/// per core, within [`MIN_THREAD_BOUND`] and [`MAX_THREAD_BOUND`].
+pub fn max_data_threads() -> usize {
+    available_cores()
+        .saturating_mul(4)
+        .clamp(MIN_THREAD_BOUND, MAX_THREAD_BOUND)
+}
+
+/// Rewrites serde's "invalid value: integer `N`, expected u32" (an integer that does not fit the
+/// key's type) as a message naming the key and the allowed range.
+fn describe_deserialize_error(path: &str, inner: &str) -> String {
+    let range = inner
+        .strip_prefix("invalid value: integer `")
+        .and_then(|rest| rest.split_once("`, expected "))
+        .and_then(|(value, ty)| {
+            // The deserialiser may append where the value was ("\nin `key`").
+            let ty = ty.split(|c: char| !c.is_ascii_alphanumeric()).next()?;
+            let (lo, hi): (i128, u128) = match ty {
+                "u8" => (0, u8::MAX.into()),
+                "u16" => (0, u16::MAX.into()),
+                "u32" => (0, u32::MAX.into()),
+                "u64" => (0, u64::MAX.into()),
+                "usize" => (0, usize::MAX as u128),
+                "i32" => (i32::MIN.into(), i32::MAX as u128),
+                "i64" => (i64::MIN.into(), i64::MAX as u128),
+                _ => return None,
+            };
+            Some((value.to_string(), lo, hi))
+        });
+    match range {
+        Some((value, lo, hi)) => {
+            format!("{path}: {value} is out of range for {path} (allowed: {lo} to {hi})")
+        }
+        None => format!("{path}: {inner}"),
+    }
+}
+
+/// What numbers a setting can take at all, for messages about one beyond them.
+const NUMBER_RANGE: &str = "no setting takes an integer beyond -9223372036854775808 to \
+    9223372036854775807, or a float beyond about 1.8e308";
+
+/// Whether `value` is written as a number too large for TOML: a decimal integer (with TOML's
+/// optional underscores) beyond 64 bits, or a float beyond f64.
+fn is_out_of_range_number(value: &str) -> bool {
+    use std::num::IntErrorKind;
+    let plain = value.replace('_', "");
+    let integer_overflows = matches!(
+        plain.parse::<i64>().map_err(|e| *e.kind()),
+        Err(IntErrorKind::PosOverflow | IntErrorKind::NegOverflow)
+    );
+    // Rust's float parser rounds 1e400 to infinity; `inf` itself has no digit.
+    let float_overflows = plain.contains(|c: char| c.is_ascii_digit())
+        && plain.parse::<f64>().is_ok_and(|v| v.is_infinite());
+    integer_overflows || float_overflows
+}
+
+/// For a TOML parse error at `span` of `text` that is a number too large for TOML, a message
+/// naming the line and the key (which the parser's own message does not).
+fn out_of_range_in_file(text: &str, span: std::ops::Range<usize>) -> Option<String> {
+    let value = text.get(span.clone())?.trim();
+    if !is_out_of_range_number(value) {
+        return None;
+    }
+    let before = &text[..span.start];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let key = before[line_start..].split('=').next()?.trim();
+    let bare_key = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !bare_key {
+        return Some(format!(
+            "line {line_no}: {value} is out of range ({NUMBER_RANGE})"
+        ));
+    }
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    let path = match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    };
+    Some(format!(
+        "line {line_no}: {value} is out of range for {path} ({NUMBER_RANGE})"
+    ))
+}
+
+// NaN fails every comparison, so these checks are written as "is in the allowed set" rather
+// than "is not in the forbidden set".
+
+/// `Ok` when `v` is finite and above 0; otherwise a message naming `key` and `v`.
+fn positive<T: Into<f64> + std::fmt::Display + Copy>(
+    key: &str,
+    v: T,
+) -> std::result::Result<(), String> {
+    let x: f64 = v.into();
+    if x.is_finite() && x > 0.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key}: {v} is not allowed: it must be a finite number above 0"
+        ))
+    }
+}
+
+/// `Ok` when `v` is finite and at least 0; otherwise a message naming `key` and `v`.
+fn non_negative<T: Into<f64> + std::fmt::Display + Copy>(
+    key: &str,
+    v: T,
+) -> std::result::Result<(), String> {
+    let x: f64 = v.into();
+    if x.is_finite() && x >= 0.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key}: {v} is not allowed: it must be a finite number of at least 0"
+        ))
+    }
+}
+
 fn key_err(key: &str, e: impl std::fmt::Display) -> CliError {
     CliError::Config {
         source_name: "settings".into(),
@@ -600,7 +744,10 @@ fn key_err(key: &str, e: impl std::fmt::Display) -> CliError {
 fn parse_table(text: &str, name: &str) -> Result<toml::Table> {
     text.parse::<toml::Table>().map_err(|e| CliError::Config {
         source_name: name.to_string(),
-        msg: e.to_string(),
+        msg: e
+            .span()
+            .and_then(|span| out_of_range_in_file(text, span))
+            .unwrap_or_else(|| e.to_string()),
     })
 }
 
@@ -654,8 +801,16 @@ pub fn override_table(spec: &str) -> Result<toml::Table> {
     let parsed = format!("v = {value}")
         .parse::<toml::Table>()
         .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        .and_then(|mut t| t.remove("v"));
+    // A number TOML cannot hold would otherwise be taken as a string, and reported as a string
+    // where a number belongs.
+    if parsed.is_none() && is_out_of_range_number(value) {
+        return Err(CliError::Config {
+            source_name: format!("--set {spec}"),
+            msg: format!("{key}: {value} is out of range for {key} ({NUMBER_RANGE})"),
+        });
+    }
+    let parsed = parsed.unwrap_or_else(|| toml::Value::String(value.to_string()));
     let mut table = toml::Table::new();
     let parts: Vec<&str> = key.split('.').collect();
     let mut cur = &mut table;
@@ -702,8 +857,19 @@ impl Config {
             }
             None => None,
         };
+        let preset_origin = match (preset, file) {
+            (None, Some(path)) => path.display().to_string(),
+            _ => "--preset".to_string(),
+        };
         if let Some(name) = preset.map(str::to_string).or(file_preset) {
-            merge(&mut table, preset_table(&name)?);
+            let preset = preset_table(&name).map_err(|e| match e {
+                CliError::Config { msg, .. } => CliError::Config {
+                    source_name: preset_origin.clone(),
+                    msg: format!("preset: {msg}"),
+                },
+                other => other,
+            })?;
+            merge(&mut table, preset);
             table.insert("preset".into(), toml::Value::String(name.clone()));
             origin = format!("preset {name}");
         }
@@ -713,13 +879,15 @@ impl Config {
         }
         for o in overrides {
             merge(&mut table, override_table(o)?);
-            origin = format!("{origin} with --set overrides");
+        }
+        if !overrides.is_empty() {
+            origin.push_str(" with --set overrides");
         }
         let cfg: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 CliError::Config {
                     source_name: origin.clone(),
-                    msg: format!("{}: {}", e.path(), e.inner()),
+                    msg: describe_deserialize_error(&e.path().to_string(), &e.inner().to_string()),
                 }
             })?;
         cfg.validate().map_err(|msg| CliError::Config {
@@ -739,7 +907,8 @@ impl Config {
         toml::to_string_pretty(self).expect("a Config always serialises")
     }
 
-    /// Checks the values that deserialisation cannot; the message names the key.
+    /// Checks the values that deserialisation cannot; the message names the key, the value and
+    /// what is allowed.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let t = &self.train;
         let check = |ok: bool, key: &str, what: String| {
@@ -775,10 +944,12 @@ impl Config {
             format!("`{}` is not one of fp32, tf32, bf16", t.cuda_math),
         )?;
         check(
-            t.allreduce_bucket_mib.is_finite() && t.allreduce_bucket_mib >= 0.0,
+            t.allreduce_bucket_mib.is_finite()
+                && (0.0..=MAX_ALLREDUCE_BUCKET_MIB).contains(&t.allreduce_bucket_mib),
             "train.allreduce_bucket_mib",
             format!(
-                "{} is not a size in MiB (0 turns the overlap off)",
+                "{} is not a size in MiB from 0 to {MAX_ALLREDUCE_BUCKET_MIB} (0 turns the \
+                 overlap off)",
                 t.allreduce_bucket_mib
             ),
         )?;
@@ -792,31 +963,18 @@ impl Config {
             "train.epochs",
             "0 epochs and no max_steps".into(),
         )?;
-        check(
-            t.lr.is_finite() && t.lr > 0.0,
-            "train.lr",
-            format!("{} is not a positive number", t.lr),
-        )?;
-        check(
-            t.temperature.is_finite() && t.temperature > 0.0,
-            "train.temperature",
-            format!("{} is not a positive number", t.temperature),
-        )?;
-        check(
-            t.warmup_epochs >= 0.0,
-            "train.warmup_epochs",
-            format!("{} is negative", t.warmup_epochs),
-        )?;
+        positive("train.lr", t.lr)?;
+        positive("train.temperature", t.temperature)?;
+        non_negative("train.warmup_epochs", t.warmup_epochs)?;
         check(
             (0.0..1.0).contains(&t.momentum),
             "train.momentum",
             format!("{} is not in [0, 1)", t.momentum),
         )?;
-        check(
-            t.weight_decay >= 0.0,
-            "train.weight_decay",
-            format!("{} is negative", t.weight_decay),
-        )?;
+        non_negative("train.weight_decay", t.weight_decay)?;
+        positive("train.trust_coefficient", t.trust_coefficient)?;
+        non_negative("train.margin", t.margin)?;
+        positive("train.probe_lr", t.probe_lr)?;
         let d = &self.data;
         check(
             d.image_size >= 8,
@@ -838,6 +996,28 @@ impl Config {
             "data.path",
             format!("the {:?} data set needs a path", d.dataset),
         )?;
+        let max_threads = max_data_threads();
+        check(
+            d.threads <= max_threads,
+            "data.threads",
+            format!(
+                "{} threads is too many: the allowed range is 0..={max_threads} (0: one per \
+                 core; the bound is 4 per core of the {} cores here, kept within {}..={})",
+                d.threads,
+                available_cores(),
+                MIN_THREAD_BOUND,
+                MAX_THREAD_BOUND
+            ),
+        )?;
+        check(
+            d.prefetch <= MAX_PREFETCH,
+            "data.prefetch",
+            format!(
+                "{} batches ahead is too many: the allowed range is 0..={MAX_PREFETCH} (each \
+                 waiting batch holds all its views in memory)",
+                d.prefetch
+            ),
+        )?;
         let a = &self.augment;
         for (key, p) in [
             ("augment.flip", a.flip),
@@ -855,20 +1035,25 @@ impl Config {
                 format!("probability {p} is not in [0, 1]"),
             )?;
         }
-        check(
-            a.strength >= 0.0,
-            "augment.strength",
-            format!("{} is negative", a.strength),
-        )?;
+        non_negative("augment.strength", a.strength)?;
         check(
             0.0 < a.crop_scale[0] && a.crop_scale[0] <= a.crop_scale[1] && a.crop_scale[1] <= 1.0,
             "augment.crop_scale",
             format!("{:?} is not a range within (0, 1]", a.crop_scale),
         )?;
         check(
-            0.0 < a.crop_ratio[0] && a.crop_ratio[0] <= a.crop_ratio[1],
+            0.0 < a.crop_ratio[0]
+                && a.crop_ratio[0] <= a.crop_ratio[1]
+                && a.crop_ratio[1].is_finite(),
             "augment.crop_ratio",
-            format!("{:?} is not a positive range", a.crop_ratio),
+            format!("{:?} is not a finite positive range [lo, hi]", a.crop_ratio),
+        )?;
+        check(
+            0.0 < a.blur_sigma[0]
+                && a.blur_sigma[0] <= a.blur_sigma[1]
+                && a.blur_sigma[1].is_finite(),
+            "augment.blur_sigma",
+            format!("{:?} is not a finite positive range [lo, hi]", a.blur_sigma),
         )?;
         check(
             self.model.projection_dim >= 1,
@@ -877,11 +1062,14 @@ impl Config {
         )?;
         let e = &self.eval;
         check(e.knn_k >= 1, "eval.knn_k", "must be at least 1".into())?;
+        positive("eval.knn_temperature", e.knn_temperature)?;
         check(
             e.linear_batch_size >= 1,
             "eval.linear_batch_size",
             "must be at least 1".into(),
         )?;
+        positive("eval.linear_lr", e.linear_lr)?;
+        non_negative("eval.linear_weight_decay", e.linear_weight_decay)?;
         self.model.encoder().map_err(|e| e.to_string())?;
         Ok(())
     }
@@ -1005,6 +1193,174 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nope") && e.contains("cifar10-resnet18"), "{e}");
+    }
+
+    fn build_err(overrides: &[&str]) -> String {
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        Config::build(None, None, &overrides)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn resource_settings_have_upper_bounds() {
+        let e = build_err(&["data.threads=100000"]);
+        assert!(
+            e.contains("data.threads") && e.contains("100000") && e.contains("0..="),
+            "{e}"
+        );
+        let e = build_err(&["data.prefetch=100000"]);
+        assert!(
+            e.contains("data.prefetch") && e.contains("100000") && e.contains("0..=64"),
+            "{e}"
+        );
+        let e = build_err(&["train.allreduce_bucket_mib=1e9"]);
+        assert!(e.contains("train.allreduce_bucket_mib"), "{e}");
+        let max = max_data_threads();
+        assert!((MIN_THREAD_BOUND..=MAX_THREAD_BOUND).contains(&max));
+        let ok = Config::build(
+            None,
+            None,
+            &[
+                format!("data.threads={max}"),
+                format!("data.prefetch={MAX_PREFETCH}"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(ok.data.threads, max);
+        let e = build_err(&[&format!("data.threads={}", max + 1)]);
+        assert!(e.contains(&format!("0..={max}")), "{e}");
+    }
+
+    #[test]
+    fn float_settings_must_be_finite_and_meaningful() {
+        for (key, bad) in [
+            ("eval.knn_temperature", "0"),
+            ("eval.knn_temperature", "-0.5"),
+            // Shown as written, not widened to f64's "-0.10000000149011612".
+            ("eval.knn_temperature", "-0.1"),
+            ("eval.knn_temperature", "nan"),
+            ("eval.knn_temperature", "inf"),
+            ("eval.linear_lr", "0"),
+            ("eval.linear_lr", "nan"),
+            ("eval.linear_weight_decay", "-1"),
+            ("eval.linear_weight_decay", "inf"),
+            ("train.lr", "nan"),
+            ("train.lr", "-inf"),
+            ("train.temperature", "0"),
+            ("train.weight_decay", "inf"),
+            ("train.weight_decay", "-0.1"),
+            ("train.warmup_epochs", "inf"),
+            ("train.warmup_epochs", "nan"),
+            ("train.momentum", "nan"),
+            ("train.momentum", "1"),
+            ("train.trust_coefficient", "0"),
+            ("train.trust_coefficient", "nan"),
+            ("train.margin", "-1"),
+            ("train.margin", "inf"),
+            ("train.probe_lr", "0"),
+            ("train.probe_lr", "nan"),
+            ("train.allreduce_bucket_mib", "nan"),
+            ("data.test_fraction", "nan"),
+            ("augment.strength", "-1"),
+            ("augment.strength", "inf"),
+            ("augment.flip", "nan"),
+            ("augment.crop_scale", "[0.0, 1.0]"),
+            ("augment.crop_scale", "[0.5, nan]"),
+            ("augment.crop_ratio", "[0.75, inf]"),
+            ("augment.crop_ratio", "[nan, 1.0]"),
+            ("augment.blur_sigma", "[0.1, inf]"),
+            ("augment.blur_sigma", "[-1.0, 2.0]"),
+            ("augment.blur_sigma", "[2.0, 1.0]"),
+        ] {
+            let e = build_err(&[&format!("{key}={bad}")]).to_lowercase();
+            let shown = bad.trim_start_matches('[').split(',').next().unwrap();
+            let shown = shown.replace("inf", "");
+            assert!(
+                e.contains(key) && e.contains(&shown) && !e.contains("0000000"),
+                "{key}={bad}: {e}"
+            );
+        }
+        // Zero is meaningful for these.
+        Config::build(
+            None,
+            None,
+            &[
+                "train.weight_decay=0".into(),
+                "train.warmup_epochs=0".into(),
+                "train.margin=0".into(),
+                "augment.strength=0".into(),
+                "eval.linear_weight_decay=0".into(),
+                "train.allreduce_bucket_mib=0".into(),
+            ],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn out_of_range_numbers_name_the_key() {
+        for (spec, key) in [
+            ("train.epochs=99999999999999999999", "train.epochs"),
+            ("train.seed=-99999999999999999999", "train.seed"),
+            ("data.image_size=5000000000", "data.image_size"),
+            ("train.batch_size=-1", "train.batch_size"),
+        ] {
+            let e = build_err(&[spec]);
+            assert!(
+                e.contains(&format!("out of range for {key}")) && !e.contains("invalid type"),
+                "{spec}: {e}"
+            );
+        }
+        let e = build_err(&["data.image_size=5000000000"]);
+        assert!(e.contains("4294967295"), "{e}");
+        let e = build_err(&["train.lr=1e400"]);
+        assert!(e.contains("out of range for train.lr"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        for (text, want) in [
+            (
+                "[train]\nseed = 1\nepochs = 99999999999999999999\n",
+                "line 3: 99999999999999999999 is out of range for train.epochs",
+            ),
+            (
+                "train.lr = 1e400\n",
+                "line 1: 1e400 is out of range for train.lr",
+            ),
+            (
+                "[augment]\ncrop_scale = [0.1, 1e999]\n",
+                "line 2: 1e999 is out of range for augment.crop_scale",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = Config::build(None, Some(&path), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("run.toml") && e.contains(want), "{text}: {e}");
+        }
+        // Not a number at all: still a type error naming the key.
+        let e = build_err(&["train.epochs=1__0"]);
+        assert!(e.contains("train.epochs") && e.contains("string"), "{e}");
+    }
+
+    #[test]
+    fn the_origin_names_overrides_once_and_presets_their_file() {
+        let e = build_err(&[
+            "train.epochs=1",
+            "train.seed=2",
+            "train.log_every=3",
+            "train.lr=0",
+        ]);
+        assert_eq!(e.matches("with --set overrides").count(), 1, "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, "preset = \"nope\"\n").unwrap();
+        let e = Config::build(None, Some(&path), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("run.toml") && e.contains("nope") && e.contains("quickstart"),
+            "{e}"
+        );
     }
 
     #[test]

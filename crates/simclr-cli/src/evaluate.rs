@@ -8,7 +8,7 @@ use simclr_nn::{Checkpoint, Device, SimClr};
 use crate::classifier::{Accuracy, LinearClassifier, LinearEvalConfig};
 use crate::config::Config;
 use crate::data::DataSplits;
-use crate::error::Result;
+use crate::error::{CliError, Result};
 use crate::features::{extract, Representation};
 use crate::knn::knn_accuracy;
 use crate::state::{self, ApplyCheckpoint};
@@ -67,7 +67,8 @@ pub fn linear_eval(
     clf.evaluate(&test)
 }
 
-/// k-NN accuracy of `rep`.
+/// k-NN accuracy of `rep` with `k` neighbours: at least 1 (an error otherwise); more than the
+/// training split holds uses all of them, with a warning on stderr.
 pub fn knn_eval(
     model: &mut SimClr,
     splits: &DataSplits,
@@ -75,6 +76,19 @@ pub fn knn_eval(
     rep: Representation,
     k: usize,
 ) -> Result<Accuracy> {
+    // Checked before the features are computed, which can take a long time.
+    if k == 0 {
+        return Err(CliError::Usage(
+            "k-NN: --k is 0; it must be at least 1".into(),
+        ));
+    }
+    let bank = splits.train.len();
+    if bank > 0 && k > bank {
+        eprintln!(
+            "warning: --k {k} is more than the {bank} images of the memory bank (the training \
+             split); using k = {bank}"
+        );
+    }
     let b = cfg.eval.linear_batch_size.max(64);
     let train = extract(model, splits.train.clone(), cfg, rep, b)?;
     let test = extract(model, splits.test.clone(), cfg, rep, b)?;

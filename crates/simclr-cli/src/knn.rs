@@ -18,6 +18,9 @@ fn normalised(f: &Features) -> Vec<f32> {
 }
 
 /// Accuracy of k-NN classification of `test` against the memory bank `train`.
+///
+/// `k` must be at least 1 (a larger `k` than the bank holds uses the whole bank) and
+/// `temperature` a finite number above 0; anything else is a [`CliError::Usage`] naming it.
 pub fn knn_accuracy(
     train: &Features,
     test: &Features,
@@ -25,6 +28,18 @@ pub fn knn_accuracy(
     k: usize,
     temperature: f32,
 ) -> Result<Accuracy> {
+    if k == 0 {
+        return Err(CliError::Usage(format!(
+            "k-NN: --k (eval.knn_k) is 0; it must be at least 1 (the memory bank holds {} \
+             images)",
+            train.len()
+        )));
+    }
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(CliError::Usage(format!(
+            "k-NN: eval.knn_temperature is {temperature}; it must be a finite number above 0"
+        )));
+    }
     if train.is_empty() || test.is_empty() {
         return Err(CliError::Usage(
             "k-NN needs training and test images".into(),
@@ -93,5 +108,29 @@ mod tests {
             ..test
         };
         assert_eq!(knn_accuracy(&train, &wrong, 2, 2, 0.1).unwrap().top1, 0.0);
+        // More neighbours than the bank holds: all of them vote.
+        assert!(knn_accuracy(&train, &wrong, 2, 100, 0.1).is_ok());
+    }
+
+    #[test]
+    fn bad_k_and_temperature_are_errors() {
+        let train = Features {
+            data: vec![1.0, 0.0, 0.0, 1.0],
+            dim: 2,
+            labels: vec![0, 1],
+        };
+        let e = knn_accuracy(&train, &train, 2, 0, 0.1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--k") && e.contains('0'), "{e}");
+        for t in [0.0, -0.5, f32::NAN, f32::INFINITY] {
+            let e = knn_accuracy(&train, &train, 2, 1, t)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("knn_temperature") && e.contains(&t.to_string()),
+                "{e}"
+            );
+        }
     }
 }

@@ -239,3 +239,209 @@ fn ctrl_c_checkpoints_and_the_run_resumes() {
         simclr_nn::Checkpoint::load(&dir.path().join("run/checkpoints/last.safetensors")).unwrap();
     assert_eq!(ck.metadata["step"], (step + 2).to_string());
 }
+
+/// Runs `simclr args` in `cwd`, killing it and failing if it has not ended within `limit`
+/// (so that a regression into a hang or a thread storm cannot stall the test run). Returns
+/// (exit code, stdout, stderr).
+fn simclr_within(
+    args: &[&str],
+    cwd: &std::path::Path,
+    limit: std::time::Duration,
+) -> (i32, String, String) {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_simclr"))
+        .args(args)
+        .current_dir(cwd)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The pipes are drained on their own threads: a child blocked on a full pipe would
+    // otherwise look like a hang.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`simclr {}` still running after {limit:?}", args.join(" "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    (
+        status.code().unwrap_or(-1),
+        out.join().unwrap(),
+        err.join().unwrap(),
+    )
+}
+
+const LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs `simclr args` (bounded in time) and checks that it fails cleanly: exit code 1, no panic,
+/// and a message that names every one of `needles`. Returns stderr.
+fn fails_naming(args: &[&str], cwd: &std::path::Path, needles: &[&str]) -> String {
+    let (code, _, err) = simclr_within(args, cwd, LIMIT);
+    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+    assert_eq!(code, 1, "{args:?} exited with {code}:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: `{n}` missing from:\n{err}");
+    }
+    err
+}
+
+/// `pretrain` on the tiny data set into `run`, with `extra` settings appended.
+fn tiny_pretrain<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["pretrain", "--set", "output.dir=\"run\""];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(extra);
+    args
+}
+
+#[test]
+fn absurd_thread_and_prefetch_counts_are_rejected_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    // Far above any machine's bound (at most 1024), yet harmless if it ever got through.
+    let err = fails_naming(
+        &tiny_pretrain(&["--set", "data.threads=5000"]),
+        dir.path(),
+        &["data.threads", "5000", "0..="],
+    );
+    assert!(err.contains("per core"), "{err}");
+    fails_naming(
+        &tiny_pretrain(&["--set", "data.prefetch=100000"]),
+        dir.path(),
+        &["data.prefetch", "100000", "0..=64"],
+    );
+    fails_naming(
+        &tiny_pretrain(&["--set", "train.allreduce_bucket_mib=1e9"]),
+        dir.path(),
+        &["train.allreduce_bucket_mib", "1000000000"],
+    );
+    assert!(
+        !dir.path().join("run/checkpoints").exists(),
+        "training started"
+    );
+}
+
+#[test]
+fn non_finite_and_meaningless_float_settings_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    for (key, value, shown) in [
+        ("eval.knn_temperature", "0", "0"),
+        ("eval.knn_temperature", "-1", "-1"),
+        ("eval.knn_temperature", "nan", "NaN"),
+        ("train.lr", "inf", "inf"),
+        ("train.weight_decay", "-1", "-1"),
+        ("train.trust_coefficient", "0", "0"),
+        ("eval.linear_lr", "nan", "NaN"),
+        ("augment.strength", "inf", "inf"),
+        ("augment.crop_ratio", "[0.75, inf]", "inf"),
+        ("augment.blur_sigma", "[0.0, 2.0]", "0.0"),
+    ] {
+        let set = format!("{key}={value}");
+        fails_naming(&tiny_pretrain(&["--set", &set]), dir.path(), &[key, shown]);
+    }
+}
+
+#[test]
+fn knn_rejects_k_0_and_bad_temperatures_and_clamps_a_large_k() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = simclr_within(
+        &tiny_pretrain(&["--set", "eval.knn_every=0"]),
+        dir.path(),
+        LIMIT,
+    );
+    assert_eq!(code, 0, "{err}");
+    fails_naming(&["knn", "--run", "run", "--k", "0"], dir.path(), &["--k"]);
+    for t in ["0", "-0.5", "nan"] {
+        let set = format!("eval.knn_temperature={t}");
+        fails_naming(
+            &["knn", "--run", "run", "--k", "3", "--set", &set],
+            dir.path(),
+            &["eval.knn_temperature"],
+        );
+    }
+    // More neighbours than the 48 training images: all of them, said on stderr.
+    let (code, out, err) =
+        simclr_within(&["knn", "--run", "run", "--k", "100000"], dir.path(), LIMIT);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("--k 100000") && err.contains("using k = 48"),
+        "{err}"
+    );
+    assert!(out.contains("\"top1\""), "{out}");
+}
+
+#[test]
+fn config_errors_name_the_file_the_range_and_the_origin_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.toml"), "preset = \"nope\"\n").unwrap();
+    fails_naming(
+        &["pretrain", "--config", "bad.toml"],
+        dir.path(),
+        &["bad.toml", "nope", "quickstart"],
+    );
+    let err = fails_naming(
+        &tiny_pretrain(&["--set", "train.epochs=99999999999999999999"]),
+        dir.path(),
+        &["train.epochs", "out of range", "99999999999999999999"],
+    );
+    assert!(!err.contains("invalid type"), "{err}");
+    std::fs::write(
+        dir.path().join("big.toml"),
+        "[train]\nepochs = 99999999999999999999\n",
+    )
+    .unwrap();
+    let err = fails_naming(
+        &["pretrain", "--config", "big.toml"],
+        dir.path(),
+        &["big.toml", "out of range for train.epochs"],
+    );
+    assert!(!err.contains("invalid type"), "{err}");
+    fails_naming(
+        &tiny_pretrain(&["--set", "data.image_size=5000000000"]),
+        dir.path(),
+        &["out of range for data.image_size", "4294967295"],
+    );
+    // TINY alone has ten overrides.
+    let err = fails_naming(
+        &tiny_pretrain(&["--set", "train.lr=0"]),
+        dir.path(),
+        &["train.lr"],
+    );
+    assert_eq!(err.matches("with --set overrides").count(), 1, "{err}");
+}
+
+#[test]
+fn an_empty_cifar_folder_names_the_files_it_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("empty")).unwrap();
+    fails_naming(
+        &tiny_pretrain(&[
+            "--set",
+            "data.dataset=\"cifar10\"",
+            "--set",
+            "data.path=\"empty\"",
+        ]),
+        dir.path(),
+        &[
+            "empty",
+            "data_batch_1.bin",
+            "data_batch_5.bin",
+            "test_batch.bin",
+            "cifar-10-batches-bin",
+        ],
+    );
+}

@@ -19,6 +19,10 @@ pub const CIFAR10_CLASSES: [&str; 10] = [
     "truck",
 ];
 
+// The files `Cifar10::open` reads, for messages about a folder that lacks them.
+const CIFAR10_LAYOUT: &str = "CIFAR-10 (binary version) expects data_batch_1.bin ... \
+    data_batch_5.bin and test_batch.bin in the folder given, or in cifar-10-batches-bin/ under it";
+
 /// Bytes of one record of a CIFAR-10 binary batch: a label byte and 3 x 32 x 32 planar pixels.
 pub const CIFAR10_RECORD: usize = 1 + 3 * 32 * 32;
 
@@ -85,7 +89,17 @@ impl Cifar10 {
             classes: CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
         };
         for f in files {
-            let bytes = std::fs::read(&f).map_err(|e| DataError::io(&f, e))?;
+            let bytes = std::fs::read(&f).map_err(|e| {
+                // A missing batch usually means the wrong folder: say what belongs there.
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    DataError::io(
+                        &f,
+                        std::io::Error::new(e.kind(), format!("{e}; {CIFAR10_LAYOUT}")),
+                    )
+                } else {
+                    DataError::io(&f, e)
+                }
+            })?;
             let (p, l) = parse_cifar10_batch(&bytes, &f.display().to_string())?;
             out.pixels.extend_from_slice(&p);
             out.labels.extend_from_slice(&l);
