@@ -59,6 +59,13 @@ pub enum CliError {
         /// The run's folder.
         run_dir: String,
     },
+    /// `simclr launch` on a signal: every rank stopped at the same step, rank 0 having written
+    /// a checkpoint.
+    #[error(
+        "interrupted: every rank stopped and rank 0 wrote a checkpoint; resume with `simclr \
+         launch ... -- pretrain --resume RUN_DIR`"
+    )]
+    RanksInterrupted,
     /// An argument that makes no sense.
     #[error("{0}")]
     Usage(String),

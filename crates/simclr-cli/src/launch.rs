@@ -327,11 +327,7 @@ fn supervise(children: &mut [Child], interrupted: &AtomicBool, grace: Duration) 
         }
         if !running {
             if stopped_by_interrupt {
-                return Err(CliError::Usage(
-                    "interrupted: rank 0 wrote a checkpoint; resume with `simclr launch ... -- \
-                     pretrain --resume RUN_DIR`"
-                        .into(),
-                ));
+                return Err(CliError::RanksInterrupted);
             }
             return Ok(());
         }

@@ -363,6 +363,16 @@ fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let pretrain_s = started.elapsed().as_secs_f64();
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                // Pre-training is complete and saved; `simclr train` again evaluates it.
+                return Err(CliError::Interrupted {
+                    step: trainer.progress().step,
+                    checkpoint: simclr_cli::state::checkpoint_path(&dir)
+                        .display()
+                        .to_string(),
+                    run_dir: dir.display().to_string(),
+                });
+            }
             eprintln!("linear evaluation (frozen features) of the encoder and the baselines...");
             let cfg = trainer.config().clone();
             let splits = trainer.splits().clone();
@@ -465,6 +475,8 @@ fn run(cli: Cli) -> Result<()> {
             let splits = simclr_cli::data::open(&cfg.data, cfg.train.seed)?;
             let k = k.unwrap_or(cfg.eval.knn_k);
             let acc = evaluate::knn_eval(&mut model, &splits, &cfg, rep, k)?;
+            // The memory bank is the training split: a larger k used all of it.
+            let k = k.min(splits.train.len());
             print_json(
                 serde_json::json!({"k": k, "rep": format!("{rep:?}"), "top1": acc.top1, "top5": acc.top5}),
             );
@@ -582,22 +594,65 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // The first Ctrl-C asks the trainer to write a checkpoint and stop; a second one ends the
-    // program at once.
-    let _ = ctrlc::set_handler(|| {
-        if INTERRUPTED.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
+/// The signals that stop a run as Ctrl-C does: a checkpoint after the current step, then exit
+/// status 130. Schedulers send SIGTERM at a time limit or on preemption (SLURM, Kubernetes), and
+/// SLURM's `--signal=USR1@SECONDS` sends SIGUSR1 ahead of the limit; SIGHUP is a closed terminal.
+const STOP_SIGNALS: [(i32, &str); 4] = [
+    (signal_hook::consts::SIGINT, "interrupt (SIGINT)"),
+    (signal_hook::consts::SIGTERM, "SIGTERM"),
+    (signal_hook::consts::SIGUSR1, "SIGUSR1"),
+    (signal_hook::consts::SIGHUP, "SIGHUP"),
+];
+
+/// Handles the stop signals on a thread of their own from here on: the first asks the run to
+/// write a checkpoint and stop (every stage checks `INTERRUPTED`), a second ends the program
+/// at once.
+fn stop_on_signals() {
+    let mut signals = match signal_hook::iterator::Signals::new(STOP_SIGNALS.map(|(s, _)| s)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "warning: cannot handle signals ({e}): Ctrl-C or SIGTERM will end the program \
+                 without a checkpoint"
+            );
+            return;
         }
-        eprintln!("\ninterrupt: writing a checkpoint after this step (Ctrl-C again to quit now)");
-    });
+    };
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let name = STOP_SIGNALS
+                    .iter()
+                    .find(|(s, _)| *s == sig)
+                    .map_or("a signal", |(_, n)| n);
+                if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                    eprintln!("\n{name} again: quitting now, without a checkpoint");
+                    std::process::exit(128 + sig);
+                }
+                eprintln!(
+                    "\n{name}: writing a checkpoint after this step, then stopping (a second \
+                     signal or Ctrl-C quits at once)"
+                );
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("warning: cannot start the signal thread ({e})");
+    }
+}
+
+fn main() -> ExitCode {
+    // First: a signal that came before this would end the program without a checkpoint.
+    stop_on_signals();
+    let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(match e {
-                CliError::Interrupted { .. } => 130,
+                // Stopped on request with a checkpoint: a job script can tell this from a
+                // failure and queue the run again.
+                CliError::Interrupted { .. } | CliError::RanksInterrupted => 130,
                 _ => 1,
             })
         }

@@ -66,6 +66,8 @@ pub fn save(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| crate::error::io_err(dir, e))?;
     }
+    // Before the save, which replaces it: only then can the error say what is left.
+    let previous = path.exists();
     Checkpoint {
         tensors,
         metadata,
@@ -74,7 +76,11 @@ pub fn save(
     .save(path)
     .map_err(|e| CliError::Io {
         path: path.to_path_buf(),
-        msg: format!("cannot write the checkpoint ({e}); the previous checkpoint is intact"),
+        msg: if previous {
+            format!("cannot write the checkpoint ({e}); the previous checkpoint is intact")
+        } else {
+            format!("cannot write the checkpoint ({e}); this run has no earlier checkpoint")
+        },
     })
 }
 

@@ -350,3 +350,163 @@ fn a_rank_killed_by_a_signal_is_named_as_the_cause() {
     );
     assert!(!report.contains("rank 0 of 2"), "{err}");
 }
+
+/// Starts `simclr` with `args` in `cwd`, its stderr read on a thread.
+fn spawn(args: &[String], cwd: &Path) -> (Reaper, std::thread::JoinHandle<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_simclr"))
+        .args(args)
+        .current_dir(cwd)
+        .env("SIMCLR_DIST_TIMEOUT", "60")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    (Reaper(child), reader)
+}
+
+/// Waits until the run in `run` has logged `steps` steps.
+fn wait_for_steps(run: &Path, steps: usize, p: &mut Reaper, deadline: Instant) {
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |m| m.lines().count())
+        < steps
+    {
+        assert!(Instant::now() < deadline, "the run did not start");
+        assert!(p.0.try_wait().unwrap().is_none(), "the program ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_for_exit(p: &mut Reaper, deadline: Instant) -> std::process::ExitStatus {
+    loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the program did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The last step the run's metrics record.
+fn last_step(run: &Path) -> u64 {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["step"].as_u64())
+        .max()
+        .unwrap()
+}
+
+fn pretrain_args(dir: &str, epochs: u32) -> Vec<String> {
+    let mut args = vec![
+        "pretrain".to_string(),
+        "--preset".into(),
+        "quickstart".into(),
+    ];
+    args.extend(tiny(dir, epochs));
+    args
+}
+
+/// The signal a scheduler sends before it kills a job (SIGTERM) and the one SLURM sends ahead
+/// of a time limit (`--signal=USR1@90`) stop a run as Ctrl-C does: a checkpoint after the
+/// current step, exit status 130, and the run resumes from that step.
+#[test]
+fn sigterm_and_sigusr1_stop_a_run_with_a_checkpoint_it_resumes_from() {
+    for signal in ["TERM", "USR1"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cwd = tmp.path();
+        let run = cwd.join("run");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (mut p, stderr) = spawn(&pretrain_args("run", 500), cwd);
+        wait_for_steps(&run, 3, &mut p, deadline);
+        kill(p.0.id(), signal);
+        let status = wait_for_exit(&mut p, deadline);
+        let err = stderr.join().unwrap();
+        assert_eq!(status.code(), Some(130), "SIG{signal}: {status:?}\n{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            err.contains(&format!("SIG{signal}: writing a checkpoint")),
+            "{err}"
+        );
+        assert!(err.contains("interrupted at step"), "{err}");
+        let stopped = last_step(&run);
+        // Resumed, it takes the next step: the checkpoint holds the step it stopped at.
+        let mut args = vec!["pretrain".to_string(), "--resume".into(), "run".into()];
+        args.extend(["--set".into(), format!("train.max_steps={}", stopped + 1)]);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = simclr(&a, cwd);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(last_step(&run), stopped + 1, "{err}");
+    }
+}
+
+/// Whether process `pid` has a handler for signal `sig` (its `SigCgt` mask, /proc).
+fn catches(pid: u32, sig: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("SigCgt:"))?;
+            u64::from_str_radix(line.split_whitespace().nth(1)?, 16).ok()
+        })
+        .is_some_and(|mask| mask >> (sig - 1) & 1 == 1)
+}
+
+/// SIGTERM while the program is still starting (configuration, data, model) stops the run
+/// after its first step, with a checkpoint, rather than killing it.
+#[test]
+fn sigterm_during_start_up_stops_after_the_first_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut p, stderr) = spawn(&pretrain_args("run", 500), cwd);
+    while !catches(p.0.id(), 15) {
+        assert!(Instant::now() < deadline, "no SIGTERM handler");
+        assert!(p.0.try_wait().unwrap().is_none(), "the program ended early");
+        std::thread::yield_now();
+    }
+    kill(p.0.id(), "TERM");
+    let status = wait_for_exit(&mut p, deadline);
+    let err = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}\n{err}");
+    assert!(
+        cwd.join("run/checkpoints/last.safetensors").is_file(),
+        "{err}"
+    );
+}
+
+/// SIGTERM sent to `simclr launch` alone (as a scheduler that signals the job's first process
+/// does) reaches every rank: they stop together at one step, rank 0 writes the checkpoint, and
+/// the launcher exits with status 130.
+#[test]
+fn sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    let run = cwd.join("dp");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut args: Vec<String> = ["launch", "--procs", "2", "--"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    args.extend(pretrain_args("dp", 500));
+    let (mut p, stderr) = spawn(&args, cwd);
+    wait_for_steps(&run, 3, &mut p, deadline);
+    let ranks = children_of(p.0.id());
+    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    kill(p.0.id(), "TERM");
+    let status = wait_for_exit(&mut p, deadline);
+    let err = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for rank in ranks {
+        assert!(
+            !Path::new(&format!("/proc/{rank}")).exists(),
+            "rank process {rank} left running"
+        );
+    }
+    assert!(run.join("checkpoints/last.safetensors").is_file(), "{err}");
+}

@@ -291,6 +291,26 @@ fn a_failed_checkpoint_write_keeps_the_previous_one() {
 }
 
 #[test]
+fn a_failed_first_checkpoint_does_not_claim_an_earlier_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("r");
+    let mut t = Trainer::new(tiny(&dir, &["train.checkpoint_every=1"])).unwrap();
+    // The first save (after step 1) cannot create its temporary file.
+    let blocker = dir.join(format!(
+        "checkpoints/.last.safetensors.tmp-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(blocker).unwrap();
+    let e = t.run(&mut |_| Control::Continue).unwrap_err().to_string();
+    assert!(
+        e.contains("last.safetensors") && e.contains("no earlier checkpoint"),
+        "{e}"
+    );
+    assert!(!e.contains("intact"), "{e}");
+    assert!(!dir.join("checkpoints/last.safetensors").exists());
+}
+
+#[test]
 fn gradient_caching_trains_in_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("gc");
