@@ -1,6 +1,7 @@
 //! Opens the configured data set: the pre-training images, and the labelled train and test
 //! splits that evaluation uses.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -46,12 +47,65 @@ fn need_path(cfg: &DataConfig) -> Result<&Path> {
     Ok(p)
 }
 
-fn folder(root: &Path, policy: ErrorPolicy) -> Result<Arc<dyn Dataset>> {
+/// Opens `root` as a labelled folder and checks every file's header at once, so a bad file
+/// stops the command before any training (and not when an evaluation first reads it). With
+/// [`ErrorPolicy::Skip`], the files that fail are reported and left out.
+fn folder(root: &Path, policy: ErrorPolicy, threads: usize) -> Result<Arc<dyn Dataset>> {
     let opts = FolderOptions {
         policy,
         ..FolderOptions::default()
     };
-    Ok(Arc::new(ImageFolder::labelled(root, &opts)?))
+    let ds = ImageFolder::labelled(root, &opts)?;
+    let bad = ds.check(threads)?;
+    let Some((_, first)) = bad.first() else {
+        return Ok(Arc::new(ds));
+    };
+    let total = ds.len();
+    if policy == ErrorPolicy::Fail {
+        return Err(CliError::Usage(format!(
+            "{first}; {} of the {total} images under {} cannot be read: fix or remove them, or \
+             set data.skip_bad_images = true to leave unreadable images out",
+            bad.len(),
+            root.display()
+        )));
+    }
+    for (_, e) in &bad {
+        eprintln!("warning: skipping unreadable image {e}");
+    }
+    eprintln!(
+        "warning: {}: left out {} unreadable images of {total}",
+        root.display(),
+        bad.len()
+    );
+    let idx: Vec<usize> = bad.iter().map(|(i, _)| *i).collect();
+    Ok(Arc::new(ds.without(&idx)?))
+}
+
+/// The unreadable images a command has reported, so that each file is reported once however
+/// many epochs or evaluations read it again.
+#[derive(Debug, Default)]
+pub struct SkipLog {
+    seen: HashSet<String>,
+}
+
+impl SkipLog {
+    /// Reports on stderr each image of `skipped` (a [`simclr_data::Batch`]'s `skipped_images`,
+    /// indices into `ds`) not reported before.
+    pub fn report(&mut self, ds: &dyn Dataset, skipped: &[(usize, String)]) {
+        for (index, why) in skipped {
+            if self.seen.insert(ds.describe(*index)) {
+                eprintln!("warning: skipping unreadable image {why}");
+            }
+        }
+    }
+}
+
+/// How `cfg`'s data set is named in errors: its path, or its kind when it has none.
+pub fn describe(cfg: &DataConfig) -> String {
+    match &cfg.path {
+        Some(p) => format!("{:?} data set {}", cfg.dataset, p.display()),
+        None => format!("{:?} data set", cfg.dataset),
+    }
 }
 
 /// At most `max` images of `ds` (0: all), class-balanced and reproducible from `seed`.
@@ -85,8 +139,8 @@ pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSplits> {
             let p = need_path(cfg)?;
             if p.join("train").is_dir() && p.join("test").is_dir() {
                 (
-                    folder(&p.join("train"), policy)?,
-                    folder(&p.join("test"), policy)?,
+                    folder(&p.join("train"), policy, cfg.threads)?,
+                    folder(&p.join("test"), policy, cfg.threads)?,
                 )
             } else {
                 (
@@ -118,11 +172,11 @@ pub fn open(cfg: &DataConfig, seed: u64) -> Result<DataSplits> {
             let p = need_path(cfg)?;
             if p.join("train").is_dir() && p.join("test").is_dir() {
                 (
-                    folder(&p.join("train"), policy)?,
-                    folder(&p.join("test"), policy)?,
+                    folder(&p.join("train"), policy, cfg.threads)?,
+                    folder(&p.join("test"), policy, cfg.threads)?,
                 )
             } else {
-                let all = folder(p, policy)?;
+                let all = folder(p, policy, cfg.threads)?;
                 let (tr, te) = train_test_split(all, cfg.test_fraction, seed)?;
                 (Arc::new(tr), Arc::new(te))
             }

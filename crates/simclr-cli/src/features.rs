@@ -7,6 +7,7 @@ use simclr_data::{AugmentConfig, Augmentation, Dataset, Loader, LoaderConfig};
 use simclr_nn::{SimClr, Tensor};
 
 use crate::config::Config;
+use crate::data::SkipLog;
 use crate::error::{CliError, Result};
 
 /// Which representation.
@@ -56,13 +57,27 @@ pub fn eval_augmentation(cfg: &Config) -> Result<Augmentation> {
     Ok(Augmentation::new(a)?)
 }
 
-/// Computes `rep` for every image of `ds`, in order, `batch` images at a time.
+/// Computes `rep` for every image of `ds`, in order, `batch` images at a time. With
+/// `data.skip_bad_images`, unreadable images are reported on stderr and have no row.
 pub fn extract(
     model: &mut SimClr,
     ds: Arc<dyn Dataset>,
     cfg: &Config,
     rep: Representation,
     batch: usize,
+) -> Result<Features> {
+    extract_logged(model, ds, cfg, rep, batch, &mut SkipLog::default())
+}
+
+/// [`extract`], reporting through `log` only the unreadable images it has not reported yet
+/// (for a run that extracts the same data set again every few epochs).
+pub fn extract_logged(
+    model: &mut SimClr,
+    ds: Arc<dyn Dataset>,
+    cfg: &Config,
+    rep: Representation,
+    batch: usize,
+    log: &mut SkipLog,
 ) -> Result<Features> {
     let aug = eval_augmentation(cfg)?;
     let loader_cfg = LoaderConfig {
@@ -75,8 +90,14 @@ pub fn extract(
     let mut data = Vec::new();
     let mut labels = Vec::with_capacity(ds.len());
     let mut dim = 0;
+    let mut skipped = 0;
     for b in loader.epoch(0) {
         let b = b?;
+        log.report(ds.as_ref(), &b.skipped_images);
+        skipped += b.skipped;
+        if b.is_empty() {
+            continue;
+        }
         let [n, c, hh, ww] = b.shape();
         let pixels = b
             .view_f32(0)
@@ -102,6 +123,20 @@ pub fn extract(
             Some(l) => labels.extend_from_slice(l),
             None => labels.extend(b.indices.iter().map(|&i| ds.label(i).unwrap_or(u32::MAX))),
         }
+    }
+    if skipped > 0 {
+        if labels.is_empty() {
+            return Err(CliError::Usage(format!(
+                "none of the {} images of the {} can be read (each is named above): fix or \
+                 replace them",
+                ds.len(),
+                crate::data::describe(&cfg.data)
+            )));
+        }
+        eprintln!(
+            "warning: skipped {skipped} unreadable images of {} while extracting features",
+            ds.len()
+        );
     }
     if data.iter().any(|v| !v.is_finite()) {
         return Err(CliError::Usage(

@@ -17,12 +17,16 @@ use simclr_nn::{
 
 use crate::classifier::softmax_cross_entropy;
 use crate::config::{Config, OptimizerKind};
-use crate::data::{self, DataSplits};
+use crate::data::{self, DataSplits, SkipLog};
 use crate::error::{io_err, CliError, Result};
-use crate::features::{extract, Representation};
+use crate::features::{extract_logged, Representation};
 use crate::gpu_augment::GpuAugment;
 use crate::knn::knn_accuracy;
 use crate::state::{self, Progress};
+
+/// Fewest images a training step takes: batch norm needs two samples per channel, and NT-Xent
+/// has no negatives with one image.
+const MIN_BATCH: usize = 2;
 
 /// What one step did, passed to the observer.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
@@ -99,6 +103,8 @@ pub struct Trainer {
     dp: Option<DataParallel>,
     /// The colour stage on the GPU (`data.gpu_augment`).
     gpu_augment: Option<GpuAugment>,
+    /// The unreadable images reported so far (`data.skip_bad_images`).
+    skips: SkipLog,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -360,6 +366,7 @@ impl Trainer {
             last_knn: None,
             dp,
             gpu_augment,
+            skips: SkipLog::default(),
         })
     }
 
@@ -444,19 +451,21 @@ impl Trainer {
     /// the test split as queries.
     pub fn knn(&mut self) -> Result<f64> {
         let b = self.cfg.eval.linear_batch_size.max(64);
-        let train = extract(
+        let train = extract_logged(
             &mut self.model,
             self.splits.train.clone(),
             &self.cfg,
             Representation::H,
             b,
+            &mut self.skips,
         )?;
-        let test = extract(
+        let test = extract_logged(
             &mut self.model,
             self.splits.test.clone(),
             &self.cfg,
             Representation::H,
             b,
+            &mut self.skips,
         )?;
         let acc = knn_accuracy(
             &train,
@@ -504,9 +513,38 @@ impl Trainer {
         let mut ckpt = state::checkpoint_path(&self.run_dir);
         while self.progress.epoch < self.cfg.train.epochs && self.progress.step < max_steps {
             let epoch = self.progress.epoch;
-            let batches = self.loader.epoch_from(epoch, self.progress.batch);
+            let first_batch = self.progress.batch;
+            let batches = self.loader.epoch_from(epoch, first_batch);
+            // Unreadable images skipped this epoch, images the epoch tried, steps it trained
+            // and batches it left out for having too few readable images.
+            let (mut skipped, mut tried, mut trained, mut dropped) = (0usize, 0usize, 0u64, 0);
             for batch in batches {
                 let batch = batch?;
+                if self.is_main() {
+                    self.skips
+                        .report(self.splits.pretrain.as_ref(), &batch.skipped_images);
+                }
+                skipped += batch.skipped;
+                tried += batch.len() + batch.skipped;
+                if batch.len() < MIN_BATCH {
+                    if self.dp.is_some() {
+                        // Leaving the step out on this replica alone would leave the others
+                        // waiting in it.
+                        return Err(CliError::Usage(format!(
+                            "batch {} of epoch {epoch} has {} readable images on this replica, \
+                             fewer than the {MIN_BATCH} a step needs; remove the unreadable \
+                             images named above from the {}",
+                            batch.number,
+                            batch.len(),
+                            data::describe(&self.cfg.data)
+                        )));
+                    }
+                    // Batch norm and NT-Xent's negatives need at least two images: the batch
+                    // is left out, as a drop-last batch would be.
+                    dropped += 1;
+                    self.progress.batch = batch.number + 1;
+                    continue;
+                }
                 let [n, c, hh, ww] = batch.shape();
                 let views = match (&batch.data, &mut self.gpu_augment) {
                     (simclr_data::BatchData::F32(d), _) => Tensor::from_slice(&[n, c, hh, ww], d)?,
@@ -565,7 +603,10 @@ impl Trainer {
                 };
                 last_loss = stats.loss;
                 self.progress.step += 1;
-                self.progress.batch += 1;
+                trained += 1;
+                // The batch's number, not a count of steps: left-out batches would otherwise
+                // shift where a resumed epoch starts.
+                self.progress.batch = batch.number + 1;
                 window.1 += batch.len() * self.rank_and_world().1;
                 let secs = window.0.elapsed().as_secs_f64();
                 if secs >= 2.0 || ips == 0.0 {
@@ -611,6 +652,28 @@ impl Trainer {
                     break;
                 }
             }
+            if trained == 0 && dropped > 0 && first_batch == 0 {
+                return Err(CliError::Usage(format!(
+                    "none of the {tried} images of epoch {epoch} could be used: {skipped} are \
+                     unreadable (each is named above) and no batch kept the {MIN_BATCH} readable \
+                     images a step needs; fix or remove the unreadable images of the {}",
+                    data::describe(&self.cfg.data)
+                )));
+            }
+            if skipped > 0 && self.is_main() {
+                let left_out = if dropped > 0 {
+                    format!(
+                        "; {dropped} of its batches kept fewer than the {MIN_BATCH} readable \
+                         images a step needs and were left out"
+                    )
+                } else {
+                    String::new()
+                };
+                eprintln!(
+                    "warning: epoch {epoch}: skipped {skipped} unreadable images of \
+                     {tried}{left_out}"
+                );
+            }
             if (self.progress.batch as u64) < self.steps_per_epoch() {
                 // Stopped by max_steps inside the epoch.
                 break;
@@ -619,13 +682,25 @@ impl Trainer {
             self.progress.batch = 0;
             let knn_every = self.cfg.eval.knn_every;
             let mut line = serde_json::json!({"kind": "epoch", "epoch": epoch, "step": self.progress.step, "loss": last_loss});
+            if skipped > 0 {
+                line["skipped_images"] = skipped.into();
+            }
+            // The epoch is saved before the k-NN monitor reads the evaluation images: a
+            // failure there must not cost the epoch's training.
+            ckpt = self.checkpoint()?;
             if knn_every > 0 && (epoch + 1) % knn_every == 0 {
-                let top1 = self.knn()?;
+                let top1 = self.knn().map_err(|e| {
+                    CliError::Usage(format!(
+                        "{e}; the k-NN monitor failed after epoch {epoch}, whose checkpoint {} is \
+                         kept: fix the cause, then resume with `simclr pretrain --resume {}`",
+                        ckpt.display(),
+                        self.run_dir.display()
+                    ))
+                })?;
                 self.last_knn = Some(top1);
                 line["knn_top1"] = top1.into();
             }
             self.record(line)?;
-            ckpt = self.checkpoint()?;
         }
         if self.progress.step >= max_steps {
             ckpt = self.checkpoint()?;

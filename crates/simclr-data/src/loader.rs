@@ -151,6 +151,10 @@ pub struct Batch {
     pub params: Vec<ViewParams>,
     /// Images of this batch that were skipped as unreadable ([`ErrorPolicy::Skip`]).
     pub skipped: usize,
+    /// The data set index and the error (which names the file) of each skipped image, so the
+    /// consumer can report them; a skipped image stays in the data set and is read again (and
+    /// listed again) in every epoch.
+    pub skipped_images: Vec<(usize, String)>,
 }
 
 impl Batch {
@@ -476,8 +480,8 @@ impl Drop for EpochIter {
     }
 }
 
-/// One image's result: its views' parameters, or the error (None: skipped).
-type ItemResult = Result<Option<Vec<ViewParams>>, DataError>;
+/// One image's result: its views' parameters, or why it was skipped; `Err` stops the batch.
+type ItemResult = Result<Result<Vec<ViewParams>, String>, DataError>;
 
 fn make_batch(
     shared: &Shared,
@@ -512,10 +516,14 @@ fn make_batch(
     });
     let mut keep = Vec::with_capacity(b);
     let mut params_by_item = Vec::with_capacity(b);
+    let mut skipped_images = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
-        if let Some(p) = r? {
-            keep.push(i);
-            params_by_item.push(p);
+        match r? {
+            Ok(p) => {
+                keep.push(i);
+                params_by_item.push(p);
+            }
+            Err(why) => skipped_images.push((indices[i], why)),
         }
     }
     let skipped = b - keep.len();
@@ -547,6 +555,7 @@ fn make_batch(
         data,
         params,
         skipped,
+        skipped_images,
     })
 }
 
@@ -589,10 +598,10 @@ fn run_items<T: Send>(
                 Ok(ps)
             })();
             match result {
-                Ok(ps) => Ok(Some(ps)),
+                Ok(ps) => Ok(Ok(ps)),
                 Err(e) if shared.cfg.errors == ErrorPolicy::Skip && e.is_item_error() => {
                     tracing::warn!("skipping {}: {e}", shared.dataset.describe(index));
-                    Ok(None)
+                    Ok(Err(e.to_string()))
                 }
                 Err(e) => Err(e),
             }
