@@ -9,41 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-/// Runs the program in `cwd`: its exit code (-1 for a signal), stdout and stderr.
-fn simclr(args: &[&str], cwd: &Path) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_simclr"))
-        .args(args)
-        .current_dir(cwd)
-        .env("SIMCLR_DIST_TIMEOUT", "60")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::simclr;
 
-/// The settings of a run that trains in seconds, into `dir`, for `epochs` epochs.
+/// The settings of a run that trains in seconds on the CPU, into `dir`, for `epochs` epochs.
 fn tiny(dir: &str, epochs: u32) -> Vec<String> {
-    [
-        "data.synthetic_train=64".to_string(),
-        "data.synthetic_test=20".into(),
-        "data.synthetic_side=16".into(),
-        "data.image_size=16".into(),
-        "model.base_width=4".into(),
-        "model.projection_dim=8".into(),
-        "train.batch_size=16".into(),
-        format!("train.epochs={epochs}"),
-        "train.log_every=1".into(),
-        "eval.knn_every=0".into(),
-        "train.online_probe=false".into(),
-        "train.device=cpu".into(),
-        format!("output.dir={dir}"),
-    ]
-    .into_iter()
-    .flat_map(|s| ["--set".to_string(), s])
-    .collect()
+    let mut s = common::tiny(dir, epochs);
+    s.extend(["--set".into(), "train.device=cpu".into()]);
+    s
 }
 
 /// Pre-trains the tiny run `dir` (in `cwd`) to its end.

@@ -111,6 +111,18 @@ impl Run {
     fn last_epoch_loss(&self) -> f64 {
         self.losses[self.losses.len() - 15..].iter().sum::<f64>() / 15.0
     }
+
+    /// What the tests compare, on one line.
+    fn summary(&self) -> String {
+        format!(
+            "losses {:.6?} ... (epoch means {:.4} to {:.4}), linear top-1 {:.1}% (untrained {:.1}%)",
+            &self.losses[..3],
+            self.first_epoch_loss(),
+            self.last_epoch_loss(),
+            self.trained,
+            self.untrained
+        )
+    }
 }
 
 fn quickstart(extra: &[&str]) -> Run {
@@ -161,7 +173,7 @@ fn cpu_quickstart() -> &'static Run {
     static CPU: OnceLock<Run> = OnceLock::new();
     CPU.get_or_init(|| {
         let run = quickstart(&["train.device=cpu"]);
-        eprintln!("quick start on the CPU: {run:?}");
+        eprintln!("quick start on the CPU: {}", run.summary());
         run
     })
 }
@@ -179,7 +191,7 @@ fn assert_quickstart_on_the_gpu_matches_the_cpu(test: &str, settings: &[&str], f
     extra.extend(settings);
     let gpu = quickstart(&extra);
     let cpu = cpu_quickstart();
-    eprintln!("{test}: {gpu:?}");
+    eprintln!("{test}: {}", gpu.summary());
     for (step, (g, c)) in gpu.losses.iter().zip(&cpu.losses).take(3).enumerate() {
         assert!(
             (g - c).abs() <= first_steps * c,

@@ -5,38 +5,15 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+
+/// The program's exit code and stderr.
 fn simclr(args: &[&str], cwd: &Path) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_simclr"))
-        .args(args)
-        .current_dir(cwd)
-        .env("SIMCLR_DIST_TIMEOUT", "60")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, _, err) = common::simclr(args, cwd);
+    (code, err)
 }
 
-fn settings(dir: &str, epochs: u32) -> Vec<String> {
-    [
-        "data.synthetic_train=64".to_string(),
-        "data.synthetic_test=20".into(),
-        "data.synthetic_side=16".into(),
-        "data.image_size=16".into(),
-        "model.base_width=4".into(),
-        "model.projection_dim=8".into(),
-        "train.batch_size=16".into(),
-        format!("train.epochs={epochs}"),
-        "train.log_every=1".into(),
-        "train.online_probe=false".into(),
-        "eval.knn_every=0".into(),
-        format!("output.dir={dir}"),
-    ]
-    .into_iter()
-    .flat_map(|s| ["--set".to_string(), s])
-    .collect()
-}
+use common::tiny as settings;
 
 /// The loss of every step in a run's metrics.
 fn losses(run: &Path) -> Vec<f64> {
