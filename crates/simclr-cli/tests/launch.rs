@@ -126,9 +126,9 @@ fn ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint() {
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(
-        err.contains("interrupted: rank 0 wrote a checkpoint"),
+        err.contains("interrupted: every rank stopped and rank 0 wrote a checkpoint"),
         "{err}"
     );
     assert!(
