@@ -15,9 +15,12 @@
 //!   emulated device (crates/simclr-gpu-emu), none allowed to skip.
 //! - `bench-dp [--procs N] [--reps R] [--steps S]`: data-parallel training with the gradient
 //!   all-reduce overlapped with the backward pass against one all-reduce after it.
+//! - `fuzz [--seconds N] [--no-asan] [TARGET]...`: build the fuzz targets of
+//!   crates/simclr-data/fuzz with nightly (no cargo-fuzz needed) and run each for N seconds.
 
 mod dp;
 mod emu;
+mod fuzz;
 mod gpu;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
         Some("gpu-check") => gpu::gpu_check(&args[1..]),
         Some("gpu-emu") => emu::gpu_emu(&args[1..]),
         Some("bench-dp") => dp::bench_dp(&args[1..]),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -47,7 +51,9 @@ fn main() -> ExitCode {
                  gpu-emu [--sanitize address|thread] [-p PACKAGE]... [-- TEST-ARGS]\n                                   \
                  the GPU tests on the emulated device\n  \
                  bench-dp [--procs N] [--reps R] [--steps S]\n                                   \
-                 overlapped against plain gradient all-reduce (CPU, TCP)"
+                 overlapped against plain gradient all-reduce (CPU, TCP)\n  \
+                 fuzz [--seconds N] [--no-asan] [TARGET]...\n                                   \
+                 the data fuzz targets, N seconds each (nightly)"
             );
             return ExitCode::from(2);
         }

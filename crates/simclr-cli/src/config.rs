@@ -304,17 +304,35 @@ impl ModelConfig {
             StemKind::Cifar => Stem::Cifar,
             StemKind::Imagenet => Stem::ImageNet,
         };
+        if !(1..=MAX_WIDTH_MULTIPLIER).contains(&self.width) {
+            return Err(key_err(
+                "model.width",
+                format!(
+                    "{} is not a width multiplier in 1..={MAX_WIDTH_MULTIPLIER}",
+                    self.width
+                ),
+            ));
+        }
         let mut c = ResNetConfig::resnet(self.depth, self.width, stem)
             .map_err(|e| key_err("model.depth", e))?;
         if let Some(w) = self.base_width {
-            if w == 0 {
-                return Err(key_err("model.base_width", "must be at least 1"));
+            if !(1..=MAX_BASE_WIDTH).contains(&w) {
+                return Err(key_err(
+                    "model.base_width",
+                    format!("{w} channels is not in 1..={MAX_BASE_WIDTH}"),
+                ));
             }
             c.base_width = w;
         }
         if let Some(l) = self.layers {
             if l.contains(&0) {
                 return Err(key_err("model.layers", "every stage needs a block"));
+            }
+            if l.iter().any(|&n| n > MAX_BLOCKS_PER_STAGE) {
+                return Err(key_err(
+                    "model.layers",
+                    format!("{l:?}: a stage has more than {MAX_BLOCKS_PER_STAGE} blocks"),
+                ));
             }
             c.layers = l;
         }
@@ -603,6 +621,40 @@ pub const MAX_THREAD_BOUND: usize = 1024;
 /// The largest `train.allreduce_bucket_mib`: a bucket is allocated on every GPU, and one larger
 /// than the model's gradients only turns the overlap off.
 pub const MAX_ALLREDUCE_BUCKET_MIB: f64 = 1024.0;
+
+/// The largest side of an image (`data.image_size`, `data.eval_resize`,
+/// `data.synthetic_side`): 18 times ImageNet's 224, and a batch of views that size already
+/// fills a GPU.
+pub const MAX_IMAGE_SIDE: u32 = 4096;
+
+/// The most images of either split of the synthetic set: each is drawn on demand, but its
+/// index and label are held, and a set larger than this only makes an epoch endless.
+pub const MAX_SYNTHETIC_IMAGES: usize = 10_000_000;
+
+/// The largest `model.width` multiplier (the paper goes to 4).
+pub const MAX_WIDTH_MULTIPLIER: usize = 16;
+
+/// The most channels of the first stage (`model.base_width`): the last stage has 8 times as
+/// many (32 with bottlenecks), and its weights grow with the square.
+pub const MAX_BASE_WIDTH: usize = 1024;
+
+/// The most blocks of one stage (`model.layers`; ResNet-152 has 36).
+pub const MAX_BLOCKS_PER_STAGE: usize = 256;
+
+/// The most hidden layers of the MLP head (the paper goes to 3).
+pub const MAX_HEAD_LAYERS: usize = 64;
+
+/// The widest projection (`model.projection_dim`, `model.head_hidden_dim`): a layer's weights
+/// grow with its width times that of h.
+pub const MAX_HEAD_DIM: usize = 65_536;
+
+/// The most epochs of the linear evaluation (the paper uses 90 to 100), which has no step
+/// limit of its own.
+pub const MAX_LINEAR_EPOCHS: usize = 100_000;
+
+/// The lowest `train.temperature`: the similarities are divided by it, and below this the
+/// logits leave the range where the loss is computed in f32 without overflow.
+pub const MIN_TEMPERATURE: f32 = 1e-4;
 
 /// The cores this process may use (1 when the system does not say).
 fn available_cores() -> usize {
@@ -965,6 +1017,11 @@ impl Config {
         )?;
         positive("train.lr", t.lr)?;
         positive("train.temperature", t.temperature)?;
+        check(
+            t.temperature >= MIN_TEMPERATURE,
+            "train.temperature",
+            format!("{} is below {MIN_TEMPERATURE}", t.temperature),
+        )?;
         non_negative("train.warmup_epochs", t.warmup_epochs)?;
         check(
             (0.0..1.0).contains(&t.momentum),
@@ -986,6 +1043,29 @@ impl Config {
             "data.synthetic_side",
             format!("{} is below 8", d.synthetic_side),
         )?;
+        for (key, side) in [
+            ("data.image_size", d.image_size),
+            ("data.eval_resize", d.eval_resize),
+            ("data.synthetic_side", d.synthetic_side),
+        ] {
+            check(
+                side <= MAX_IMAGE_SIDE,
+                key,
+                format!("{side} pixels is more than {MAX_IMAGE_SIDE}"),
+            )?;
+        }
+        if d.dataset == DatasetKind::Synthetic {
+            for (key, n) in [
+                ("data.synthetic_train", d.synthetic_train),
+                ("data.synthetic_test", d.synthetic_test),
+            ] {
+                check(
+                    (1..=MAX_SYNTHETIC_IMAGES).contains(&n),
+                    key,
+                    format!("{n} images is not in 1..={MAX_SYNTHETIC_IMAGES}"),
+                )?;
+            }
+        }
         check(
             d.test_fraction > 0.0 && d.test_fraction < 1.0,
             "data.test_fraction",
@@ -1055,10 +1135,24 @@ impl Config {
             "augment.blur_sigma",
             format!("{:?} is not a finite positive range [lo, hi]", a.blur_sigma),
         )?;
+        let m = &self.model;
         check(
-            self.model.projection_dim >= 1,
+            (1..=MAX_HEAD_DIM).contains(&m.projection_dim),
             "model.projection_dim",
-            "must be at least 1".into(),
+            format!("{} is not in 1..={MAX_HEAD_DIM}", m.projection_dim),
+        )?;
+        check(
+            m.head_hidden_dim <= MAX_HEAD_DIM,
+            "model.head_hidden_dim",
+            format!(
+                "{} is not in 0..={MAX_HEAD_DIM} (0: the width of h)",
+                m.head_hidden_dim
+            ),
+        )?;
+        check(
+            m.head_hidden_layers <= MAX_HEAD_LAYERS,
+            "model.head_hidden_layers",
+            format!("{} is not in 0..={MAX_HEAD_LAYERS}", m.head_hidden_layers),
         )?;
         let e = &self.eval;
         check(e.knn_k >= 1, "eval.knn_k", "must be at least 1".into())?;
@@ -1067,6 +1161,11 @@ impl Config {
             e.linear_batch_size >= 1,
             "eval.linear_batch_size",
             "must be at least 1".into(),
+        )?;
+        check(
+            e.linear_epochs <= MAX_LINEAR_EPOCHS,
+            "eval.linear_epochs",
+            format!("{} is not in 0..={MAX_LINEAR_EPOCHS}", e.linear_epochs),
         )?;
         positive("eval.linear_lr", e.linear_lr)?;
         non_negative("eval.linear_weight_decay", e.linear_weight_decay)?;
@@ -1361,6 +1460,33 @@ mod tests {
             e.contains("run.toml") && e.contains("nope") && e.contains("quickstart"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn sizes_have_upper_bounds_named_by_key() {
+        for (spec, key) in [
+            ("model.width=0", "model.width"),
+            ("model.width=4294967296", "model.width"),
+            ("model.base_width=4294967296", "model.base_width"),
+            ("model.layers=[1, 1, 100000, 1]", "model.layers"),
+            (
+                "model.head_hidden_layers=4294967296",
+                "model.head_hidden_layers",
+            ),
+            ("model.head_hidden_dim=4294967296", "model.head_hidden_dim"),
+            ("model.projection_dim=4294967296", "model.projection_dim"),
+            ("data.synthetic_train=0", "data.synthetic_train"),
+            ("data.synthetic_test=4294967296", "data.synthetic_test"),
+            ("data.image_size=4294967295", "data.image_size"),
+            ("data.eval_resize=100000", "data.eval_resize"),
+            ("eval.linear_epochs=4294967296", "eval.linear_epochs"),
+            ("train.temperature=1e-45", "train.temperature"),
+        ] {
+            let e = build_err(&[spec]);
+            assert!(e.contains(key), "{spec}: {e}");
+        }
+        // The synthetic sizes do not matter for a data set read from disk.
+        Config::build(Some("stl10"), None, &["data.synthetic_train=0".into()]).unwrap();
     }
 
     #[test]
