@@ -33,7 +33,39 @@ pub struct FinetuneConfig {
     pub seed: u64,
 }
 
+/// The most epochs a fine-tuning may ask for (as `eval.linear_epochs`): more is a typo, and
+/// fine-tuning has no step limit that would bound it.
+pub const MAX_FINETUNE_EPOCHS: usize = 100_000;
+
 impl FinetuneConfig {
+    /// An error naming the option (`--lr`, `--epochs`, `--batch-size`) whose value cannot train.
+    pub fn check(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 1e6) {
+            return Err(CliError::Usage(format!(
+                "finetune: --lr {}: it must be a finite number above 0 (at most 1e6)",
+                self.lr
+            )));
+        }
+        if !(1..=MAX_FINETUNE_EPOCHS).contains(&self.epochs) {
+            return Err(CliError::Usage(format!(
+                "finetune: --epochs {}: the allowed range is 1..={MAX_FINETUNE_EPOCHS}",
+                self.epochs
+            )));
+        }
+        if self.batch_size == 0 {
+            return Err(CliError::Usage(
+                "finetune: --batch-size 0: it must be at least 1".into(),
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(CliError::Usage(format!(
+                "finetune: weight decay {}: it must be a finite number, 0 or more",
+                self.weight_decay
+            )));
+        }
+        Ok(())
+    }
+
     /// The paper's settings for `fraction` of the labels.
     pub fn paper(fraction: f64, seed: u64) -> FinetuneConfig {
         FinetuneConfig {
@@ -88,6 +120,7 @@ pub fn finetune(
     ft: &FinetuneConfig,
     progress: &mut dyn FnMut(u64, u64, f32),
 ) -> Result<(FinetuneReport, Linear)> {
+    ft.check()?;
     let classes = splits.train.num_classes();
     let subset: Arc<dyn Dataset> = if ft.fraction < 1.0 {
         Arc::new(label_subset(splits.train.clone(), ft.fraction, ft.seed)?)

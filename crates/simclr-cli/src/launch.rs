@@ -101,6 +101,15 @@ pub fn launch(
         Replicas::Procs(n) => n,
         Replicas::Gpus(_) => replicas.processes(simclr_nn::cuda::device_count())?,
     };
+    // Every process is started before any can fail: an absurd count must be refused here.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let most = (4 * cores).clamp(64, 1024);
+    if procs > most {
+        return Err(CliError::Usage(format!(
+            "--procs {procs}: at most {most} processes on this machine ({cores} cores; the \
+             bound is 4 per core, kept within 64..=1024)"
+        )));
+    }
     if args.is_empty() {
         return Err(CliError::Usage(
             "nothing to launch: `simclr launch --procs N -- pretrain ...`".into(),
@@ -114,7 +123,6 @@ pub fn launch(
     };
     // The replicas share this machine's cores: each gets its share of rayon threads (unless the
     // caller chose).
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .unwrap_or_else(|| (cores / procs).max(1).to_string());

@@ -6,7 +6,12 @@ use std::path::Path;
 use image::{Rgb, RgbImage};
 use simclr_data::{AugmentConfig, Augmentation, Crop, Dataset, ViewKey};
 
-use crate::error::{io_err, Result};
+use crate::error::{io_err, CliError, Result};
+
+/// The most rows (images) a preview shows.
+pub const MAX_PREVIEW_IMAGES: usize = 64;
+/// The most augmented views per image a preview shows.
+pub const MAX_PREVIEW_VIEWS: usize = 32;
 
 /// Renders `images` images of `ds` (spread over the set), each followed by `views` views
 /// through `aug` (from `seed`), one image per row, every cell scaled up to at least 96
@@ -19,6 +24,17 @@ pub fn augment_preview(
     seed: u64,
     out: &Path,
 ) -> Result<()> {
+    // The grid is one image in memory: these bounds keep it to a few hundred MiB.
+    if !(1..=MAX_PREVIEW_IMAGES).contains(&images) {
+        return Err(CliError::Usage(format!(
+            "augment-preview: --images {images}: the allowed range is 1..={MAX_PREVIEW_IMAGES}"
+        )));
+    }
+    if !(1..=MAX_PREVIEW_VIEWS).contains(&views) {
+        return Err(CliError::Usage(format!(
+            "augment-preview: --views {views}: the allowed range is 1..={MAX_PREVIEW_VIEWS}"
+        )));
+    }
     let (w, h) = aug.output_size();
     let (w, h) = (w as usize, h as usize);
     let scale = 96usize.div_ceil(w.min(h)).max(1);
