@@ -90,22 +90,7 @@ fn check_header(path: &Path, opts: &DecodeOptions) -> Result<(), DataError> {
         let (width, height) = reader
             .into_dimensions()
             .map_err(|e| decode_err(e.to_string()))?;
-        if width == 0 || height == 0 {
-            return Err(decode_err(format!("empty image {width}x{height}")));
-        }
-        if width as u64 * height as u64 > opts.max_pixels
-            || width > opts.max_side
-            || height > opts.max_side
-        {
-            return Err(DataError::TooLarge {
-                file: name.clone(),
-                width,
-                height,
-                max_pixels: opts.max_pixels,
-                max_side: opts.max_side,
-            });
-        }
-        Ok(())
+        crate::image::check_size(&name, width, height, opts)
     }));
     match result {
         Ok(r) => r,

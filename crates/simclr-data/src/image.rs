@@ -114,6 +114,34 @@ impl Default for DecodeOptions {
     }
 }
 
+/// An error unless a `width` x `height` image (as its header says) is within `opts`' limits.
+pub(crate) fn check_size(
+    name: &str,
+    width: u32,
+    height: u32,
+    opts: &DecodeOptions,
+) -> Result<(), DataError> {
+    if width == 0 || height == 0 {
+        return Err(DataError::Decode {
+            file: name.to_string(),
+            message: format!("empty image {width}x{height}"),
+        });
+    }
+    if width as u64 * height as u64 > opts.max_pixels
+        || width > opts.max_side
+        || height > opts.max_side
+    {
+        return Err(DataError::TooLarge {
+            file: name.to_string(),
+            width,
+            height,
+            max_pixels: opts.max_pixels,
+            max_side: opts.max_side,
+        });
+    }
+    Ok(())
+}
+
 /// Decodes an image file of any format the `image` crate reads here (JPEG, PNG, WebP, BMP,
 /// GIF, TIFF), guessing the format from its first bytes, and converts it to 8-bit RGB:
 /// grayscale is copied to the three channels, alpha dropped, 16-bit and float samples scaled,
@@ -141,21 +169,7 @@ pub fn decode_image(bytes: &[u8], name: &str, opts: &DecodeOptions) -> Result<Im
             .into_decoder()
             .map_err(|e| decode_err(e.to_string()))?;
         let (width, height) = decoder.dimensions();
-        if width == 0 || height == 0 {
-            return Err(decode_err(format!("empty image {width}x{height}")));
-        }
-        if width as u64 * height as u64 > opts.max_pixels
-            || width > opts.max_side
-            || height > opts.max_side
-        {
-            return Err(DataError::TooLarge {
-                file: name.to_string(),
-                width,
-                height,
-                max_pixels: opts.max_pixels,
-                max_side: opts.max_side,
-            });
-        }
+        check_size(name, width, height, opts)?;
         let mut limits = Limits::default();
         limits.max_image_width = Some(opts.max_side);
         limits.max_image_height = Some(opts.max_side);
