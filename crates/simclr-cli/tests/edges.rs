@@ -17,6 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::simclr;
+
 /// A case that runs longer than this hangs.
 const CASE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -88,29 +91,16 @@ fn shell_line(args: &[String]) -> String {
         .join(" ")
 }
 
-fn output_of(args: &[&str], cwd: &Path) -> (i32, String, String) {
-    let out = Command::new(bin())
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 // ---------------------------------------------------------------------------------------------
 // The settings.
 
 /// Every `table.key` of every preset with its value (the first preset that has it).
 fn settings(cwd: &Path) -> BTreeMap<String, toml::Value> {
-    let (code, list, err) = output_of(&["presets"], cwd);
+    let (code, list, err) = simclr(&["presets"], cwd);
     assert_eq!(code, 0, "simclr presets: {err}");
     let mut keys = BTreeMap::new();
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        let (code, text, err) = output_of(&["presets", name], cwd);
+        let (code, text, err) = simclr(&["presets", name], cwd);
         assert_eq!(code, 0, "simclr presets {name}: {err}");
         let table: toml::Table = text
             .parse()
@@ -138,7 +128,7 @@ fn variants(key: &str, cwd: &Path) -> Vec<String> {
     let spec = format!("{key}=\"nonsense\"");
     // Zero epochs and steps fail validation, so an accepted string trains nothing; a bad enum
     // value fails before validation.
-    let (_, _, err) = output_of(
+    let (_, _, err) = simclr(
         &[
             "pretrain",
             "--set",
@@ -388,7 +378,7 @@ fn base_invocation(command: &str) -> Option<Vec<String>> {
 
 /// The commands `simclr --help` lists.
 fn commands(cwd: &Path) -> Vec<String> {
-    let (code, help, err) = output_of(&["--help"], cwd);
+    let (code, help, err) = simclr(&["--help"], cwd);
     assert_eq!(code, 0, "{err}");
     let list = help
         .split_once("Commands:")
@@ -411,7 +401,7 @@ struct Opt {
 }
 
 fn options(command: &str, cwd: &Path) -> (Vec<Opt>, Vec<String>) {
-    let (code, help, err) = output_of(&[command, "-h"], cwd);
+    let (code, help, err) = simclr(&[command, "-h"], cwd);
     assert_eq!(code, 0, "{command} -h: {err}");
     let mut opts = Vec::new();
     let mut positional = Vec::new();
@@ -760,8 +750,7 @@ fn every_setting_and_argument_at_its_edges() {
     let mut args = vec!["pretrain".to_string()];
     args.extend(tiny_sets());
     args.extend(["--set".to_string(), "output.dir=\"run\"".to_string()]);
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, _, err) = output_of(&refs, base.path());
+    let (code, _, err) = simclr(&args, base.path());
     assert_eq!(code, 0, "{}: {err}", shell_line(&args));
     let run = base.path().join("run");
 

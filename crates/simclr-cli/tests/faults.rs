@@ -27,8 +27,7 @@ fn make_run(cwd: &Path, dir: &str) {
         "quickstart".into(),
     ];
     args.extend(tiny(dir, 1));
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, _, err) = simclr(&a, cwd);
+    let (code, _, err) = simclr(&args, cwd);
     assert_eq!(code, 0, "{err}");
     assert!(cwd.join(dir).join("checkpoints/last.safetensors").is_file());
 }
@@ -126,8 +125,7 @@ fn a_new_run_that_cannot_start_leaves_no_folder() {
     for s in ["data.dataset=cifar10", "data.path=/nonexistent/cifar-10"] {
         args.extend(["--set".to_string(), s.to_string()]);
     }
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, _, err) = simclr(&a, cwd);
+    let (code, _, err) = simclr(&args, cwd);
     assert_ne!(code, 0, "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert!(!cwd.join("never").exists(), "{err}");
@@ -411,8 +409,7 @@ fn sigterm_and_sigusr1_stop_a_run_with_a_checkpoint_it_resumes_from() {
         // Resumed, it takes the next step: the checkpoint holds the step it stopped at.
         let mut args = vec!["pretrain".to_string(), "--resume".into(), "run".into()];
         args.extend(["--set".into(), format!("train.max_steps={}", stopped + 1)]);
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (code, _, err) = simclr(&a, cwd);
+        let (code, _, err) = simclr(&args, cwd);
         assert_eq!(code, 0, "{err}");
         assert_eq!(last_step(&run), stopped + 1, "{err}");
     }

@@ -8,7 +8,7 @@ use std::process::Command;
 mod common;
 
 /// The program's exit code and stderr.
-fn simclr(args: &[&str], cwd: &Path) -> (i32, String) {
+fn simclr(args: &[impl AsRef<std::ffi::OsStr>], cwd: &Path) -> (i32, String) {
     let (code, _, err) = common::simclr(args, cwd);
     (code, err)
 }
@@ -42,8 +42,7 @@ fn two_processes_train_as_one_and_resume_with_one() {
     // The reference: one process, two epochs.
     let mut args = vec!["pretrain".to_string()];
     args.extend(settings("single", 2));
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, err) = simclr(&a, cwd);
+    let (code, err) = simclr(&args, cwd);
     assert_eq!(code, 0, "{err}");
     let want = losses(&cwd.join("single"));
     assert_eq!(want.len(), 8);
@@ -54,8 +53,7 @@ fn two_processes_train_as_one_and_resume_with_one() {
         .map(String::from)
         .collect::<Vec<_>>();
     args.extend(settings("dp", 1));
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, err) = simclr(&a, cwd);
+    let (code, err) = simclr(&args, cwd);
     assert_eq!(code, 0, "{err}");
     assert!(
         err.contains("data-parallel over 2 replicas of 8 images"),
@@ -87,8 +85,7 @@ fn a_failing_rank_stops_the_launch_with_its_error() {
         .map(String::from)
         .collect::<Vec<_>>();
     args.extend(settings("bad", 1));
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, err) = simclr(&a, dir.path());
+    let (code, err) = simclr(&args, dir.path());
     assert_ne!(code, 0);
     assert!(err.contains("does not divide among 3 replicas"), "{err}");
     assert!(err.contains("of 3 failed"), "{err}");
@@ -186,8 +183,7 @@ fn two_gpus_train_as_one() {
     let mut args = vec!["pretrain".to_string()];
     args.extend(settings("single", 1));
     args.extend(device.map(String::from));
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, err) = simclr(&a, cwd);
+    let (code, err) = simclr(&args, cwd);
     assert_eq!(code, 0, "{err}");
     let want = losses(&cwd.join("single"));
     assert_eq!(want.len(), 4);
@@ -198,8 +194,7 @@ fn two_gpus_train_as_one() {
         .collect::<Vec<_>>();
     args.extend(settings("dp", 1));
     args.extend(device.map(String::from));
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, err) = simclr(&a, cwd);
+    let (code, err) = simclr(&args, cwd);
     assert_eq!(code, 0, "{err}");
     assert!(
         err.contains("data-parallel over 2 replicas of 8 images"),

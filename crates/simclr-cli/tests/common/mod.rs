@@ -2,12 +2,13 @@
 //! that trains in seconds.
 #![allow(dead_code)] // each test binary uses its own part
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 
 /// Runs the program in `cwd`: its exit code (-1 for a signal), stdout and stderr. Ranks give up
 /// on a missing peer after 60 s.
-pub fn simclr(args: &[&str], cwd: &Path) -> (i32, String, String) {
+pub fn simclr(args: &[impl AsRef<OsStr>], cwd: &Path) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_simclr"))
         .args(args)
         .current_dir(cwd)
